@@ -1,0 +1,3 @@
+from dropstudy.cli import main
+
+main()

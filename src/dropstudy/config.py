@@ -1,0 +1,298 @@
+"""The config schema, where `conf/` lives, and the checks that turn bad input into one clear message.
+
+Every key a user can set is declared here once, as dataclasses registered in Hydra's
+ConfigStore; the YAML files under `conf/` only fill in values. A key that is not declared, or a
+value of the wrong type, therefore fails when Hydra composes the config. `validate` adds the
+checks a type cannot express (ranges, list lengths, devices), and `compose` runs both and
+raises `ConfigError` with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    # p of dropping a unit (PyTorch's convention), or one p per dropout site.
+    dropout: Any = 0.0
+    in_features: int = 1
+    hidden: List[int] = field(default_factory=lambda: [200, 200, 200])
+    out_features: int = 1
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    dropout: Any = 0.0
+    channels: List[int] = field(default_factory=lambda: [32, 64, 128])
+    hidden: int = 512
+    num_classes: int = 10
+
+
+@dataclass
+class RegressionDataConfig:
+    name: str = "regression"
+    n_points: int = 10
+    slope: float = 1.5
+    train_noise: float = 0.5
+    test_noise: float = 0.3
+    # Seeds data generation (and, for CIFAR-10, the validation split) apart from the model.
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
+class Cifar10DataConfig:
+    name: str = "cifar10"
+    root: str = "${oc.env:DROPSTUDY_DATA,'~/.cache/dropstudy'}"
+    download: bool = False
+    subset: Optional[int] = None
+    synthetic: bool = False
+    val_size: int = 5000
+    verify: bool = True
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 1
+    eval_every: int = 1
+    # null: the whole training set in one batch (the regression study).
+    batch_size: Optional[int] = None
+    # Evaluation runs without autograd, so it can use far larger batches than training.
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class TrackerConfig:
+    mode: str = "auto"
+    project: str = "dropstudy"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    watch: str = "all"
+    # Histogram cadence in optimizer steps; null = once per evaluation (eval_every epochs).
+    log_freq: Optional[int] = None
+
+
+@dataclass
+class StudyConfig:
+    arms: List[Any] = field(default_factory=lambda: [0.0, 0.5])
+
+
+@dataclass
+class Config:
+    experiment: str = MISSING
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+
+def register_schema() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="dropstudy_schema", node=Config)
+    cs.store(group="model", name="mlp_schema", node=MLPConfig)
+    cs.store(group="model", name="cnn_schema", node=CNNConfig)
+    cs.store(group="data", name="regression_data_schema", node=RegressionDataConfig)
+    cs.store(group="data", name="cifar10_data_schema", node=Cifar10DataConfig)
+
+
+register_schema()
+
+
+# --------------------------------------------------------------------------- conf/ location
+
+
+def conf_dir() -> Path:
+    """`conf/` inside the installed package (wheel), else the checkout's top-level `conf/`."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"dropstudy's conf/ directory was not found next to {here}")
+
+
+def choices(group: str) -> list[str]:
+    """The options of a config group, e.g. choices('experiment') -> ['cifar10', 'regression']."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+class ConfigError(Exception):
+    """Bad user input: the message names the key and what is allowed."""
+
+
+WATCH_CHOICES = ("gradients", "parameters", "all", "none")
+MODE_CHOICES = ("auto", "online", "offline", "disabled")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DROPOUT_SITES = {"mlp": lambda m: len(m.hidden), "cnn": lambda m: 2}
+
+
+def dropout_site_count(model_cfg: DictConfig) -> int:
+    return DROPOUT_SITES[model_cfg.name](model_cfg)
+
+
+def _check_p(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r}: a dropout probability must be a number in [0, 1).")
+    if not 0.0 <= float(value) < 1.0:
+        raise ConfigError(
+            f"{key}={value}: the probability of dropping a unit must be in [0, 1) "
+            "(0 = no dropout; 1 would drop every unit)."
+        )
+    return float(value)
+
+
+def check_dropout(key: str, value: Any, n_sites: int) -> None:
+    """One p for every site, or a list with exactly one p per dropout site."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        if len(value) != n_sites:
+            raise ConfigError(
+                f"{key}={list(value)}: this model has {n_sites} dropout sites, so a per-site list "
+                f"needs exactly {n_sites} values (or give one p for all sites)."
+            )
+        for i, v in enumerate(value):
+            _check_p(f"{key}[{i}]", v)
+    else:
+        _check_p(key, value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and consistency checks that the schema's types cannot express."""
+    if not DEVICE_PATTERN.match(str(cfg.device)):
+        raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda, cuda:N or mps.")
+    n_sites = dropout_site_count(cfg.model)
+    check_dropout("model.dropout", cfg.model.dropout, n_sites)
+    for i, arm in enumerate(cfg.study.arms):
+        check_dropout(f"study.arms[{i}]", arm, n_sites)
+    if len(cfg.study.arms) == 0:
+        raise ConfigError("study.arms=[]: list at least one dropout value, e.g. study.arms=[0.0,0.5].")
+    if cfg.trainer.epochs < 1:
+        raise ConfigError(f"trainer.epochs={cfg.trainer.epochs}: must be a positive integer.")
+    if cfg.trainer.eval_every < 1:
+        raise ConfigError(f"trainer.eval_every={cfg.trainer.eval_every}: must be a positive integer.")
+    if cfg.trainer.batch_size is not None and cfg.trainer.batch_size < 1:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size}: must be a positive integer, or null for full batch."
+        )
+    if cfg.trainer.eval_batch_size < 1:
+        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}: must be a positive integer.")
+    if cfg.optim.name not in ("sgd", "adam"):
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: use sgd or adam.")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr}: must be positive.")
+    if cfg.tracker.mode not in MODE_CHOICES:
+        raise ConfigError(f"tracker.mode={cfg.tracker.mode!r}: use one of {', '.join(MODE_CHOICES)}.")
+    if cfg.tracker.watch not in WATCH_CHOICES:
+        raise ConfigError(f"tracker.watch={cfg.tracker.watch!r}: use one of {', '.join(WATCH_CHOICES)}.")
+    if cfg.tracker.log_freq is not None and cfg.tracker.log_freq < 1:
+        raise ConfigError(
+            f"tracker.log_freq={cfg.tracker.log_freq}: a positive number of steps, or null for once per evaluation."
+        )
+    data = cfg.data
+    if data.name == "regression":
+        if data.n_points < 2:
+            raise ConfigError(f"data.n_points={data.n_points}: need at least 2 points.")
+        for key in ("train_noise", "test_noise"):
+            if data[key] < 0:
+                raise ConfigError(f"data.{key}={data[key]}: a noise standard deviation cannot be negative.")
+    else:
+        if data.subset is not None and data.subset < 2:
+            raise ConfigError(f"data.subset={data.subset}: null for the whole set, or at least 2 images.")
+        if data.val_size < 1:
+            raise ConfigError(f"data.val_size={data.val_size}: must be a positive number of images.")
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def _omegaconf_cause(exc: BaseException) -> OmegaConfBaseException | None:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _valid_keys(full_key: str) -> str:
+    """The keys allowed beside `full_key`, read from the default config."""
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    try:
+        base = compose_raw([])
+        node = OmegaConf.select(base, parent) if parent else base
+        keys = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    except Exception:
+        keys = []
+    where = f"under {parent}" if parent else "at the top level"
+    return f"valid keys {where}: {', '.join(keys)}" if keys else ""
+
+
+def explain_composition_error(exc: BaseException) -> str:
+    """Turn Hydra/OmegaConf's composition errors into one paragraph naming the key."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group = exc.missing_cfg_file.split("/")[0]
+        if group in ("experiment", "model", "data", "optim"):
+            value = exc.missing_cfg_file.split("/", 1)[-1]
+            return f"{group}={value}: no such {group}; choose one of: {', '.join(choices(group))}."
+    cause = _omegaconf_cause(exc)
+    if cause is not None and getattr(cause, "full_key", None):
+        key = cause.full_key
+        text = str(cause).splitlines()[0]
+        if "not in" in text or "Key '" in text and "not" in text:
+            hint = _valid_keys(key)
+            return f"{key}: unknown key. {hint}. (To add a new key on purpose use +{key}=VALUE.)"
+        return f"{key}: {text}"
+    first = str(exc).strip().splitlines()
+    return " ".join(line.strip() for line in first if line.strip())
+
+
+def compose_raw(overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose and check the config for `overrides`; ConfigError on any bad input."""
+    try:
+        cfg = compose_raw(overrides)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(explain_composition_error(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg

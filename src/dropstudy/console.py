@@ -1,0 +1,70 @@
+"""What the terminal shows while training: a rich progress bar on a TTY, plain lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+log = logging.getLogger("dropstudy")
+stderr = Console(stderr=True)
+
+
+def format_row(row: dict[str, Any], keys: tuple[str, ...]) -> str:
+    parts = []
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+    return "  ".join(parts)
+
+
+ROW_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+
+class TrainingProgress:
+    """Steps of one run. On a TTY: one rich bar with the latest losses and samples/s. Not on a
+    TTY (CI, log files, SLURM): one line per evaluation, nothing per step."""
+
+    def __init__(self, label: str, total_steps: int, epochs: int, interactive: bool | None = None):
+        self.label = label
+        self.epochs = epochs
+        self.interactive = stderr.is_terminal if interactive is None else interactive
+        self._progress: Progress | None = None
+        self._task = None
+        self.total_steps = total_steps
+
+    def __enter__(self) -> "TrainingProgress":
+        if self.interactive:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.label, total=self.total_steps, status="")
+        return self
+
+    def advance(self, steps: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, steps)
+
+    def epoch_done(self, row: dict[str, Any], evaluated: bool) -> None:
+        speed = row.get("perf/samples_per_s")
+        text = format_row(row, ROW_KEYS) + (f"  {speed:,.0f} samples/s" if speed else "")
+        if self._progress is not None:
+            self._progress.update(self._task, status=f"epoch {row['epoch']}/{self.epochs}  {text}")
+        if evaluated and self._progress is None:
+            log.info(f"{self.label} epoch {row['epoch']}/{self.epochs}  {text}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None

@@ -1,0 +1,326 @@
+"""The datasets of the studies, held as tensors: the regression points and CIFAR-10.
+
+CIFAR-10 is read once from either torchvision's `cifar-10-batches-py/` folder or an
+image-folder export (`train/<class>/*.png`, `test/<class>/*.png`), decoded to one uint8 tensor
+per split and cached next to the data, so later runs load it in about a second. Training then
+indexes batches out of those tensors: no DataLoader and no per-image transform in the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from omegaconf import DictConfig
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the CIFAR-10 training set, the values the tutorials normalise with.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CACHE_VERSION = 1
+
+
+class DataError(Exception):
+    """The data a config asks for is missing or malformed; the message says what to do."""
+
+
+@dataclass
+class Split:
+    inputs: torch.Tensor  # regression: float [N, 1]; CIFAR-10: uint8 [N, 3, 32, 32]
+    targets: torch.Tensor  # regression: float [N, 1]; CIFAR-10: int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.inputs.to(device), self.targets.to(device))
+
+
+@dataclass
+class Dataset:
+    """Train/val/test splits on one device, and how raw inputs become model inputs."""
+
+    task: str  # "regression" or "classification"
+    train: Split
+    val: Split
+    test: Split
+    source: str  # where the data came from, for provenance and logs
+    synthetic: bool = False
+    classes: tuple[str, ...] = ()
+    prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+
+    def describe(self) -> str:
+        kind = "SYNTHETIC " if self.synthetic else ""
+        return (
+            f"{kind}{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
+        )
+
+
+def batches(
+    split: Split, batch_size: int | None, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Minibatches by indexing the split's tensors; shuffled when a generator is given."""
+    n = len(split)
+    if batch_size is None or batch_size >= n:
+        yield split.inputs, split.targets
+        return
+    if generator is None:
+        order = torch.arange(n, device=split.targets.device)
+    else:
+        order = torch.randperm(n, generator=generator).to(split.targets.device)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield split.inputs[idx], split.targets[idx]
+
+
+# --------------------------------------------------------------------------- regression
+
+
+def make_regression(cfg: DictConfig) -> Dataset:
+    """10 points evenly spaced on [-1, 1], y = slope*x + Gaussian noise, drawn from data.seed."""
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    x = torch.linspace(-1.0, 1.0, int(cfg.n_points)).unsqueeze(1)
+
+    def noisy(std: float) -> torch.Tensor:
+        return cfg.slope * x + std * torch.randn(x.shape, generator=g)
+
+    # Drawn in this order so the train and test sets are those of the classic demo; the
+    # validation draw comes last and changes neither.
+    train = Split(x, noisy(cfg.train_noise))
+    test = Split(x.clone(), noisy(cfg.test_noise))
+    val = Split(x.clone(), noisy(cfg.test_noise))
+    return Dataset("regression", train, val, test, source="regression (generated)")
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def _normalizer(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - mean) / std
+
+    return prepare
+
+
+def synthetic_cifar10(n_train: int, n_test: int, seed: int) -> dict:
+    """CIFAR-shaped random images whose mean colour depends on the label, so a model can learn
+    something and the curves move; for smoke tests and benchmarks only."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.randint(40, 216, (10, 3, 1, 1), generator=g)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 10, (n,), generator=g)
+        noise = torch.randint(-40, 41, (n, 3, 32, 32), generator=g)
+        return (palette[labels] + noise).clamp(0, 255).to(torch.uint8), labels
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return {"train_images": train_x, "train_labels": train_y, "test_images": test_x, "test_labels": test_y}
+
+
+def _fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """Names, sizes and mtimes of the source files: a changed dataset invalidates the cache."""
+    out = []
+    for p in sorted(paths):
+        st = p.stat()
+        out.append((p.name, st.st_size, int(st.st_mtime)))
+    return out
+
+
+def _torchvision_files(root: Path) -> list[Path]:
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    return [folder / n for n in names]
+
+
+def _image_folder_files(root: Path) -> dict[str, dict[str, list[Path]]]:
+    out: dict[str, dict[str, list[Path]]] = {}
+    for split in ("train", "test"):
+        split_dir = root / split
+        classes = {}
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            classes[class_dir.name.lower()] = sorted(
+                p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        unknown = sorted(set(classes) - set(CIFAR10_CLASSES))
+        if unknown or not classes:
+            raise DataError(
+                f"{split_dir}: expected one folder per CIFAR-10 class ({', '.join(CIFAR10_CLASSES)}); "
+                f"found {', '.join(sorted(classes)) or 'none'}."
+            )
+        out[split] = classes
+    return out
+
+
+def _decode_image_folder(files: dict[str, dict[str, list[Path]]]) -> dict:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    tensors = {}
+    for split, classes in files.items():
+        images, labels = [], []
+        for name, paths in classes.items():
+            label = CIFAR10_CLASSES.index(name)
+            for path in paths:
+                try:
+                    img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+                except RuntimeError as exc:
+                    raise DataError(f"{path}: cannot be decoded as an image ({exc}).") from exc
+                if tuple(img.shape) != (3, 32, 32):
+                    raise DataError(f"{path}: CIFAR-10 images are 32x32 RGB; this one is {tuple(img.shape)}.")
+                images.append(img)
+                labels.append(label)
+        tensors[f"{split}_images"] = torch.stack(images)
+        tensors[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+    return tensors
+
+
+def _decode_torchvision(root: Path, verify: bool) -> dict:
+    from torchvision.datasets import CIFAR10
+
+    class UncheckedCIFAR10(CIFAR10):
+        # torchvision checks the MD5 of every batch file; a hand-made copy (e.g. the tiny
+        # datasets the tests write) fails that check, so data.verify=false skips it on purpose.
+        def _check_integrity(self) -> bool:
+            return all(p.is_file() for p in _torchvision_files(Path(self.root)))
+
+    cls = CIFAR10 if verify else UncheckedCIFAR10
+    tensors = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except RuntimeError as exc:
+            raise DataError(
+                f"{root / 'cifar-10-batches-py'}: {exc} If this is a hand-made copy, data.verify=false skips "
+                "the MD5 check; otherwise delete the folder and use data.download=true."
+            ) from exc
+        tensors[f"{split}_images"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        tensors[f"{split}_labels"] = torch.tensor(ds.targets, dtype=torch.int64)
+    return tensors
+
+
+def missing_cifar10_message(root: Path) -> str:
+    return (
+        f"CIFAR-10 was not found under {root} (looked for {root / 'cifar-10-batches-py'}/ and for "
+        f"{root / 'train'}/<class>/ + {root / 'test'}/<class>/). Fix it either way: run with "
+        "data.download=true to fetch it with torchvision (needs network), or put a copy there yourself "
+        "(torchvision's cifar-10-batches-py folder or an image-folder export) and point data.root or "
+        "$DROPSTUDY_DATA at it. For a smoke test without the real data: data.synthetic=true."
+    )
+
+
+def cifar10_layout(root: Path) -> str | None:
+    """Which on-disk layout holds CIFAR-10 under root: 'torchvision', 'folder' or None."""
+    if all(p.is_file() for p in _torchvision_files(root)):
+        return "torchvision"
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return "folder"
+    return None
+
+
+def check_cifar10_available(cfg: DictConfig) -> None:
+    """Fail early (before a run directory exists) when the data cannot be had."""
+    if cfg.synthetic:
+        return
+    root = Path(os.path.expanduser(str(cfg.root)))
+    if cifar10_layout(root) is None and not cfg.download:
+        raise DataError(missing_cifar10_message(root))
+
+
+def read_cifar10(root: Path, download: bool, verify: bool, log: Callable[[str], None]) -> tuple[dict, str]:
+    """uint8 image tensors of both splits, from the cache when it matches the source files."""
+    layout = cifar10_layout(root)
+    if layout is None:
+        if not download:
+            raise DataError(missing_cifar10_message(root))
+        from torchvision.datasets import CIFAR10
+
+        log(f"downloading CIFAR-10 to {root} ...")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            CIFAR10(str(root), train=True, download=True)
+        except Exception as exc:  # URLError, HTTP errors, checksum failures: all mean "no data"
+            raise DataError(
+                f"could not download CIFAR-10 to {root}: {exc}. Without network, put a copy there yourself "
+                "(torchvision's cifar-10-batches-py folder or an image-folder export), or use data.synthetic=true."
+            ) from exc
+        layout = "torchvision"
+
+    if layout == "torchvision":
+        sources = _torchvision_files(root)
+        folder_files = None
+    else:
+        folder_files = _image_folder_files(root)
+        sources = [p for classes in folder_files.values() for paths in classes.values() for p in paths]
+    fingerprint = _fingerprint(sources)
+    cache = root / f"dropstudy-cifar10-{layout}.pt"
+    if cache.is_file():
+        try:
+            cached = torch.load(cache, weights_only=True)
+            if cached.get("version") == CACHE_VERSION and cached.get("fingerprint") == fingerprint:
+                return cached["tensors"], f"CIFAR-10 ({layout} layout, cached in {cache})"
+        except Exception:
+            pass  # unreadable or stale cache: decode again and overwrite it
+    log(f"decoding CIFAR-10 from {root} ({layout} layout) once; caching the tensors in {cache}")
+    tensors = _decode_torchvision(root, verify) if layout == "torchvision" else _decode_image_folder(folder_files)
+    tmp = cache.with_suffix(".tmp")
+    try:
+        torch.save({"version": CACHE_VERSION, "fingerprint": fingerprint, "tensors": tensors}, tmp)
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only data directory still trains, only slower next time
+        log(f"could not write the cache {cache}: {exc}")
+    return tensors, f"CIFAR-10 ({layout} layout, {root})"
+
+
+def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:
+    """Train/val/test CIFAR-10 on `device`. The validation images are drawn from the training
+    set with data.seed, before data.subset limits the remaining training images."""
+    root = Path(os.path.expanduser(str(cfg.root)))
+    if cfg.synthetic:
+        n_train = 50_000 if cfg.subset is None else max(int(cfg.subset) + int(cfg.val_size), 2)
+        tensors = synthetic_cifar10(n_train, 10_000 if cfg.subset is None else max(cfg.subset // 5, 100), cfg.seed)
+        source = "synthetic CIFAR-shaped data (not CIFAR-10)"
+    else:
+        tensors, source = read_cifar10(root, cfg.download, cfg.verify, log)
+
+    images, labels = tensors["train_images"], tensors["train_labels"]
+    n = len(labels)
+    if cfg.val_size >= n:
+        raise DataError(
+            f"data.val_size={cfg.val_size}: the training set has only {n} images; hold out fewer."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    val_idx = order[: cfg.val_size]
+    train_idx = order[cfg.val_size :].sort().values  # file order, so data.subset keeps the first N
+    if cfg.subset is not None:
+        train_idx = train_idx[: int(cfg.subset)]
+    train = Split(images[train_idx], labels[train_idx]).to(device)
+    val = Split(images[val_idx], labels[val_idx]).to(device)
+    test = Split(tensors["test_images"], tensors["test_labels"]).to(device)
+    return Dataset(
+        "classification",
+        train,
+        val,
+        test,
+        source=source,
+        synthetic=bool(cfg.synthetic),
+        classes=CIFAR10_CLASSES,
+        prepare=_normalizer(device),
+    )
+
+
+def load_dataset(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:
+    if cfg.name == "regression":
+        data = make_regression(cfg)
+        return Dataset(
+            data.task, data.train.to(device), data.val.to(device), data.test.to(device), source=data.source
+        )
+    if cfg.name == "cifar10":
+        return load_cifar10(cfg, device, log)
+    raise DataError(f"data.name={cfg.name!r}: use regression or cifar10.")

@@ -1,0 +1,159 @@
+"""The run directory: every file a run leaves behind, and how each is written.
+
+    .hydra/config.yaml .hydra/overrides.yaml   resolved config (Hydra writes these for `train`)
+    provenance.json                            command line, git state, versions, device, host
+    metrics.jsonl                              one JSON object per logged step
+    summary.json                               final/best metrics and status (written last)
+    checkpoints/last.pt                        model, optimizer, RNG states, epoch (atomic)
+    plots/*.png                                figures, also logged to W&B
+    wandb/                                     W&B's own files
+
+Files a reader may see half-written are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+STATUSES = ("finished", "diverged", "interrupted", "failed")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf; write them as strings a reader can still recognise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.plots = self.path / "plots"
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self._metrics = None
+
+    # -- config -------------------------------------------------------------------------
+    def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
+        """The `.hydra/` files Hydra writes for a run, for runs it does not launch itself
+        (the arms of a study)."""
+        hydra_dir = self.path / ".hydra"
+        hydra_dir.mkdir(exist_ok=True)
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+
+    # -- metrics ------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        if self._metrics is None:
+            self._metrics = self.metrics_path.open("a", buffering=1)  # line-buffered: a line is a step
+        self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    # -- summary, provenance, checkpoints -------------------------------------------------
+    def write_summary(self, summary: dict) -> None:
+        assert summary.get("status") in STATUSES, summary.get("status")
+        write_json_atomic(self.summary_path, {k: _clean(v) for k, v in summary.items()})
+
+    def read_summary(self) -> dict:
+        return json.loads(self.summary_path.read_text())
+
+    def write_provenance(self, provenance: dict) -> None:
+        write_json_atomic(self.path / "provenance.json", provenance)
+
+    def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
+        """Write to a temporary file and rename, so `last.pt` is always a complete checkpoint."""
+        self.checkpoints.mkdir(exist_ok=True)
+        target = self.checkpoints / name
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+        return target
+
+    def plot_path(self, name: str) -> Path:
+        self.plots.mkdir(exist_ok=True)
+        return self.plots / name
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """Commit and dirty flag of the checkout dropstudy runs from (or the working directory's)."""
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        commit = _git(["rev-parse", "HEAD"], where)
+        if commit:
+            status = _git(["status", "--porcelain", "--untracked-files=no"], where)
+            return {"commit": commit, "dirty": bool(status), "root": _git(["rev-parse", "--show-toplevel"], where)}
+    return {"commit": None, "dirty": None, "root": None}
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("dropstudy", "torch", "torchvision", "wandb", "hydra-core", "omegaconf", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["cuda"] = torch.version.cuda
+    versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return versions
+
+
+def collect_provenance(device: str, overrides: list[str], data_source: str) -> dict:
+    return {
+        "command": sys.argv,
+        "overrides": list(overrides),
+        "git": git_state(),
+        "versions": package_versions(),
+        "device": device,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "data": data_source,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

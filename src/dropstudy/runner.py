@@ -1,0 +1,222 @@
+"""A run's lifecycle, in one place: from a composed config to a finished run directory.
+
+`train_run` sets up device, seeds, data, model, optimizer and tracker, trains, draws the
+figures and writes the summary; the tracker is always finished, whatever happens. `run_study`
+trains every arm of `study.arms` that way on the same data and seed and draws the comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dropstudy import plots
+from dropstudy.data import Dataset, load_dataset
+from dropstudy.dropout import arm_label, describe_sites
+from dropstudy.models import build_model
+from dropstudy.rundir import RunDir, collect_provenance, write_json_atomic
+from dropstudy.runtime import describe_device, seed_everything, select_device, set_deterministic
+from dropstudy.tracking import flatten, make_tracker
+from dropstudy.train import Outcome, Trainer, make_optimizer
+
+log = logging.getLogger("dropstudy")
+
+EXIT_CODES = {"finished": 0, "diverged": 1, "interrupted": 130, "failed": 1}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    label: str
+    status: str
+    outcome: Outcome | None
+    figures: dict[str, Path] = field(default_factory=dict)
+    fit: plots.FitCurve | None = None
+    tracker_url: str | None = None
+    sync_command: str | None = None
+
+
+@torch.no_grad()
+def regression_fit_curve(model: torch.nn.Module, data: Dataset, label: str) -> plots.FitCurve:
+    """The model's prediction (evaluation mode) over a dense x grid, and its MSE on both sets."""
+    model.eval()
+    device = data.train.inputs.device
+    xs = torch.linspace(-1.0, 1.0, 200, device=device).unsqueeze(1)
+    train_mse = torch.mean((model(data.train.inputs) - data.train.targets) ** 2).item()
+    test_mse = torch.mean((model(data.test.inputs) - data.test.targets) ** 2).item()
+    return plots.FitCurve(label, xs.squeeze(1).tolist(), model(xs).squeeze(1).tolist(), train_mse, test_mse)
+
+
+def _points(split) -> tuple[list[float], list[float]]:
+    return split.inputs.squeeze(1).tolist(), split.targets.squeeze(1).tolist()
+
+
+def train_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    *,
+    group: str | None = None,
+    job_type: str | None = None,
+    extra_tags: tuple[str, ...] = (),
+) -> RunResult:
+    rd = RunDir(run_dir)
+    label = arm_label(cfg.model.dropout)
+    device = select_device(cfg.device)
+    set_deterministic(cfg.deterministic)
+    seed_everything(cfg.seed)
+    log.info(f"[{label}] device: {describe_device(device)}")
+    data = load_dataset(cfg.data, device, log.info)
+    log.info(f"[{label}] data: {data.describe()}")
+
+    seed_everything(cfg.seed)  # the initial weights depend on the seed alone, not on data loading
+    model = build_model(cfg.model).to(device)
+    optimizer = make_optimizer(cfg.optim, model)
+    log.info(f"[{label}] dropout sites: {', '.join(describe_sites(model))}")
+
+    provenance = collect_provenance(describe_device(device), overrides, data.describe())
+    rd.write_provenance(provenance)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tags = [cfg.experiment, label, *cfg.tracker.tags, *extra_tags] + (["synthetic-data"] if data.synthetic else [])
+    tracker = make_tracker(
+        cfg.tracker,
+        run_dir=rd.path,
+        group=group or cfg.tracker.group,
+        job_type=job_type or cfg.tracker.job_type or label,
+        tags=list(dict.fromkeys(tags)),
+        name=f"{cfg.experiment}-{label}-seed{cfg.seed}",
+        config={**flatten(resolved), "data.synthetic": data.synthetic, **flatten({"provenance": provenance})},
+    )
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        trainer_cfg=cfg.trainer,
+        seed=cfg.seed,
+        run_dir=rd,
+        tracker=tracker,
+        label=label,
+        checkpoint_extra={"config": resolved},
+    )
+    # Histograms once per evaluation unless tracker.log_freq says otherwise (wandb counts steps).
+    log_freq = cfg.tracker.log_freq or trainer.steps_per_epoch * cfg.trainer.eval_every
+    tracker.watch(model, cfg.tracker.watch, log_freq)
+
+    result = RunResult(rd.path, label, "failed", None, sync_command=tracker.sync_command)
+    started = time.time()
+    try:
+        outcome = trainer.fit()
+        result.outcome, result.status = outcome, outcome.status
+        title = f"{cfg.experiment}, {label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
+        result.figures["learning_curves"] = plots.learning_curves(
+            outcome.rows, rd.plot_path("learning_curves.png"), title
+        )
+        if data.task == "regression":
+            result.fit = regression_fit_curve(model, data, label)
+            result.figures["regression_fit"] = plots.regression_fit(
+                _points(data.train), _points(data.test), [result.fit], rd.plot_path("regression_fit.png"), title
+            )
+        tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch)
+        summary = {
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "epoch": outcome.epoch,
+            "epochs": cfg.trainer.epochs,
+            "experiment": cfg.experiment,
+            "dropout": OmegaConf.to_container(cfg.model, resolve=True)["dropout"],
+            "seed": cfg.seed,
+            "synthetic_data": data.synthetic,
+            "final": outcome.final,
+            "best": outcome.best,
+            "duration_s": round(time.time() - started, 3),
+            "wandb": {"run_id": tracker.run_id, "url": tracker.url, "sync": tracker.sync_command},
+        }
+        if result.fit is not None:
+            summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
+        tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
+        rd.write_summary(summary)
+    except BaseException as exc:
+        rd.write_summary(
+            {"status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+             "reason": f"{type(exc).__name__}: {exc}", "epoch": trainer.rows[-1]["epoch"] if trainer.rows else 0}
+        )
+        result.status = "failed"
+        raise
+    finally:
+        tracker.finish(exit_code=EXIT_CODES.get(result.status, 1))
+        result.tracker_url = tracker.url
+        rd.close()
+    return result
+
+
+@dataclass
+class StudyResult:
+    study_dir: Path
+    arms: list[RunResult]
+    figures: dict[str, Path]
+    group: str
+
+
+def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyResult:
+    """Every arm of study.arms on the same data and seed, one W&B group, then the comparison."""
+    group = cfg.tracker.group or f"{cfg.experiment}-study-{study_dir.name}"
+    results: list[RunResult] = []
+    for arm in cfg.study.arms:
+        arm_cfg = copy.deepcopy(cfg)
+        with open_dict(arm_cfg):
+            arm_cfg.model.dropout = arm
+        label = arm_label(arm)
+        arm_dir = study_dir / label
+        RunDir(arm_dir).write_config(arm_cfg, [*overrides, f"model.dropout={OmegaConf.to_container(arm_cfg.model)['dropout']}"])
+        log.info(f"study arm {len(results) + 1}/{len(cfg.study.arms)}: {label} -> {arm_dir}")
+        result = train_run(arm_cfg, arm_dir, overrides, group=group, job_type=label, extra_tags=("study",))
+        results.append(result)
+        if result.status == "interrupted":
+            break
+
+    out = RunDir(study_dir)
+    title = f"{cfg.experiment}: " + " vs ".join(r.label for r in results) + f", seed {cfg.seed}"
+    figures = {
+        "study_curves": plots.study_curves(
+            {r.label: r.outcome.rows for r in results if r.outcome}, out.plot_path("study_curves.png"), title
+        )
+    }
+    fits = [r.fit for r in results if r.fit is not None]
+    if fits:
+        seed_everything(cfg.seed)
+        data = load_dataset(cfg.data, torch.device("cpu"), log.info)
+        figures["regression_fit"] = plots.regression_fit(
+            _points(data.train), _points(data.test), fits, out.plot_path("regression_fit.png"), title
+        )
+    comparison = make_tracker(
+        cfg.tracker,
+        run_dir=study_dir,
+        group=group,
+        job_type="comparison",
+        tags=[cfg.experiment, "study", "comparison"],
+        name=f"{group}-comparison",
+        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(r.run_dir) for r in results]},
+    )
+    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0)
+    comparison.finish()
+    write_json_atomic(
+        study_dir / "study.json",
+        {
+            "experiment": cfg.experiment,
+            "group": group,
+            "arms": [
+                {"label": r.label, "run_dir": str(r.run_dir), "status": r.status,
+                 "final": r.outcome.final if r.outcome else {}}
+                for r in results
+            ],
+            "figures": {k: str(v) for k, v in figures.items()},
+        },
+    )
+    return StudyResult(study_dir, results, figures, group)

@@ -1,0 +1,250 @@
+"""Experiment tracking: the small interface the training loop talks to, and its W&B implementation.
+
+The loop only ever calls `watch`, `log`, `log_images`, `set_summary` and `finish`. `WandbTracker`
+maps those onto one W&B run; `NullTracker` does nothing; `GuardedTracker` wraps a tracker so
+that a W&B failure (network down, service refused, a bug in a hook) is reported once and then
+ignored: training goes on, and the local metrics.jsonl/summary.json never depend on W&B.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from torch import nn
+
+log = logging.getLogger("dropstudy")
+
+
+class Tracker(Protocol):
+    run_id: str | None
+    url: str | None
+    sync_command: str | None
+
+    def watch(self, model: nn.Module, what: str, log_freq: int) -> None: ...
+    def log(self, row: dict[str, Any]) -> None: ...
+    def log_images(self, images: dict[str, Path], epoch: int) -> None: ...
+    def set_summary(self, values: dict[str, Any]) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class NullTracker:
+    run_id = None
+    url = None
+    sync_command = None
+
+    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
+        pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log_images(self, images: dict[str, Path], epoch: int) -> None:
+        pass
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- mode
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """`auto` is online with credentials, else offline; WANDB_MODE, when set, wins over auto."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if has_wandb_credentials() else "offline"
+
+
+# --------------------------------------------------------------------------- W&B
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'dropout': 0.5}} -> {'model.dropout': 0.5}: what W&B's grouping and
+    parallel-coordinates panels want. Lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class WandbTracker:
+    """One W&B run, its files inside the run directory."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        mode: str,
+        project: str,
+        entity: str | None,
+        group: str | None,
+        job_type: str | None,
+        tags: list[str],
+        name: str,
+        config: dict[str, Any],
+    ):
+        import wandb
+
+        self._wandb = wandb
+        self.mode = mode
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            group=group,
+            job_type=job_type,
+            tags=tags,
+            name=name,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            # Runs of a study are trained one after another in one process; `watch` logs through
+            # the global wandb.run, so each run must become the global one (not "create_new").
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        self.run_id = self.run.id
+        self.url = self.run.url if mode == "online" else None
+        self.sync_command = f"wandb sync {Path(self.run.dir).parent}" if mode == "offline" else None
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
+        self.run.define_metric("val/loss", step_metric="epoch", summary="min")
+        self.run.define_metric("val/acc", step_metric="epoch", summary="max")
+
+    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
+        if what != "none":
+            self.run.watch(model, log=what, log_freq=log_freq)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.run.log(row)
+
+    def log_images(self, images: dict[str, Path], epoch: int) -> None:
+        row: dict[str, Any] = {key: self._wandb.Image(str(path)) for key, path in images.items()}
+        row["epoch"] = epoch
+        self.run.log(row)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+class GuardedTracker:
+    """Pass calls through until the first failure; then warn once and drop the rest."""
+
+    def __init__(self, inner: Tracker):
+        self.inner = inner
+        self.failed = False
+
+    @property
+    def run_id(self) -> str | None:
+        return self.inner.run_id
+
+    @property
+    def url(self) -> str | None:
+        return None if self.failed else self.inner.url
+
+    @property
+    def sync_command(self) -> str | None:
+        return self.inner.sync_command
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.failed:
+            return
+        try:
+            getattr(self.inner, method)(*args, **kwargs)
+        except Exception as exc:  # W&B must never stop training
+            self.failed = True
+            log.warning(
+                "W&B failed in %s (%s: %s); training continues without it. Every metric is still in "
+                "metrics.jsonl and summary.json.",
+                method,
+                type(exc).__name__,
+                exc,
+            )
+
+    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
+        self._call("watch", model, what, log_freq)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._call("log", row)
+
+    def log_images(self, images: dict[str, Path], epoch: int) -> None:
+        self._call("log_images", images, epoch)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        self._call("set_summary", values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.failed:
+            try:  # release W&B's resources quietly; its data is already incomplete
+                self.inner.finish(exit_code=1)
+            except Exception:
+                pass
+            return
+        self._call("finish", exit_code=exit_code)
+
+
+def make_tracker(
+    tracker_cfg: Any,
+    *,
+    run_dir: Path,
+    group: str | None,
+    job_type: str | None,
+    tags: list[str],
+    name: str,
+    config: dict[str, Any],
+) -> GuardedTracker:
+    mode = resolve_mode(tracker_cfg.mode)
+    if mode == "disabled":
+        return GuardedTracker(NullTracker())
+    try:
+        inner: Tracker = WandbTracker(
+            run_dir=run_dir,
+            mode=mode,
+            project=tracker_cfg.project,
+            entity=tracker_cfg.entity,
+            group=group,
+            job_type=job_type,
+            tags=tags,
+            name=name,
+            config=config,
+        )
+    except Exception as exc:
+        log.warning(
+            "W&B could not start (%s: %s); training without it. Metrics go to metrics.jsonl as always.",
+            type(exc).__name__,
+            exc,
+        )
+        return GuardedTracker(NullTracker())
+    return GuardedTracker(inner)

@@ -1,0 +1,198 @@
+"""The training loop: minibatch steps, evaluation every `eval_every` epochs, checkpoints, and
+how the run ended (finished, diverged, interrupted).
+
+It writes every metric row to the run directory first and then hands it to the tracker; it
+knows nothing of W&B beyond the `Tracker` interface.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dropstudy.console import TrainingProgress
+from dropstudy.data import Dataset, Split, batches
+from dropstudy.rundir import RunDir
+from dropstudy.tracking import Tracker
+
+
+@dataclass
+class Outcome:
+    status: str  # finished | diverged | interrupted
+    epoch: int  # last completed epoch
+    reason: str | None = None
+    final: dict[str, float] = field(default_factory=dict)  # last value of every metric
+    best: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def loss_function(task: str) -> Callable[..., torch.Tensor]:
+    return F.mse_loss if task == "regression" else F.cross_entropy
+
+
+def make_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int) -> dict[str, float]:
+    """Mean loss (and accuracy) over a split, in evaluation mode (dropout off), without autograd."""
+    was_training = model.training
+    model.eval()
+    loss_fn = loss_function(data.task)
+    loss_sum = torch.zeros((), device=split.targets.device)
+    correct = torch.zeros((), device=split.targets.device)
+    for xb, yb in batches(split, batch_size, generator=None):
+        out = model(data.prepare(xb))
+        loss_sum += loss_fn(out, yb, reduction="sum") / (out.shape[1] if data.task == "regression" else 1)
+        if data.task == "classification":
+            correct += (out.argmax(1) == yb).sum()
+    model.train(was_training)
+    metrics = {"loss": (loss_sum / len(split)).item()}
+    if data.task == "classification":
+        metrics["acc"] = (correct / len(split)).item()
+    return metrics
+
+
+def rng_states(shuffle: torch.Generator) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "shuffle": shuffle.get_state(),
+    }
+
+
+class Trainer:
+    """Trains one model on one dataset; `fit` returns how it ended."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Dataset,
+        trainer_cfg: Any,
+        seed: int,
+        run_dir: RunDir,
+        tracker: Tracker,
+        label: str,
+        checkpoint_extra: dict[str, Any],
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.cfg = trainer_cfg
+        self.run_dir = run_dir
+        self.tracker = tracker
+        self.label = label
+        self.checkpoint_extra = checkpoint_extra
+        self.loss_fn = loss_function(data.task)
+        # Shuffling has its own generator, so the batch order depends on the seed alone and not
+        # on how many random numbers dropout drew.
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.rows: list[dict[str, Any]] = []
+
+    @property
+    def steps_per_epoch(self) -> int:
+        bs = self.cfg.batch_size
+        return 1 if bs is None else math.ceil(len(self.data.train) / bs)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """The one place a metric row goes: metrics.jsonl first, then the tracker."""
+        self.rows.append(row)
+        self.run_dir.append_metrics(row)
+        self.tracker.log(row)
+
+    def checkpoint(self, epoch: int) -> None:
+        self.run_dir.save_checkpoint(
+            {
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rng_states(self.shuffle),
+                "tracker_run_id": self.tracker.run_id,
+                **self.checkpoint_extra,
+            }
+        )
+
+    def train_epoch(self, progress: TrainingProgress) -> dict[str, float]:
+        model, data = self.model, self.data
+        model.train()
+        # Accumulated on the device and read once per epoch: no host sync per step.
+        loss_sum = torch.zeros((), device=data.train.targets.device)
+        correct = torch.zeros((), device=data.train.targets.device)
+        for xb, yb in batches(data.train, self.cfg.batch_size, self.shuffle):
+            out = model(data.prepare(xb))
+            loss = self.loss_fn(out, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach() * len(yb)
+            if data.task == "classification":
+                correct += (out.detach().argmax(1) == yb).sum()
+            progress.advance()
+        metrics = {"train/loss": (loss_sum / len(data.train)).item()}
+        if data.task == "classification":
+            metrics["train/acc"] = (correct / len(data.train)).item()
+        return metrics
+
+    def fit(self) -> Outcome:
+        epochs, eval_every = self.cfg.epochs, self.cfg.eval_every
+        outcome = Outcome(status="finished", epoch=0, rows=self.rows)
+        with TrainingProgress(self.label, epochs * self.steps_per_epoch, epochs) as progress:
+            try:
+                for epoch in range(1, epochs + 1):
+                    start = time.perf_counter()
+                    row: dict[str, Any] = {"epoch": epoch, **self.train_epoch(progress)}
+                    row["lr"] = self.optimizer.param_groups[0]["lr"]
+                    row["perf/samples_per_s"] = len(self.data.train) / (time.perf_counter() - start)
+                    evaluated = epoch % eval_every == 0 or epoch == epochs
+                    if evaluated:
+                        val = evaluate(self.model, self.data, self.data.val, self.cfg.eval_batch_size)
+                        row.update({f"val/{k}": v for k, v in val.items()})
+                        row["gap/loss"] = row["val/loss"] - row["train/loss"]
+                    self.log(row)
+                    progress.epoch_done(row, evaluated)
+                    outcome.epoch = epoch
+                    bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
+                    if bad:
+                        outcome.status = "diverged"
+                        outcome.reason = f"{bad[0]} became {row[bad[0]]} at epoch {epoch}"
+                        break
+                    if evaluated:
+                        self.checkpoint(epoch)
+            except KeyboardInterrupt:
+                outcome.status = "interrupted"
+                outcome.reason = f"interrupted after epoch {outcome.epoch} of {epochs}"
+                self.checkpoint(outcome.epoch)
+                return self._conclude(outcome)
+        if outcome.status == "finished":
+            test = evaluate(self.model, self.data, self.data.test, self.cfg.eval_batch_size)
+            self.log({"epoch": outcome.epoch, **{f"test/{k}": v for k, v in test.items()}})
+            self.checkpoint(outcome.epoch)
+        return self._conclude(outcome)
+
+    def _conclude(self, outcome: Outcome) -> Outcome:
+        for row in self.rows:
+            for key, value in row.items():
+                if key != "epoch":
+                    outcome.final[key] = value
+        for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min)):
+            points = [(row[key], row["epoch"]) for row in self.rows if key in row and math.isfinite(row[key])]
+            if points:
+                value, epoch = pick(points, key=lambda p: p[0])
+                outcome.best[key] = value
+                outcome.best[f"{key}_epoch"] = epoch
+        return outcome
