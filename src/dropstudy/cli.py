@@ -46,7 +46,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def checked_config(overrides: list[str]) -> DictConfig:
+def checked_config(overrides: list[str], check_data: bool = True) -> DictConfig:
     """Compose + validate, including the device and the data, or exit 2 with the reason."""
     for arg in overrides:
         if arg.startswith("-"):
@@ -56,7 +56,7 @@ def checked_config(overrides: list[str]) -> DictConfig:
         from dropstudy.runtime import select_device  # torch import deferred: --help stays fast
 
         select_device(cfg.device)
-        if cfg.data.name == "cifar10":
+        if check_data and cfg.data.name == "cifar10":
             check_cifar10_available(cfg.data)
     except (ConfigError, DataError) as exc:
         raise fail(str(exc))
@@ -104,7 +104,9 @@ def print_run(result: Any, indent: str = "") -> None:
     out = typer.echo
     out(f"{indent}run dir: {result.run_dir}  [{result.status}]")
     if result.outcome and result.outcome.reason and result.status != "finished":
-        out(f"{indent}  {result.outcome.reason}")
+        out(f"{indent}  {result.status}: {result.outcome.reason}")
+    if result.status == "interrupted":
+        out(f"{indent}  the last checkpoint is {result.run_dir / 'checkpoints' / 'last.pt'}")
     for name, path in result.figures.items():
         out(f"{indent}  figure: {path}")
     if result.tracker_url:
@@ -114,7 +116,7 @@ def print_run(result: Any, indent: str = "") -> None:
 
 
 def show_config(overrides: list[str]) -> None:
-    cfg = checked_config(overrides)
+    cfg = checked_config(overrides, check_data=False)
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True))
 
 
@@ -143,9 +145,7 @@ def train(
 
     result = handle_run_errors(lambda: run_hydra_task("train", overrides, train_run))
     print_run(result)
-    if result.status == "interrupted":
-        stderr.print(f"interrupted: the last checkpoint is in {result.run_dir / 'checkpoints'}")
-    raise typer.Exit(0 if result.status == "finished" else (EXIT_INTERRUPTED if result.status == "interrupted" else 1))
+    raise typer.Exit(result.exit_code)
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -176,10 +176,7 @@ def study(
         print_run(arm, indent="  ")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
-    statuses = {arm.status for arm in result.arms}
-    if "interrupted" in statuses:
-        raise typer.Exit(EXIT_INTERRUPTED)
-    raise typer.Exit(0 if statuses == {"finished"} else 1)
+    raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
 
 def version_callback(value: bool) -> None:

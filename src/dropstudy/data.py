@@ -54,10 +54,7 @@ class Dataset:
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
 
     def describe(self) -> str:
-        kind = "SYNTHETIC " if self.synthetic else ""
-        return (
-            f"{kind}{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
-        )
+        return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
 
 
 def batches(
@@ -113,11 +110,11 @@ def synthetic_cifar10(n_train: int, n_test: int, seed: int) -> dict:
     """CIFAR-shaped random images whose mean colour depends on the label, so a model can learn
     something and the curves move; for smoke tests and benchmarks only."""
     g = torch.Generator().manual_seed(seed)
-    palette = torch.randint(40, 216, (10, 3, 1, 1), generator=g)
+    palette = torch.randint(96, 160, (10, 3, 1, 1), generator=g)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, 10, (n,), generator=g)
-        noise = torch.randint(-40, 41, (n, 3, 32, 32), generator=g)
+        noise = torch.randint(-96, 97, (n, 3, 32, 32), generator=g)
         return (palette[labels] + noise).clamp(0, 255).to(torch.uint8), labels
 
     train_x, train_y = draw(n_train)
@@ -285,7 +282,7 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
     if cfg.synthetic:
         n_train = 50_000 if cfg.subset is None else max(int(cfg.subset) + int(cfg.val_size), 2)
         tensors = synthetic_cifar10(n_train, 10_000 if cfg.subset is None else max(cfg.subset // 5, 100), cfg.seed)
-        source = "synthetic CIFAR-shaped data (not CIFAR-10)"
+        source = "SYNTHETIC CIFAR-shaped random data (not CIFAR-10)"
     else:
         tensors, source = read_cifar10(root, cfg.download, cfg.verify, log)
 

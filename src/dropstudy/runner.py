@@ -28,9 +28,6 @@ from dropstudy.train import Outcome, Trainer, make_optimizer
 
 log = logging.getLogger("dropstudy")
 
-EXIT_CODES = {"finished": 0, "diverged": 1, "interrupted": 130, "failed": 1}
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -41,6 +38,10 @@ class RunResult:
     fit: plots.FitCurve | None = None
     tracker_url: str | None = None
     sync_command: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.outcome.exit_code if self.outcome is not None else 1
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def train_run(
         result.status = "failed"
         raise
     finally:
-        tracker.finish(exit_code=EXIT_CODES.get(result.status, 1))
+        tracker.finish(exit_code=result.exit_code)
         result.tracker_url = tracker.url
         rd.close()
     return result

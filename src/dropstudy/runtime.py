@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -66,3 +70,33 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (what SLURM sends before it kills a job) during training."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+@contextmanager
+def signals_interrupt_training() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into `Interrupted` while training, so the loop can checkpoint
+    and say so. Also undoes a SIG_IGN for SIGINT inherited from a non-interactive shell."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from torch import nn
 from dropstudy.console import TrainingProgress
 from dropstudy.data import Dataset, Split, batches
 from dropstudy.rundir import RunDir
+from dropstudy.runtime import Interrupted, signals_interrupt_training
 from dropstudy.tracking import Tracker
 
 
@@ -29,6 +31,7 @@ class Outcome:
     status: str  # finished | diverged | interrupted
     epoch: int  # last completed epoch
     reason: str | None = None
+    exit_code: int = 0  # 0, or 130/143 when interrupted by SIGINT/SIGTERM, 1 when diverged
     final: dict[str, float] = field(default_factory=dict)  # last value of every metric
     best: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -151,7 +154,9 @@ class Trainer:
     def fit(self) -> Outcome:
         epochs, eval_every = self.cfg.epochs, self.cfg.eval_every
         outcome = Outcome(status="finished", epoch=0, rows=self.rows)
-        with TrainingProgress(self.label, epochs * self.steps_per_epoch, epochs) as progress:
+        with signals_interrupt_training(), TrainingProgress(
+            self.label, epochs * self.steps_per_epoch, epochs
+        ) as progress:
             try:
                 for epoch in range(1, epochs + 1):
                     start = time.perf_counter()
@@ -168,14 +173,15 @@ class Trainer:
                     outcome.epoch = epoch
                     bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
                     if bad:
-                        outcome.status = "diverged"
+                        outcome.status, outcome.exit_code = "diverged", 1
                         outcome.reason = f"{bad[0]} became {row[bad[0]]} at epoch {epoch}"
                         break
                     if evaluated:
                         self.checkpoint(epoch)
-            except KeyboardInterrupt:
-                outcome.status = "interrupted"
-                outcome.reason = f"interrupted after epoch {outcome.epoch} of {epochs}"
+            except KeyboardInterrupt as exc:
+                signum = exc.signum if isinstance(exc, Interrupted) else 2
+                outcome.status, outcome.exit_code = "interrupted", 128 + signum
+                outcome.reason = f"{signal.Signals(signum).name} after epoch {outcome.epoch} of {epochs}"
                 self.checkpoint(outcome.epoch)
                 return self._conclude(outcome)
         if outcome.status == "finished":

@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# The environment is a plain venv (.venv) made with the Python 3.11 on PATH.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test test-slow install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main job: the regression study, with and without dropout
+run: $(STAMP)
+	$(BIN)/dropstudy study experiment=regression
+
+## the test suite (fast tests; see test-slow)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## the slow statistical tests as well
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

@@ -1,0 +1,75 @@
+"""Shared fixtures: a clean environment (no W&B credentials, data under tmp) and a way to run the
+real CLI as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """No W&B credentials or mode from the developer's machine; HOME and data inside tmp, so
+    `tracker.mode=auto` resolves to offline and nothing is written outside the test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for key in list(os.environ):
+        if key.startswith("WANDB_") or key in ("NETRC", "DROPSTUDY_DATA"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DROPSTUDY_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(home / ".mpl"))
+    monkeypatch.chdir(tmp_path)
+    return dict(os.environ)
+
+
+@pytest.fixture
+def dropstudy(clean_env: dict[str, str], tmp_path: Path):
+    """Run `python -m dropstudy ARGS...` in tmp_path and return its exit code and output."""
+
+    def run(*args: str, timeout: float = 240) -> CliResult:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dropstudy", *args],
+            cwd=tmp_path,
+            env=clean_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# Shrunken settings that keep every code path but run in seconds.
+QUICK_REGRESSION = ["trainer.epochs=40", "trainer.eval_every=10", "tracker.log_freq=10"]
+QUICK_CIFAR = [
+    "experiment=cifar10",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "data.val_size=40",
+    "tracker.log_freq=2",
+]
