@@ -104,11 +104,12 @@ def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False, sharex=True)
     for ax, (metric, label) in zip(axes[0], panels):
         for color, (arm, rows) in zip(COLORS, arms.items()):
-            for split, style in (("train", "-"), ("val", "--")):
+            for split, style, width, alpha in (("train", "-", 1.0, 0.6), ("val", "--", 2.0, 1.0)):
                 xs, ys = _series(rows, f"{split}/{metric}")
                 if xs:
-                    ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 30 else None, ms=3,
-                            label=f"{arm} {split}")
+                    # Validation on top and bolder: a noisy dropout train curve must not hide it.
+                    ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha, zorder=3 if split == "val" else 2,
+                            marker="o" if len(xs) < 30 else None, ms=4, label=f"{arm} {split}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         if metric == "loss" and all(y > 0 for y in _series(any_rows, "train/loss")[1]):
