@@ -1,0 +1,88 @@
+"""Tracking modes and failures: auto goes offline without credentials, disabled touches nothing,
+and a W&B failure never stops training or loses a local metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import wandb
+from typer.testing import CliRunner
+
+from conftest import QUICK_REGRESSION, read_jsonl
+from dropstudy.cli import app
+from dropstudy.tracking import flatten, has_wandb_credentials, resolve_mode
+
+runner = CliRunner()
+
+
+def test_auto_mode_is_offline_without_credentials(clean_env):
+    assert not has_wandb_credentials()
+    assert resolve_mode("auto") == "offline"
+    assert resolve_mode("disabled") == "disabled"
+
+
+def test_auto_mode_is_online_with_a_key_or_netrc(clean_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    netrc = Path(clean_env["HOME"]) / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment's explicit choice wins over auto
+    assert resolve_mode("auto") == "offline"
+
+
+def test_flatten_gives_dotted_keys_for_wandb_panels():
+    assert flatten({"model": {"dropout": 0.5, "hidden": [2, 3]}, "seed": 1}) == {
+        "model.dropout": 0.5,
+        "model.hidden": [2, 3],
+        "seed": 1,
+    }
+
+
+def test_disabled_tracking_writes_no_wandb_files(dropstudy, tmp_path):
+    result = dropstudy("train", *QUICK_REGRESSION, "tracker.mode=disabled", "hydra.run.dir=run")
+    assert result.code == 0, result.output
+    assert not (tmp_path / "run" / "wandb").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    assert "wandb sync" not in result.output
+
+
+def _assert_complete_local_record(run: Path) -> None:
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "train/loss" in r] == list(range(1, 41))
+    assert any("test/loss" in r for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and "test/loss" in summary["final"]
+
+
+def test_wandb_failing_mid_run_does_not_stop_training(clean_env, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def flaky_log(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise ConnectionError("W&B service refused the connection")
+        return real_log(self, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", flaky_log)
+    result = runner.invoke(app, ["train", *QUICK_REGRESSION, "hydra.run.dir=run"], prog_name="dropstudy")
+    assert result.exit_code == 0, result.output
+    assert calls["n"] == 6, "after the first failure, W&B is not called again"
+    _assert_complete_local_record(tmp_path / "run")
+    assert "W&B failed in log (ConnectionError" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_wandb_failing_to_start_does_not_stop_training(clean_env, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise wandb.errors.CommError("could not reach the W&B server")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    result = runner.invoke(app, ["train", *QUICK_REGRESSION, "hydra.run.dir=run"], prog_name="dropstudy")
+    assert result.exit_code == 0, result.output
+    _assert_complete_local_record(tmp_path / "run")
+    assert "W&B could not start (CommError" in (tmp_path / "run" / "train.log").read_text()
