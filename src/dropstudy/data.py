@@ -110,12 +110,16 @@ def synthetic_cifar10(n_train: int, n_test: int, seed: int) -> dict:
     """CIFAR-shaped random images whose mean colour depends on the label, so a model can learn
     something and the curves move; for smoke tests and benchmarks only."""
     g = torch.Generator().manual_seed(seed)
-    palette = torch.randint(96, 160, (10, 3, 1, 1), generator=g)
+    palette = torch.randint(96, 160, (10, 3, 1, 1), generator=g, dtype=torch.int16)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, 10, (n,), generator=g)
-        noise = torch.randint(-96, 97, (n, 3, 32, 32), generator=g)
-        return (palette[labels] + noise).clamp(0, 255).to(torch.uint8), labels
+        images = torch.empty((n, 3, 32, 32), dtype=torch.uint8)
+        for start in range(0, n, 4096):  # in chunks, in int16: peak memory stays small
+            part = labels[start : start + 4096]
+            noise = torch.randint(-96, 97, (len(part), 3, 32, 32), generator=g, dtype=torch.int16)
+            images[start : start + 4096] = (palette[part] + noise).clamp_(0, 255).to(torch.uint8)
+        return images, labels
 
     train_x, train_y = draw(n_train)
     test_x, test_y = draw(n_test)

@@ -1,0 +1,122 @@
+"""The regression study end to end through the CLI: a run directory as DESIGN.md lays it out,
+the W&B offline file read back, the study's arms and comparison, and interruption."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from conftest import QUICK_REGRESSION, read_jsonl
+from wandb_offline import load_run
+
+METRICS = ("train/loss", "val/loss", "gap/loss", "lr", "perf/samples_per_s")
+
+
+def test_train_writes_a_complete_run_directory(dropstudy, tmp_path):
+    result = dropstudy("train", *QUICK_REGRESSION, "hydra.run.dir=run")
+    assert result.code == 0, result.output
+    run = tmp_path / "run"
+    assert "device: cpu" in result.output
+    assert f"run dir: {run}" in result.stdout and "wandb sync" in result.stdout
+
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert config["experiment"] == "regression" and config["model"]["dropout"] == 0.5
+    assert "trainer.epochs=40" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["versions"]["torch"] == metadata.version("torch")
+    assert {"command", "git", "versions", "device", "host"} <= provenance.keys()
+    assert "commit" in provenance["git"] and "dirty" in provenance["git"]
+
+    rows = read_jsonl(run / "metrics.jsonl")
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["epoch"] for r in train_rows] == list(range(1, 41))
+    assert [r["epoch"] for r in rows if "val/loss" in r] == [10, 20, 30, 40]
+    assert any("test/loss" in r for r in rows)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epoch"] == 40
+    assert summary["best"]["val/loss"] <= summary["final"]["val/loss"]
+
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 40 and {"model", "optimizer", "rng"} <= checkpoint.keys()
+    assert {p.name for p in (run / "plots").iterdir()} == {"learning_curves.png", "regression_fit.png"}
+
+
+def test_wandb_offline_file_holds_metrics_histograms_images_and_config(dropstudy, tmp_path):
+    result = dropstudy("train", *QUICK_REGRESSION, "tracker.group=g1", "tracker.tags=[paper]", "hydra.run.dir=run")
+    assert result.code == 0, result.output
+    wb = load_run(tmp_path / "run")
+    assert wb.group == "g1" and wb.job_type == "dropout-0.5"
+    assert {"paper", "regression", "dropout-0.5"} <= set(wb.tags)
+    keys = wb.history_keys()
+    for key in (*METRICS, "epoch", "test/loss"):
+        assert key in keys, key
+    assert len(wb.scalars("train/loss")) == 40
+    local = [r["train/loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert wb.scalars("train/loss") == local, "W&B got exactly the metrics written locally"
+    histograms = wb.histograms()
+    for prefix in ("gradients/", "parameters/"):
+        assert any(k.startswith(prefix + "net.fc1.") for k in histograms), (prefix, sorted(histograms))
+    assert {"plots/learning_curves", "plots/regression_fit"} <= set(wb.images())
+    assert wb.config["model.dropout"] == 0.5 and wb.config["seed"] == 0
+    assert wb.config["trainer.epochs"] == 40 and "provenance.git.commit" in wb.config
+    assert wb.summary.get("val/loss") is not None
+
+
+def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_path):
+    # Full length (2000 epochs): the classic demo's result, not just its plumbing.
+    result = dropstudy("study", "hydra.run.dir=study")
+    assert result.code == 0, result.output
+    study = tmp_path / "study"
+    arms = {arm: study / arm for arm in ("dropout-0", "dropout-0.5")}
+    for arm, run in arms.items():
+        assert f"run dir: {run}" in result.stdout
+        assert (run / "summary.json").is_file() and (run / "plots" / "regression_fit.png").is_file()
+    assert f"comparison figure: {study / 'plots' / 'regression_fit.png'}" in result.stdout
+    assert (study / "plots" / "study_curves.png").is_file()
+
+    configs = {arm: yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) for arm, run in arms.items()}
+    assert configs["dropout-0"]["model"]["dropout"] == 0.0 and configs["dropout-0.5"]["model"]["dropout"] == 0.5
+    configs["dropout-0"]["model"].pop("dropout"), configs["dropout-0.5"]["model"].pop("dropout")
+    assert configs["dropout-0"] == configs["dropout-0.5"], "arms differ only in model.dropout"
+
+    fits = {arm: json.loads((run / "summary.json").read_text())["fit"] for arm, run in arms.items()}
+    assert fits["dropout-0"]["train_mse"] < 1e-3, "without dropout the curve passes through the training points"
+    assert fits["dropout-0.5"]["train_mse"] > 100 * fits["dropout-0"]["train_mse"]
+
+    runs = {arm: load_run(run) for arm, run in arms.items()}
+    assert runs["dropout-0"].group == runs["dropout-0.5"].group != ""
+    assert {r.job_type for r in runs.values()} == {"dropout-0", "dropout-0.5"}
+    comparison = load_run(study)
+    assert comparison.job_type == "comparison" and comparison.group == runs["dropout-0"].group
+    assert {"study/regression_fit", "study/study_curves"} <= set(comparison.images())
+
+
+def test_ctrl_c_checkpoints_and_says_interrupted(clean_env, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropstudy", "train", "trainer.epochs=100000", "trainer.eval_every=1000",
+         "tracker.mode=disabled", "hydra.run.dir=run"],
+        cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.stat().st_size > 2000):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["epoch"] < 100000
+    assert "SIGINT" in summary["reason"] and "last.pt" in stdout
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == summary["epoch"]
