@@ -96,6 +96,8 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
     runs = {arm: load_run(run) for arm, run in arms.items()}
     assert runs["dropout-0"].group == runs["dropout-0.5"].group != ""
     assert {r.job_type for r in runs.values()} == {"dropout-0", "dropout-0.5"}
+    for run in runs.values():  # the second model trained in the process keeps the same names
+        assert {"gradients/net.fc1.weight", "parameters/net.fc1.weight"} <= run.histograms()
     comparison = load_run(study)
     assert comparison.job_type == "comparison" and comparison.group == runs["dropout-0"].group
     assert {"study/regression_fit", "study/study_curves"} <= set(comparison.images())

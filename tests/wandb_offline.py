@@ -47,6 +47,8 @@ __all__ = [
     "Record",
     "find_run_file",
     "find_run_files",
+    "iter_payloads",
+    "chunk_crc",
     "load_run",
     "read_records",
 ]
@@ -152,8 +154,9 @@ def read_records(path: str | Path) -> list[Record]:
     is not a `Record`.
     """
     path = Path(path)
+    payloads = list(iter_payloads(path.read_bytes(), source=str(path)))  # framing errors first
     records: list[Record] = []
-    for index, payload in enumerate(iter_payloads(path.read_bytes(), source=str(path))):
+    for index, payload in enumerate(payloads):
         record = Record()
         try:
             record.ParseFromString(payload)

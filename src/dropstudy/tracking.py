@@ -141,7 +141,9 @@ class WandbTracker:
 
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
         if what != "none":
-            self.run.watch(model, log=what, log_freq=log_freq)
+            # idx=0: one model per W&B run, so keys stay `gradients/<param>` even when a study
+            # trains several models in one process (wandb numbers them globally otherwise).
+            self.run.watch(model, log=what, log_freq=log_freq, idx=0)
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(row)
