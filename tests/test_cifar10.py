@@ -111,3 +111,14 @@ def test_synthetic_data_runs_and_is_labelled(dropstudy, tmp_path):
     assert summary["synthetic_data"] is True
     provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert "SYNTHETIC" in provenance["data"]
+
+
+def test_bad_data_found_late_leaves_a_failed_summary(dropstudy, tmp_path):
+    # The files exist (the early check passes) but fail torchvision's MD5 check when read.
+    write_torchvision_layout(tmp_path / "d", n_train=50, n_test=10)
+    result = dropstudy("train", "experiment=cifar10", f"data.root={tmp_path / 'd'}",
+                       "tracker.mode=disabled", "hydra.run.dir=run")
+    assert result.code == 2, result.output
+    assert "cifar-10-batches-py" in result.stderr and "data.verify=false" in result.stderr
+    assert "Traceback" not in result.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"

@@ -122,3 +122,12 @@ def test_ctrl_c_checkpoints_and_says_interrupted(clean_env, tmp_path):
     assert "SIGINT" in summary["reason"] and "last.pt" in stdout
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == summary["epoch"]
+
+
+def test_nan_loss_stops_the_run_as_diverged(dropstudy, tmp_path):
+    result = dropstudy("train", "optim.lr=1000", "trainer.epochs=200", "tracker.mode=disabled", "hydra.run.dir=run")
+    assert result.code == 1, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "train/loss became nan" in summary["reason"]
+    assert summary["epoch"] < 200 and "diverged" in result.stdout
+

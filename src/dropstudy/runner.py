@@ -68,7 +68,31 @@ def train_run(
     job_type: str | None = None,
     extra_tags: tuple[str, ...] = (),
 ) -> RunResult:
+    """Train one model into run_dir. Whatever stops it, summary.json says how it ended."""
     rd = RunDir(run_dir)
+    try:
+        return _train_run(cfg, rd, overrides, group=group, job_type=job_type, extra_tags=extra_tags)
+    except BaseException as exc:
+        if not rd.summary_path.exists():
+            rd.write_summary(
+                {
+                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                    "reason": f"{type(exc).__name__}: {exc}",
+                    "epoch": (rd.read_metrics() or [{"epoch": 0}])[-1].get("epoch", 0),
+                }
+            )
+        raise
+
+
+def _train_run(
+    cfg: DictConfig,
+    rd: RunDir,
+    overrides: list[str],
+    *,
+    group: str | None,
+    job_type: str | None,
+    extra_tags: tuple[str, ...],
+) -> RunResult:
     label = arm_label(cfg.model.dropout)
     device = select_device(cfg.device)
     set_deterministic(cfg.deterministic)
@@ -143,12 +167,8 @@ def train_run(
             summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
         tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
         rd.write_summary(summary)
-    except BaseException as exc:
-        rd.write_summary(
-            {"status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-             "reason": f"{type(exc).__name__}: {exc}", "epoch": trainer.rows[-1]["epoch"] if trainer.rows else 0}
-        )
-        result.status = "failed"
+    except BaseException:
+        result.outcome = None  # the run failed after training: W&B gets a non-zero exit code too
         raise
     finally:
         tracker.finish(exit_code=result.exit_code)
