@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger("dropstudy")
 stderr = Console(stderr=True)
@@ -34,17 +34,17 @@ class TrainingProgress:
         self.interactive = stderr.is_terminal if interactive is None else interactive
         self._progress: Progress | None = None
         self._task = None
+        self._last_val: tuple[float, float | None] | None = None
         self.total_steps = total_steps
 
     def __enter__(self) -> "TrainingProgress":
         if self.interactive:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=24),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(),
-                TimeRemainingColumn(),
                 console=stderr,
                 transient=False,
             )
@@ -60,9 +60,22 @@ class TrainingProgress:
         speed = row.get("perf/samples_per_s")
         text = format_row(row, ROW_KEYS) + (f"  {speed:,.0f} samples/s" if speed else "")
         if self._progress is not None:
-            self._progress.update(self._task, status=f"epoch {row['epoch']}/{self.epochs}  {text}")
+            self._progress.update(self._task, status=self._compact(row))
         if evaluated and self._progress is None:
             log.info(f"{self.label} epoch {row['epoch']}/{self.epochs}  {text}")
+
+    def _compact(self, row: dict[str, Any]) -> str:
+        """Short enough to leave the bar room on an 80-column terminal."""
+        if "val/loss" in row:
+            self._last_val = row["val/loss"], row.get("val/acc")
+        parts = [f"ep {row['epoch']}/{self.epochs}", f"loss {row['train/loss']:.3g}"]
+        if self._last_val is not None:
+            val_loss, val_acc = self._last_val
+            parts.append(f"val {val_loss:.3g}" + (f" ({val_acc:.1%})" if val_acc is not None else ""))
+        speed = row.get("perf/samples_per_s")
+        if speed:
+            parts.append(f"{speed:,.0f}/s")
+        return " ".join(parts)
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
