@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray")
 
@@ -49,6 +50,7 @@ def learning_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
             if xs:
                 ax.plot(xs, ys, style, marker="o" if len(xs) < 30 else None, ms=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         if metric == "loss" and all(y > 0 for y in _series(rows, "train/loss")[1]):
             ax.set_yscale("log")
@@ -111,6 +113,7 @@ def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
                     ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha, zorder=3 if split == "val" else 2,
                             marker="o" if len(xs) < 30 else None, ms=4, label=f"{arm} {split}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         if metric == "loss" and all(y > 0 for y in _series(any_rows, "train/loss")[1]):
             ax.set_yscale("log")

@@ -204,6 +204,8 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
 
     out = RunDir(study_dir)
     title = f"{cfg.experiment}: " + " vs ".join(r.label for r in results) + f", seed {cfg.seed}"
+    if cfg.data.get("synthetic"):
+        title += " (SYNTHETIC data)"
     figures = {
         "study_curves": plots.study_curves(
             {r.label: r.outcome.rows for r in results if r.outcome}, out.plot_path("study_curves.png"), title
