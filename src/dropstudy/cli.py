@@ -111,7 +111,7 @@ def print_run(result: Any, indent: str = "") -> None:
     if result.outcome and result.outcome.reason and result.status != "finished":
         out(f"{indent}  {result.status}: {result.outcome.reason}")
     if result.status == "interrupted":
-        out(f"{indent}  the last checkpoint is {result.run_dir / 'checkpoints' / 'last.pt'}")
+        out(f"{indent}  to continue from its last checkpoint: dropstudy resume {result.run_dir}")
     for name, path in result.figures.items():
         out(f"{indent}  figure: {path}")
     if result.tracker_url:

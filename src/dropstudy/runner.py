@@ -27,7 +27,7 @@ from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
 from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import describe_device, seed_everything, select_device, set_deterministic
 from dropstudy.tracking import flatten, make_tracker
-from dropstudy.train import Outcome, Trainer, make_optimizer
+from dropstudy.train import NonFiniteLoss, Outcome, Trainer, make_optimizer
 
 log = logging.getLogger("dropstudy")
 
@@ -83,7 +83,8 @@ def train_run(
         if not rd.summary_path.exists() or resume:
             rd.write_summary(
                 {
-                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt)
+                    else "diverged" if isinstance(exc, NonFiniteLoss) else "failed",
                     "reason": f"{type(exc).__name__}: {exc}",
                     "epoch": (rd.read_metrics() or [{"epoch": 0}])[-1].get("epoch", 0),
                 }

@@ -268,6 +268,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, _exit_now)
                 signal.signal(signal.SIGTERM, _exit_now)
                 outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
+                outcome.epoch = self._boundary["epoch"]  # what the checkpoint holds
                 outcome.reason = f"{signal.Signals(signum).name} during epoch {outcome.epoch + 1} of {epochs}"
                 self.checkpoint()
                 return self._conclude(outcome)
