@@ -35,7 +35,8 @@ from torch import nn
 
 class SiteDropout(nn.Module):
     """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
-    schedule changes every epoch. `where` says where the site sits, for logs."""
+    schedule changes every epoch. `where` says where the site sits, for logs. Each kind's `drop`
+    is where its mask (or noise) is drawn."""
 
     kind = "?"
 
@@ -44,6 +45,17 @@ class SiteDropout(nn.Module):
         self.base_p = float(p)
         self.p = float(p)
         self.where = where
+        self.one_draw_per_batch = False
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.one_draw_per_batch:
+            # Every kind multiplies by noise: draw it once (on ones) for the whole batch, so a pass
+            # is one thinned network and MC samples of a function over a grid are whole functions.
+            return x * self.drop(torch.ones_like(x[:1]))
+        return self.drop(x)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, {self.where}"
@@ -52,7 +64,7 @@ class SiteDropout(nn.Module):
 class InvertedDropout(SiteDropout):
     kind = "inverted"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
         # torch's own kernel rather than a hand-written mask: bit-identical to nn.Dropout for the
         # same generator state on every device (CUDA draws its masks in a fused kernel). On the
         # CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw below rescaled.
@@ -68,7 +80,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class VanillaDropout(SiteDropout):
     kind = "vanilla"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             # A unit was present with probability 1-p in training, so its expected contribution
             # is (1-p)·x: scaling here is what keeps training and evaluation in agreement.
@@ -81,7 +93,7 @@ class VanillaDropout(SiteDropout):
 class GaussianDropout(SiteDropout):
     kind = "gaussian"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
@@ -92,7 +104,7 @@ class GaussianDropout(SiteDropout):
 class SpatialDropout(SiteDropout):
     kind = "spatial"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
         # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
         # correlated, so dropping single pixels removes little information; dropping a whole map does.
         return F.dropout2d(x, self.p, self.training)
@@ -188,16 +200,20 @@ class DropoutSchedule:
 
 
 @contextmanager
-def mc_dropout(model: nn.Module) -> Iterator[nn.Module]:
+def mc_dropout(model: nn.Module, one_draw_per_batch: bool = False) -> Iterator[nn.Module]:
     """Evaluation mode everywhere except the dropout sites, which keep drawing (Gal &
-    Ghahramani 2016); the previous mode is restored afterwards."""
+    Ghahramani 2016): one draw per example, or with `one_draw_per_batch` one per forward pass.
+    The previous modes are restored afterwards."""
     was_training = model.training
     model.eval()
     for _, site in sites(model):
         site.train()
+        site.one_draw_per_batch = one_draw_per_batch
     try:
         yield model
     finally:
+        for _, site in sites(model):
+            site.one_draw_per_batch = False
         model.train(was_training)
 
 

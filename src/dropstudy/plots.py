@@ -157,8 +157,10 @@ def calibration(
     ax.set_title("reliability diagram")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    every = [v for values in entropies.values() for v in values]
+    span = (min(every), max(every)) if every else (0.0, 1.0)  # shared bins, so the bars compare
     for color, (name, values) in zip(COLORS, entropies.items()):
-        hx.hist(values, bins=30, color=color, alpha=0.5, label=name)
+        hx.hist(values, bins=30, range=span, color=color, alpha=0.5, label=name)
     hx.set_xlabel("predictive entropy (nats)")
     hx.set_ylabel("test examples")
     hx.set_title("predictive entropy")

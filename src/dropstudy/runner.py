@@ -56,7 +56,9 @@ def regression_fit_curve(model: torch.nn.Module, data: Dataset, label: str, mc_s
     test_mse = torch.mean((model(data.test.inputs) - data.test.targets) ** 2).item()
     curve = plots.FitCurve(label, xs.squeeze(1).tolist(), model(xs).squeeze(1).tolist(), train_mse, test_mse)
     if mc_samples:
-        mean, std = mc_forward(model, xs, mc_samples)
+        # One thinned network per pass: each sample is a whole function of x, so the band is
+        # smooth rather than 200 independent estimates side by side.
+        mean, std = mc_forward(model, xs, mc_samples, one_draw_per_batch=True)
         curve.mc_mean, curve.mc_std = mean.squeeze(1).tolist(), std.squeeze(1).tolist()
         curve.mc_samples = mc_samples
     return curve

@@ -41,10 +41,11 @@ def _output(out: torch.Tensor, classification: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def mc_forward(
-    model: nn.Module, x: torch.Tensor, samples: int, classification: bool = False
+    model: nn.Module, x: torch.Tensor, samples: int, classification: bool = False, one_draw_per_batch: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of `samples` passes over x with dropout on."""
-    with mc_dropout(model):
+    """Mean and standard deviation of `samples` passes over x with dropout on (masks drawn per
+    example, or once per pass with `one_draw_per_batch`)."""
+    with mc_dropout(model, one_draw_per_batch):
         if not drops_anything(model):
             # Every pass would be the same (no sites, or p=0 everywhere): one is enough.
             out = _output(model(x), classification)
