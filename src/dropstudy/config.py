@@ -220,8 +220,8 @@ def check_dropout(key: str, value: Any, n_sites: int, where: str) -> None:
     if isinstance(value, (list, tuple, ListConfig)):
         if len(value) != n_sites:
             raise ConfigError(
-                f"{key}={list(value)}: this model has {n_sites} dropout sites there ({where}), so a "
-                f"per-site list needs exactly {n_sites} values (or give one p for all sites)."
+                f"{key}={list(value)}: it sets {n_sites} dropout sites in this model ({where}), so a "
+                f"per-site list needs exactly {n_sites} values (or give one p for all of them)."
             )
         for i, v in enumerate(value):
             _check_p(f"{key}[{i}]", v)
