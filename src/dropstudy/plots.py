@@ -96,7 +96,8 @@ def regression_fit(
             lw=2,
             label=f"{curve.label}: train MSE {curve.train_mse:.3g}, test MSE {curve.test_mse:.3g}",
         )
-        if curve.mc_mean is not None and curve.mc_std is not None:
+        # An arm that drops nothing has no spread: no band, and no legend entry for one.
+        if curve.mc_mean is not None and curve.mc_std is not None and max(curve.mc_std) > 0:
             low = [m - 2 * s for m, s in zip(curve.mc_mean, curve.mc_std)]
             high = [m + 2 * s for m, s in zip(curve.mc_mean, curve.mc_std)]
             ax.fill_between(curve.x, low, high, color=color, alpha=0.18, lw=0,

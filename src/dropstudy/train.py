@@ -229,7 +229,8 @@ class Trainer:
             for key, value in row.items():
                 if key != "epoch":
                     outcome.final[key] = value
-        for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min)):
+        for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min), ("val_mc/loss", min),
+                          ("val_mc/acc", max)):
             points = [(row[key], row["epoch"]) for row in self.rows if key in row and math.isfinite(row[key])]
             if points:
                 value, epoch = pick(points, key=lambda p: p[0])
