@@ -135,6 +135,14 @@ def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
     return _save(fig, path)
 
 
+def _label(ax: plt.Axes, xlabel: str, ylabel: str, title: str, grid: str = "both") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis=grid)
+    ax.legend(fontsize=8)
+
+
 def calibration(
     reliability: dict[str, Any],
     entropies: dict[str, Sequence[float]],
@@ -153,20 +161,12 @@ def calibration(
                 label=f"{name}: ECE {bins.ece:.3f}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max class probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("reliability diagram")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    _label(ax, "confidence (max class probability)", "accuracy", "reliability diagram")
     every = [v for values in entropies.values() for v in values]
     span = (min(every), max(every)) if every else (0.0, 1.0)  # shared bins, so the bars compare
     for color, (name, values) in zip(COLORS, entropies.items()):
         hx.hist(values, bins=30, range=span, color=color, alpha=0.5, label=name)
-    hx.set_xlabel("predictive entropy (nats)")
-    hx.set_ylabel("test examples")
-    hx.set_title("predictive entropy")
-    hx.grid(alpha=0.3)
-    hx.legend(fontsize=8)
+    _label(hx, "predictive entropy (nats)", "test examples", "predictive entropy")
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -198,15 +198,8 @@ def weight_norms(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
                 totals.append(sum(v * v for v in norms) ** 0.5)
         lx.plot(epochs, totals, color=color, marker="o" if len(epochs) < 30 else None, ms=4, label=arm)
     bx.set_xticks(range(len(layers)), layers, rotation=20, fontsize=8)
-    bx.set_ylabel("L2 norm of the weights")
-    bx.set_title("per layer, at the end")
-    bx.grid(alpha=0.3, axis="y")
-    bx.legend(fontsize=8)
-    lx.set_xlabel("epoch")
+    _label(bx, "layer", "L2 norm of the weights", "per layer, at the end", grid="y")
     lx.xaxis.set_major_locator(MaxNLocator(integer=True))
-    lx.set_ylabel("L2 norm of all weights")
-    lx.set_title("over training")
-    lx.grid(alpha=0.3)
-    lx.legend(fontsize=8)
+    _label(lx, "epoch", "L2 norm of all weights", "over training")
     fig.suptitle(title)
     return _save(fig, path)
