@@ -279,6 +279,17 @@ def test_mc_dropout_switches_only_the_sites_and_restores_modes():
     assert not model.training and not model.net.drop1.training and not model.net.drop1.one_draw_per_batch
 
 
+def test_mc_passes_leave_the_training_random_stream_alone():
+    model = MLP(3, [50], 1, [0.5])
+    x = torch.randn(4, 3)
+    torch.manual_seed(0)
+    _, std = mc_forward(model, x, 20)
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    assert (std > 0).any(), "the passes did draw masks"
+    assert torch.equal(after, torch.get_rng_state())
+
+
 def test_mc_forward_without_stochastic_sites_is_the_deterministic_output():
     model = MLP(3, [5], 1, [0.0])
     assert not drops_anything(model)

@@ -62,10 +62,13 @@ def test_a_sweep_over_dropout_kinds_runs_end_to_end(clean_env, tmp_path):
         train_losses[kind] = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len({tuple(v) for v in train_losses.values()}) == len(kinds), "each kind trains differently"
 
-    # `none` is dropout with p = 0: no site draws, so the runs are identical step for step.
-    result = dropstudy("train", *QUICK, "model.dropout=0", "tracker.mode=disabled", "hydra.run.dir=sweep/p0")
-    assert result.exit_code == 0, result.output
-    assert [r["train/loss"] for r in run_files(tmp_path / "sweep" / "p0")[1] if "train/loss" in r] == train_losses["none"]
+    # `none` is dropout with p = 0: no site draws, so the runs are identical step for step. And
+    # MC-dropout evaluation draws from a forked generator: it does not change how a run trains.
+    for name, args, same_as in (("p0", ["model.dropout=0"], "none"), ("mc", ["eval.mc_samples=5"], "inverted")):
+        result = dropstudy("train", *QUICK, *args, "tracker.mode=disabled", f"hydra.run.dir=sweep/{name}")
+        assert result.exit_code == 0, result.output
+        rows = run_files(tmp_path / "sweep" / name)[1]
+        assert [r["train/loss"] for r in rows if "train/loss" in r] == train_losses[same_as], name
 
 
 def test_schedule_max_norm_and_mc_dropout_in_a_tracked_run(clean_env, tmp_path):

@@ -203,14 +203,19 @@ class DropoutSchedule:
 def mc_dropout(model: nn.Module, one_draw_per_batch: bool = False) -> Iterator[nn.Module]:
     """Evaluation mode everywhere except the dropout sites, which keep drawing (Gal &
     Ghahramani 2016): one draw per example, or with `one_draw_per_batch` one per forward pass.
-    The previous modes are restored afterwards."""
+    The previous modes, and the random generators' states, are restored afterwards."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for _, site in sites(model):
         site.train()
         site.one_draw_per_batch = one_draw_per_batch
+    # The passes draw from a fork of the global generator (CPU, and the model's CUDA device), so
+    # evaluating with MC dropout leaves training's random stream as it was: a run with
+    # eval.mc_samples trains exactly like the same run without it.
     try:
-        yield model
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield model
     finally:
         for _, site in sites(model):
             site.one_draw_per_batch = False
