@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import read_jsonl
 from dropstudy.cli import app
+from test_reproducibility import results, start, wait_for_rows
 from wandb_offline import load_run
 
 runner = CliRunner()
@@ -123,6 +125,23 @@ def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path):
     assert 0 <= summary["calibration"]["test/ece"] <= 1
     assert (run / "plots" / "calibration.png").is_file()
     assert {"plots/calibration", "plots/learning_curves"} <= wandb_record(run).images()
+
+
+def test_resumed_run_with_schedule_mc_and_max_norm_equals_an_uninterrupted_one(clean_env, tmp_path):
+    """p is a function of the epoch (not state a checkpoint would need), and the MC passes and
+    the max-norm step happen inside the epochs a checkpoint brackets: killed and resumed
+    mid-way, the run logs exactly what an uninterrupted one does."""
+    args = ["trainer.epochs=400", "trainer.eval_every=100", "model.dropout_schedule.kind=anneal",
+            "eval.mc_samples=5", "optim.max_norm=2", "tracker.mode=disabled"]
+    assert dropstudy("train", *args, "hydra.run.dir=whole").exit_code == 0
+    proc = start(clean_env, tmp_path, "train", *args, "hydra.run.dir=cut")
+    wait_for_rows(tmp_path / "cut", 150, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    result = dropstudy("resume", "cut")
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads((tmp_path / "cut" / "provenance.json").read_text())["resumed"][0]["from_epoch"] < 400
+    assert results(tmp_path / "cut") == results(tmp_path / "whole")
 
 
 def test_study_with_kind_none_is_refused_but_train_is_not(clean_env, tmp_path):

@@ -119,9 +119,9 @@ def test_ctrl_c_checkpoints_and_says_interrupted(clean_env, tmp_path):
     assert "Traceback" not in stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 0 < summary["epoch"] < 100000
-    assert "SIGINT" in summary["reason"] and "last.pt" in stdout
+    assert "SIGINT" in summary["reason"] and "dropstudy resume" in stdout
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    assert checkpoint["epoch"] == summary["epoch"]
+    assert checkpoint["epoch"] == summary["epoch"], "the checkpoint holds the last completed epoch"
 
 
 def test_nan_loss_stops_the_run_as_diverged(dropstudy, tmp_path):

@@ -8,6 +8,8 @@ exactly as a plain Hydra app would; sweeps reuse the same task with `--multirun`
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -17,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dropstudy import __version__
 from dropstudy.config import ConfigError, compose, conf_dir, validate_study
+from rich.console import Console
+
 from dropstudy.console import stderr
 from dropstudy.data import DataError, check_cifar10_available
 
@@ -102,7 +106,8 @@ def handle_run_errors(fn: Callable[[], Any]) -> Any:
     except (ConfigError, _DataError) as exc:
         raise fail(str(exc))
     except KeyboardInterrupt:
-        raise fail("interrupted before training started; nothing was trained.", EXIT_INTERRUPTED)
+        raise fail("interrupted outside the training loop; summary.json in the run directory says where.",
+                   EXIT_INTERRUPTED)
 
 
 def print_run(result: Any, indent: str = "") -> None:
@@ -111,7 +116,7 @@ def print_run(result: Any, indent: str = "") -> None:
     if result.outcome and result.outcome.reason and result.status != "finished":
         out(f"{indent}  {result.status}: {result.outcome.reason}")
     if result.status == "interrupted":
-        out(f"{indent}  the last checkpoint is {result.run_dir / 'checkpoints' / 'last.pt'}")
+        out(f"{indent}  to continue from its last checkpoint: dropstudy resume {result.run_dir}")
     for name, path in result.figures.items():
         out(f"{indent}  figure: {path}")
     if result.tracker_url:
@@ -190,6 +195,158 @@ def study(
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
+
+
+def overridden(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """A saved config with key=value overrides of keys it already has, checked like new input."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dropstudy.config import validate
+
+    for arg in overrides:
+        if "=" not in arg or arg.startswith(("+", "~", "-")):
+            raise fail(f"{arg!r}: rerun takes key=value overrides of keys the run already has.")
+    merged = copy.deepcopy(cfg)
+    OmegaConf.set_struct(merged, True)
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or str(exc).splitlines()[0]
+        raise fail(f"{key}: not a key of this run's config; rerun can only change existing keys.")
+    try:
+        validate(merged)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    return merged
+
+
+def load_saved_run(run_dir: Path) -> tuple[DictConfig, list[str]]:
+    from dropstudy.checkpoint import RunDirError, load_run_config
+
+    try:
+        cfg = load_run_config(run_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    saved = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    return cfg, [str(o) for o in saved]
+
+
+def check_runnable(cfg: DictConfig) -> None:
+    from dropstudy.runtime import select_device
+
+    try:
+        select_device(cfg.device)
+        if cfg.data.name == "cifar10":
+            check_cifar10_available(cfg.data)
+    except (ConfigError, DataError) as exc:
+        raise fail(str(exc))
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="The run directory to continue (one with checkpoints/last.pt).",
+                                   show_default=False),
+) -> None:
+    """Continue an interrupted run from its last checkpoint, in the same directory and the same
+    W&B run; the result equals an uninterrupted run's (exactly, on CPU).
+
+    Examples:
+
+        dropstudy resume runs/cifar10/2026-11-22_09-00-00-train
+
+        dropstudy resume runs/regression/2026-11-22_09-00-00-study/dropout-0.5
+    """
+    from dropstudy.checkpoint import RunDirError
+    from dropstudy.console import setup_logging
+    from dropstudy.runner import train_run
+
+    cfg, saved_overrides = load_saved_run(run_dir)
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+        raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
+                   f"To train it again use: dropstudy rerun {run_dir}")
+    check_runnable(cfg)
+    setup_logging(run_dir / "resume.log")
+    try:
+        result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
+    except RunDirError as exc:
+        raise fail(str(exc))
+    print_run(result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def rerun(
+    run_dir: Path = typer.Argument(..., help="The run directory to reproduce.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value changes to the saved config.",
+                                                    show_default=False),
+    rtol: float = typer.Option(1e-5, help="Relative tolerance for 'within tolerance'."),
+    atol: float = typer.Option(1e-8, help="Absolute tolerance for 'within tolerance'."),
+    out: Optional[Path] = typer.Option(None, help="Where the new run goes [default: runs/<experiment>/<time>-rerun]."),
+) -> None:
+    """Train again from a run's saved, resolved config into a new run directory, then compare
+    every logged metric at every step with the original. Exit code 0 only when it reproduces.
+
+    Examples:
+
+        dropstudy rerun runs/regression/2026-11-22_09-00-00-train
+
+        dropstudy rerun runs/regression/2026-11-22_09-00-00-train model.dropout=0.3   # what changes?
+    """
+    from datetime import datetime
+
+    from rich.table import Table
+
+    from dropstudy.console import setup_logging
+    from dropstudy.rerun import compare_metrics, environment_differences, likely_cause
+    from dropstudy.rundir import RunDir, write_json_atomic
+    from dropstudy.runner import train_run
+
+    overrides = list(overrides or [])
+    cfg, saved_overrides = load_saved_run(run_dir)
+    cfg = overridden(cfg, overrides)
+    check_runnable(cfg)
+    original = RunDir(run_dir)
+    if not original.read_metrics():
+        raise fail(f"{original.metrics_path}: missing or empty; there is nothing to compare with.")
+    new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun"
+    setup_logging(new_dir / "rerun.log")
+    RunDir(new_dir).write_config(cfg, [*saved_overrides, *overrides])
+    previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
+    result = handle_run_errors(
+        lambda: train_run(cfg, new_dir, [*saved_overrides, *overrides], group=previous.get("group"),
+                          job_type="rerun", extra_tags=("rerun",))
+    )
+    print_run(result)
+    comparison = compare_metrics(original.read_metrics(), RunDir(new_dir).read_metrics(), rtol, atol)
+    env = environment_differences(original.read_provenance(), RunDir(new_dir).read_provenance())
+    cause = likely_cause(comparison, overrides, env, bool(cfg.deterministic))
+
+    table = Table(title=f"rerun of {run_dir}", title_justify="left")
+    for column in ("metric", "steps", "max |abs diff|", "max rel diff"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for d in comparison.metrics:
+        table.add_row(d.key, str(d.steps), f"{d.max_abs:.3g}", f"{d.max_rel:.3g}")
+    stdout = Console()
+    stdout.print(table)
+    for item in env:
+        stderr.print(f"[yellow]warning:[/] environment differs from the original: {item}", highlight=False)
+    verdict = f"verdict: {comparison.verdict}"
+    if comparison.first_difference:
+        verdict += f"; first difference at {comparison.first_difference}"
+    if cause:
+        verdict += f"; likely cause: {cause}"
+    typer.echo(verdict)
+    write_json_atomic(
+        new_dir / "rerun.json",
+        {"original": str(run_dir), "overrides": overrides, "rtol": rtol, "atol": atol,
+         "verdict": comparison.verdict, "first_difference": comparison.first_difference, "likely_cause": cause,
+         "environment_differences": env, "metrics": [vars(d) for d in comparison.metrics]},
+    )
+    if result.exit_code != 0 and result.status == "interrupted":
+        raise typer.Exit(result.exit_code)
+    raise typer.Exit(0 if comparison.reproduces else 1)
 
 
 @app.command()

@@ -113,6 +113,10 @@ class TrainerConfig:
     batch_size: Optional[int] = None
     # Evaluation runs without autograd, so it can use far larger batches than training.
     eval_batch_size: int = 1000
+    # Write checkpoints/last.pt every N epochs (and at the end); null = every evaluation.
+    checkpoint_every: Optional[int] = None
+    # A NaN/inf loss: stop (status diverged), skip that step, or raise an error.
+    on_nan: str = "stop"
 
 
 @dataclass
@@ -192,6 +196,7 @@ class ConfigError(Exception):
 
 WATCH_CHOICES = ("gradients", "parameters", "all", "none")
 MODE_CHOICES = ("auto", "online", "offline", "disabled")
+ON_NAN_CHOICES = ("stop", "skip", "raise")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # `model.dropout` sets the sites after the hidden layers: one after each hidden layer of the MLP,
 # the two around the CNN's fc 512->512. The input and conv sites have keys of their own.
@@ -306,6 +311,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.batch_size={cfg.trainer.batch_size}: must be a positive integer, or null for full batch."
         )
+    if cfg.trainer.checkpoint_every is not None and cfg.trainer.checkpoint_every < 1:
+        raise ConfigError(
+            f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: a positive number of epochs, "
+            "or null for every evaluation."
+        )
+    if cfg.trainer.on_nan not in ON_NAN_CHOICES:
+        raise ConfigError(f"trainer.on_nan={cfg.trainer.on_nan!r}: use one of {', '.join(ON_NAN_CHOICES)}.")
     if cfg.trainer.eval_batch_size < 1:
         raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}: must be a positive integer.")
     if cfg.optim.name not in ("sgd", "adam"):

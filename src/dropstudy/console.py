@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -10,6 +12,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 log = logging.getLogger("dropstudy")
 stderr = Console(stderr=True)
+
+
+def setup_logging(log_file: Path) -> None:
+    """What Hydra's job logging (conf/hydra/job_logging/dropstudy.yaml) sets up, for the
+    commands that do not run inside Hydra (rerun, resume): plain console, timestamped file."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    file = logging.FileHandler(log_file)
+    file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [console, file]
+    root.setLevel(logging.INFO)
+    logging.getLogger("wandb").setLevel(logging.WARNING)
 
 
 def format_row(row: dict[str, Any], keys: tuple[str, ...]) -> str:

@@ -8,6 +8,7 @@ indexes batches out of those tensors: no DataLoader and no per-image transform i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,15 @@ class Dataset:
     synthetic: bool = False
     classes: tuple[str, ...] = ()
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+
+    def fingerprint(self) -> str:
+        """sha256 of every tensor the run trains and evaluates on: the data actually used."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            for tensor in (split.inputs, split.targets):
+                digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -83,9 +84,11 @@ class RunDir:
             self._metrics = None
 
     def read_metrics(self) -> list[dict]:
+        """The rows as logged; NaN/inf, written as strings, come back as floats."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [{k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in row.items()} for row in rows]
 
     # -- summary, provenance, checkpoints -------------------------------------------------
     def write_summary(self, summary: dict) -> None:
@@ -97,6 +100,20 @@ class RunDir:
 
     def write_provenance(self, provenance: dict) -> None:
         write_json_atomic(self.path / "provenance.json", provenance)
+
+    def read_provenance(self) -> dict:
+        path = self.path / "provenance.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_provenance(self, **fields: Any) -> None:
+        write_json_atomic(self.path / "provenance.json", {**self.read_provenance(), **fields})
+
+    def rewrite_metrics(self, rows: list[dict]) -> None:
+        """Keep only `rows` (a resumed run drops what was logged after its checkpoint)."""
+        self.close()
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
 
     def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
         """Write to a temporary file and rename, so `last.pt` is always a complete checkpoint."""
@@ -123,14 +140,17 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def git_state() -> dict:
-    """Commit and dirty flag of the checkout dropstudy runs from (or the working directory's)."""
+def git_state() -> tuple[dict, str]:
+    """Commit and dirty flag of the checkout dropstudy runs from (else the working directory's),
+    and the diff against that commit when the tree is dirty."""
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         commit = _git(["rev-parse", "HEAD"], where)
         if commit:
             status = _git(["status", "--porcelain", "--untracked-files=no"], where)
-            return {"commit": commit, "dirty": bool(status), "root": _git(["rev-parse", "--show-toplevel"], where)}
-    return {"commit": None, "dirty": None, "root": None}
+            diff = _git(["diff", "HEAD"], where) if status else ""
+            root = _git(["rev-parse", "--show-toplevel"], where)
+            return {"commit": commit, "dirty": bool(status), "root": root}, diff or ""
+    return {"commit": None, "dirty": None, "root": None}, ""
 
 
 def package_versions() -> dict:
@@ -145,15 +165,27 @@ def package_versions() -> dict:
     return versions
 
 
-def collect_provenance(device: str, overrides: list[str], data_source: str) -> dict:
+def collect_provenance(device: str, overrides: list[str], data_source: str, data_sha256: str, run: RunDir) -> dict:
+    """Everything needed to say what produced a run; a dirty tree's diff goes to git.diff."""
+    git, diff = git_state()
+    if diff:
+        (run.path / "git.diff").write_text(diff + "\n")
+        git["diff_file"] = "git.diff"
     return {
-        "command": sys.argv,
+        # orig_argv: the command as typed, before the CLI hands Hydra its own argv.
+        "command": shlex.join(sys.orig_argv),
         "overrides": list(overrides),
-        "git": git_state(),
+        "git": git,
         "versions": package_versions(),
         "device": device,
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "data": data_source,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_sha256": data_sha256,
+        "started": now_iso(),
     }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+

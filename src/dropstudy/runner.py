@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +23,11 @@ from dropstudy import plots
 from dropstudy.data import Dataset, load_dataset
 from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
-from dropstudy.rundir import RunDir, collect_provenance, write_json_atomic
+from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
+from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import describe_device, seed_everything, select_device, set_deterministic
 from dropstudy.tracking import flatten, make_tracker
-from dropstudy.train import Outcome, Trainer, make_optimizer
+from dropstudy.train import NonFiniteLoss, Outcome, Trainer, make_optimizer
 from dropstudy.uncertainty import calibration, mc_forward, predictions, predictive_entropy
 
 log = logging.getLogger("dropstudy")
@@ -89,16 +92,21 @@ def train_run(
     group: str | None = None,
     job_type: str | None = None,
     extra_tags: tuple[str, ...] = (),
+    resume: bool = False,
 ) -> RunResult:
-    """Train one model into run_dir. Whatever stops it, summary.json says how it ended."""
+    """Train one model into run_dir (or, with resume, continue the one there from its
+    checkpoint). Whatever stops it, summary.json says how it ended."""
     rd = RunDir(run_dir)
     try:
-        return _train_run(cfg, rd, overrides, group=group, job_type=job_type, extra_tags=extra_tags)
+        return _train_run(cfg, rd, overrides, group=group, job_type=job_type, extra_tags=extra_tags, resume=resume)
     except BaseException as exc:
-        if not rd.summary_path.exists():
+        if resume and isinstance(exc, RunDirError):
+            raise  # the run directory is as it was: nothing was resumed
+        if not rd.summary_path.exists() or resume:
             rd.write_summary(
                 {
-                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt)
+                    else "diverged" if isinstance(exc, NonFiniteLoss) else "failed",
                     "reason": f"{type(exc).__name__}: {exc}",
                     "epoch": (rd.read_metrics() or [{"epoch": 0}])[-1].get("epoch", 0),
                 }
@@ -114,8 +122,10 @@ def _train_run(
     group: str | None,
     job_type: str | None,
     extra_tags: tuple[str, ...],
+    resume: bool,
 ) -> RunResult:
     label = arm_label(cfg.model.dropout, cfg.model.dropout_kind)
+    state = load_checkpoint(rd.path, cfg) if resume else None
     device = select_device(cfg.device)
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.seed)
@@ -131,20 +141,35 @@ def _train_run(
                                cfg.model.dropout_schedule.epochs or cfg.trainer.epochs)
     log.info(f"[{label}] dropout sites ({schedule.describe()}): "
              + (", ".join(dropout_sites) or f"none (model.dropout_kind={cfg.model.dropout_kind})"))
+    if state is not None:
+        check_fits(rd.checkpoints / "last.pt", state, model)
 
-    provenance = collect_provenance(describe_device(device), overrides, data.describe())
-    rd.write_provenance(provenance)
+    if state is None:
+        provenance = collect_provenance(describe_device(device), overrides, data.describe(), data.fingerprint(), rd)
+        rd.write_provenance(provenance)
+    else:
+        provenance = rd.read_provenance()
+        if provenance.get("data_sha256") not in (None, data.fingerprint()):
+            raise RunDirError(f"{rd.path / 'provenance.json'}: the data has changed since this run started "
+                              "(data_sha256 differs), so it cannot be resumed exactly; start a new run.")
+        resumes = [*provenance.get("resumed", []), {"at": now_iso(), "command": shlex.join(sys.orig_argv), "from_epoch": state["epoch"]}]
+        rd.update_provenance(resumed=resumes)
+        previous = rd.read_summary().get("wandb", {}) if rd.summary_path.is_file() else {}
+        group, job_type = group or previous.get("group"), job_type or previous.get("job_type")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tags = [cfg.experiment, label, *cfg.tracker.tags, *extra_tags] + (["synthetic-data"] if data.synthetic else [])
+    group = group or cfg.tracker.group
+    job_type = job_type or cfg.tracker.job_type or label
     tracker = make_tracker(
         cfg.tracker,
         run_dir=rd.path,
-        group=group or cfg.tracker.group,
-        job_type=job_type or cfg.tracker.job_type or label,
+        group=group,
+        job_type=job_type,
         tags=list(dict.fromkeys(tags)),
         name=f"{cfg.experiment}-{label}-seed{cfg.seed}",
         config={**flatten(resolved), "data.synthetic": data.synthetic, "model.dropout_sites": dropout_sites,
                 **flatten({"provenance": provenance})},
+        resume_id=state.get("tracker_run_id") if state is not None else None,
     )
     trainer = Trainer(
         model=model,
@@ -160,6 +185,10 @@ def _train_run(
         max_norm=cfg.optim.max_norm,
         mc_samples=cfg.eval.mc_samples,
     )
+    if state is not None:
+        trainer.load_state(state, rd.read_metrics())
+        rd.rewrite_metrics(trainer.rows)
+        log.info(f"[{label}] resuming {rd.path} after epoch {state['epoch']} of {cfg.trainer.epochs}")
     # Histograms once per evaluation unless tracker.log_freq says otherwise (wandb counts steps).
     log_freq = cfg.tracker.log_freq or trainer.steps_per_epoch * cfg.trainer.eval_every
     tracker.watch(model, cfg.tracker.watch, log_freq)
@@ -183,7 +212,7 @@ def _train_run(
             result.figures["calibration"], calibration_errors = calibration_figure(
                 model, data, outcome, cfg.trainer.eval_batch_size, rd.plot_path("calibration.png"), title
             )
-        tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch)
+        tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
         summary = {
             "status": outcome.status,
             "reason": outcome.reason,
@@ -198,7 +227,8 @@ def _train_run(
             "final": outcome.final,
             "best": outcome.best,
             "duration_s": round(time.time() - started, 3),
-            "wandb": {"run_id": tracker.run_id, "url": tracker.url, "sync": tracker.sync_command},
+            "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
+                      "url": tracker.url, "sync": tracker.sync_command},
         }
         if result.fit is not None:
             summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
@@ -206,6 +236,7 @@ def _train_run(
             summary["calibration"] = calibration_errors
         tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
         rd.write_summary(summary)
+        rd.update_provenance(ended=now_iso())
     except BaseException:
         result.outcome = None  # the run failed after training: W&B gets a non-zero exit code too
         raise
@@ -265,7 +296,7 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
         name=f"{group}-comparison",
         config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(r.run_dir) for r in results]},
     )
-    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0)
+    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0, step=0)
     comparison.finish()
     write_json_atomic(
         study_dir / "study.json",

@@ -98,5 +98,8 @@ def signals_interrupt_training() -> Iterator[None]:
     try:
         yield
     finally:
+        # Restore only what is still ours: after an interruption the trainer installs an
+        # exit-at-once handler for a second Ctrl-C, which must outlive the loop.
         for s, h in previous.items():
-            signal.signal(s, h)
+            if signal.getsignal(s) is handler:
+                signal.signal(s, h)

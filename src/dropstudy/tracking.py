@@ -26,8 +26,8 @@ class Tracker(Protocol):
     sync_command: str | None
 
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None: ...
-    def log(self, row: dict[str, Any]) -> None: ...
-    def log_images(self, images: dict[str, Path], epoch: int) -> None: ...
+    def log(self, row: dict[str, Any], step: int) -> None: ...
+    def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None: ...
     def set_summary(self, values: dict[str, Any]) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
@@ -40,10 +40,10 @@ class NullTracker:
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
         pass
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], step: int) -> None:
         pass
 
-    def log_images(self, images: dict[str, Path], epoch: int) -> None:
+    def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
         pass
 
     def set_summary(self, values: dict[str, Any]) -> None:
@@ -111,6 +111,7 @@ class WandbTracker:
         tags: list[str],
         name: str,
         config: dict[str, Any],
+        resume_id: str | None = None,
     ):
         import wandb
 
@@ -126,6 +127,10 @@ class WandbTracker:
             config=config,
             dir=str(run_dir),
             mode=mode,
+            # A resumed run continues the same W&B run (offline: a second folder with the same
+            # id, which `wandb sync` merges).
+            id=resume_id,
+            resume="allow" if resume_id else None,
             # Runs of a study are trained one after another in one process; `watch` logs through
             # the global wandb.run, so each run must become the global one (not "create_new").
             reinit="finish_previous",
@@ -133,7 +138,7 @@ class WandbTracker:
         )
         self.run_id = self.run.id
         self.url = self.run.url if mode == "online" else None
-        self.sync_command = f"wandb sync {Path(self.run.dir).parent}" if mode == "offline" else None
+        self.sync_command = f"wandb sync {run_dir}/wandb/offline-run-*-{self.run_id}" if mode == "offline" else None
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         self.run.define_metric("val/loss", step_metric="epoch", summary="min")
@@ -147,13 +152,13 @@ class WandbTracker:
             # trains several models in one process (wandb numbers them globally otherwise).
             self.run.watch(model, log=what, log_freq=log_freq, idx=0)
 
-    def log(self, row: dict[str, Any]) -> None:
-        self.run.log(row)
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self.run.log(row, step=step)
 
-    def log_images(self, images: dict[str, Path], epoch: int) -> None:
+    def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
         row: dict[str, Any] = {key: self._wandb.Image(str(path)) for key, path in images.items()}
         row["epoch"] = epoch
-        self.run.log(row)
+        self.run.log(row, step=step)
 
     def set_summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
@@ -200,11 +205,11 @@ class GuardedTracker:
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
         self._call("watch", model, what, log_freq)
 
-    def log(self, row: dict[str, Any]) -> None:
-        self._call("log", row)
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self._call("log", row, step)
 
-    def log_images(self, images: dict[str, Path], epoch: int) -> None:
-        self._call("log_images", images, epoch)
+    def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
+        self._call("log_images", images, epoch, step)
 
     def set_summary(self, values: dict[str, Any]) -> None:
         self._call("set_summary", values)
@@ -228,6 +233,7 @@ def make_tracker(
     tags: list[str],
     name: str,
     config: dict[str, Any],
+    resume_id: str | None = None,
 ) -> GuardedTracker:
     mode = resolve_mode(tracker_cfg.mode)
     if mode == "disabled":
@@ -243,6 +249,7 @@ def make_tracker(
             tags=tags,
             name=name,
             config=config,
+            resume_id=resume_id,
         )
     except Exception as exc:
         log.warning(

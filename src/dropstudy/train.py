@@ -8,7 +8,10 @@ knows nothing of W&B beyond the `Tracker` interface.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import os
 import random
 import signal
 import time
@@ -28,6 +31,14 @@ from dropstudy.rundir import RunDir
 from dropstudy.runtime import Interrupted, signals_interrupt_training
 from dropstudy.tracking import Tracker
 from dropstudy.uncertainty import Predictions, mc_metrics, predictions
+
+
+log = logging.getLogger("dropstudy")
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
+    os._exit(128 + signum)
 
 
 @dataclass
@@ -82,6 +93,7 @@ def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int) -> 
 
 
 def rng_states(shuffle: torch.Generator) -> dict[str, Any]:
+    """Every generator a run draws from: restoring them all makes a resumed run exact."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -91,8 +103,26 @@ def rng_states(shuffle: torch.Generator) -> dict[str, Any]:
     }
 
 
+def restore_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    shuffle.set_state(states["shuffle"])
+
+
+class NonFiniteLoss(FloatingPointError):
+    """trainer.on_nan=raise: a NaN/inf loss stops the run with an exception."""
+
+
 class Trainer:
-    """Trains one model on one dataset; `fit` returns how it ended."""
+    """Trains one model on one dataset; `fit` returns how it ended.
+
+    At every epoch boundary it keeps an in-memory copy of the whole training state (the
+    models are small). A checkpoint always holds such a boundary state, never a half-done
+    epoch, so a run resumed from it continues exactly as if it had not stopped.
+    """
 
     def __init__(
         self,
@@ -126,51 +156,97 @@ class Trainer:
         # on how many random numbers dropout drew.
         self.shuffle = torch.Generator().manual_seed(seed)
         self.rows: list[dict[str, Any]] = []
+        self.start_epoch = 1
+        self.skipped_steps = 0
+        self._boundary: dict[str, Any] | None = None
+        self._snapshot(0)
 
     @property
     def steps_per_epoch(self) -> int:
         bs = self.cfg.batch_size
         return 1 if bs is None else math.ceil(len(self.data.train) / bs)
 
+    @property
+    def checkpoint_every(self) -> int:
+        return self.cfg.checkpoint_every or self.cfg.eval_every
+
     def log(self, row: dict[str, Any]) -> None:
-        """The one place a metric row goes: metrics.jsonl first, then the tracker."""
+        """The one place a metric row goes: metrics.jsonl first, then the tracker. The row's
+        index is its W&B step, so a resumed run continues the same step sequence."""
+        step = len(self.rows)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
-        self.tracker.log(row)
+        self.tracker.log(row, step=step)
 
-    def checkpoint(self, epoch: int) -> None:
-        self.run_dir.save_checkpoint(
+    # -- state ------------------------------------------------------------------------------
+    def _snapshot(self, epoch: int) -> None:
+        """The training state after `epoch` (a deep copy: training goes on mutating the live one)."""
+        self._boundary = copy.deepcopy(
             {
                 "epoch": epoch,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": None,  # no learning-rate schedule in these studies
                 "rng": rng_states(self.shuffle),
-                "tracker_run_id": self.tracker.run_id,
-                **self.checkpoint_extra,
+                "skipped_steps": self.skipped_steps,
             }
         )
 
+    def checkpoint(self) -> None:
+        """Write the last epoch-boundary state to checkpoints/last.pt. A failed write (disk
+        full) leaves the previous checkpoint as it was and training goes on."""
+        state = {**self._boundary, "tracker_run_id": self.tracker.run_id, **self.checkpoint_extra}
+        try:
+            self.run_dir.save_checkpoint(state)
+        except OSError as exc:
+            log.warning(f"could not write checkpoint {self.run_dir.checkpoints / 'last.pt'} ({exc}); "
+                        "the previous checkpoint is unchanged and training goes on")
+
+    def load_state(self, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Continue from a checkpoint: the metrics logged up to its epoch, then its state."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng_states(state["rng"], self.shuffle)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.rows = [r for r in rows if r["epoch"] <= state["epoch"] and not any(k.startswith("test/") for k in r)]
+        self.start_epoch = state["epoch"] + 1
+        self._snapshot(state["epoch"])
+
+    # -- the loop ---------------------------------------------------------------------------
     def train_epoch(self, progress: TrainingProgress) -> dict[str, float]:
         model, data = self.model, self.data
         model.train()
         # Accumulated on the device and read once per epoch: no host sync per step.
         loss_sum = torch.zeros((), device=data.train.targets.device)
         correct = torch.zeros((), device=data.train.targets.device)
+        counted = torch.zeros((), device=data.train.targets.device)
+        skip_bad = self.cfg.on_nan == "skip"
+        skipped = torch.zeros((), dtype=torch.long, device=data.train.targets.device)
         for xb, yb in batches(data.train, self.cfg.batch_size, self.shuffle):
             out = model(data.prepare(xb))
             loss = self.loss_fn(out, yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if skip_bad:
+                # on_nan=skip checks every step (a sync per step; the default `stop` needs none).
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    progress.advance()
+                    continue
             self.optimizer.step()
             if self.max_norm is not None:
                 apply_max_norm(model, self.max_norm)
             loss_sum += loss.detach() * len(yb)
+            counted += len(yb)
             if data.task == "classification":
                 correct += (out.detach().argmax(1) == yb).sum()
             progress.advance()
-        metrics = {"train/loss": (loss_sum / len(data.train)).item()}
+        metrics = {"train/loss": (loss_sum / counted).item() if counted.item() else float("nan")}
         if data.task == "classification":
-            metrics["train/acc"] = (correct / len(data.train)).item()
+            metrics["train/acc"] = (correct / counted.clamp(min=1)).item()
+        if skip_bad:
+            self.skipped_steps += int(skipped.item())
+            metrics["train/skipped_steps"] = self.skipped_steps
         return metrics
 
     def evaluation(self, split: Split, name: str, outcome: Outcome) -> dict[str, float]:
@@ -186,12 +262,13 @@ class Trainer:
 
     def fit(self) -> Outcome:
         epochs, eval_every = self.cfg.epochs, self.cfg.eval_every
-        outcome = Outcome(status="finished", epoch=0, rows=self.rows)
+        outcome = Outcome(status="finished", epoch=self.start_epoch - 1, rows=self.rows)
         with signals_interrupt_training(), TrainingProgress(
             self.label, epochs * self.steps_per_epoch, epochs
         ) as progress:
+            progress.advance((self.start_epoch - 1) * self.steps_per_epoch)
             try:
-                for epoch in range(1, epochs + 1):
+                for epoch in range(self.start_epoch, epochs + 1):
                     rates = self.schedule.apply(self.model, epoch)  # the p this epoch trains with
                     start = time.perf_counter()
                     row: dict[str, Any] = {"epoch": epoch, **self.train_epoch(progress)}
@@ -205,23 +282,33 @@ class Trainer:
                         row.update(weight_norms(self.model))
                     self.log(row)
                     progress.epoch_done(row, evaluated)
-                    outcome.epoch = epoch
                     bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
                     if bad:
                         outcome.status, outcome.exit_code = "diverged", 1
                         outcome.reason = f"{bad[0]} became {row[bad[0]]} at epoch {epoch}"
+                        outcome.epoch = epoch
+                        self.tracker.set_summary({"diverged/epoch": epoch, "diverged/metric": bad[0]})
+                        self.checkpoint()  # the last good state, from before the bad epoch
+                        if self.cfg.on_nan == "raise":
+                            raise NonFiniteLoss(outcome.reason)
                         break
-                    if evaluated:
-                        self.checkpoint(epoch)
+                    outcome.epoch = epoch
+                    self._snapshot(epoch)
+                    if epoch % self.checkpoint_every == 0 or epoch == epochs:
+                        self.checkpoint()
             except KeyboardInterrupt as exc:
-                signum = exc.signum if isinstance(exc, Interrupted) else 2
-                outcome.status, outcome.exit_code = "interrupted", 128 + signum
-                outcome.reason = f"{signal.Signals(signum).name} after epoch {outcome.epoch} of {epochs}"
-                self.checkpoint(outcome.epoch)
+                signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+                # A second Ctrl-C from here on exits at once; last.pt is only ever replaced by
+                # a rename, so it stays the last complete checkpoint whatever happens.
+                signal.signal(signal.SIGINT, _exit_now)
+                signal.signal(signal.SIGTERM, _exit_now)
+                outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
+                outcome.epoch = self._boundary["epoch"]  # what the checkpoint holds
+                outcome.reason = f"{signal.Signals(signum).name} during epoch {outcome.epoch + 1} of {epochs}"
+                self.checkpoint()
                 return self._conclude(outcome)
         if outcome.status == "finished":
             self.log({"epoch": outcome.epoch, **self.evaluation(self.data.test, "test", outcome)})
-            self.checkpoint(outcome.epoch)
         return self._conclude(outcome)
 
     def _conclude(self, outcome: Outcome) -> Outcome:

@@ -1,0 +1,253 @@
+"""Reproducible, resumable, fault-tolerant runs: determinism, rerun verdicts, kill-and-resume
+equality, double Ctrl-C, divergence handling, and clear errors for broken run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICK_REGRESSION, read_jsonl
+from dropstudy.config import compose
+from dropstudy.rundir import RunDir
+
+SYNTHETIC_CIFAR = ["experiment=cifar10", "data.synthetic=true", "data.subset=320", "data.val_size=64",
+                   "trainer.batch_size=64", "tracker.log_freq=5"]
+QUIET = ["tracker.mode=disabled"]  # W&B is tested where it matters; elsewhere it only costs time
+
+
+def results(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock measurements, which no two runs share."""
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in read_jsonl(run / "metrics.jsonl")]
+
+
+# --------------------------------------------------------------------------- determinism and rerun
+
+
+@pytest.mark.parametrize("args", [[*QUICK_REGRESSION, *QUIET], [*SYNTHETIC_CIFAR, "trainer.epochs=2", *QUIET]],
+                         ids=["regression", "cifar10"])
+def test_same_config_and_seed_give_identical_metrics_and_rerun_says_so(dropstudy, tmp_path, args):
+    assert dropstudy("train", *args, "hydra.run.dir=a").code == 0
+    result = dropstudy("rerun", "a", "--out", "b")
+    assert result.code == 0, result.output
+    assert "verdict: identical" in result.stdout
+    assert results(tmp_path / "a") == results(tmp_path / "b")
+    verdict = json.loads((tmp_path / "b" / "rerun.json").read_text())
+    assert verdict["verdict"] == "identical" and verdict["first_difference"] is None
+
+
+def test_rerun_with_a_changed_override_differs(dropstudy, copy_of_run):
+    result = dropstudy("rerun", "run", "model.dropout=0.3", "--out", "b")
+    assert result.code == 1, result.output
+    assert "verdict: differs" in result.stdout and "first difference at step 0 (epoch 1): train/loss" in result.stdout
+    assert "likely cause: the overrides given to rerun (model.dropout=0.3)" in result.stdout
+
+
+def test_data_split_depends_on_data_seed_only(dropstudy, tmp_path):
+    for name, args in (("a", ["seed=0"]), ("b", ["seed=1", "data.seed=0"]), ("c", ["seed=1"])):
+        assert dropstudy("train", *SYNTHETIC_CIFAR, "data.subset=128", "trainer.epochs=1", *QUIET, *args,
+                         f"hydra.run.dir={name}").code == 0
+    sha = {n: json.loads((tmp_path / n / "provenance.json").read_text())["data_sha256"] for n in "abc"}
+    assert sha["a"] == sha["b"] != sha["c"]
+
+
+def test_provenance_has_what_a_rerun_needs(copy_of_run):
+    p = json.loads((copy_of_run / "provenance.json").read_text())
+    assert "dropstudy train" in p["command"] or "-m dropstudy train" in p["command"]
+    assert p["overrides"][:1] == ["trainer.epochs=40"]
+    for name in ("python", "dropstudy", "torch", "torchvision", "wandb", "cuda", "cudnn"):
+        assert name in p["versions"]
+    assert {"commit", "dirty"} <= p["git"].keys() and len(p["data_sha256"]) == 64
+    assert p["started"] <= p["ended"] and p["device"].startswith("cpu") and p["host"]
+    if p["git"]["dirty"]:
+        assert (copy_of_run / p["git"]["diff_file"]).is_file()
+
+
+# --------------------------------------------------------------------------- interruption and resume
+
+
+def start(clean_env, cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dropstudy", *args], cwd=cwd, env=clean_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{metrics} did not reach {rows} rows")
+
+
+@pytest.mark.parametrize(
+    "args,rows",
+    # W&B on for regression (the resumed W&B run is checked), off for CIFAR-10 to save time.
+    [(["trainer.epochs=1200", "trainer.eval_every=100"], 500), ([*SYNTHETIC_CIFAR, "trainer.epochs=3", *QUIET], 1)],
+    ids=["regression", "cifar10"],
+)
+def test_sigterm_then_resume_equals_an_uninterrupted_run(dropstudy, clean_env, tmp_path, args, rows):
+    assert dropstudy("train", *args, "hydra.run.dir=whole").code == 0
+    proc = start(clean_env, tmp_path, "train", *args, "hydra.run.dir=cut")
+    wait_for_rows(tmp_path / "cut", rows, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout + stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
+    assert "dropstudy resume" in stdout
+
+    result = dropstudy("resume", "cut")
+    assert result.code == 0, result.output
+    assert results(tmp_path / "cut") == results(tmp_path / "whole")
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "finished"
+    if "tracker.mode=disabled" not in args:
+        runs = sorted((tmp_path / "cut" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1], "same W&B run id"
+    provenance = json.loads((tmp_path / "cut" / "provenance.json").read_text())
+    assert len(provenance["resumed"]) == 1
+
+
+def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(clean_env, tmp_path):
+    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", "trainer.eval_every=100",
+                 "tracker.mode=disabled", "hydra.run.dir=run")
+    wait_for_rows(tmp_path / "run", 300, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] >= 100 and checkpoint["epoch"] % 100 in (0, checkpoint["epoch"] % 100)
+
+
+# --------------------------------------------------------------------------- broken run directories
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One finished quick regression run, trained once for the tests that break copies of it."""
+    where = tmp_path_factory.mktemp("trained")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, "-m", "dropstudy", "train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=run"],
+                          cwd=where, env={**env, "HOME": str(where)}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return where / "run"
+
+
+@pytest.fixture
+def copy_of_run(trained_run, tmp_path, clean_env) -> Path:
+    shutil.copytree(trained_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def finished_run(copy_of_run: Path) -> Path:
+    """The copy, marked interrupted so that `resume` gets as far as its checkpoint."""
+    summary = copy_of_run / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "interrupted"}))
+    return copy_of_run
+
+
+def test_truncated_checkpoint_is_a_clear_error(dropstudy, tmp_path, copy_of_run):
+    run = finished_run(copy_of_run)
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    result = dropstudy("resume", "run")
+    assert result.code == 2 and str(ckpt.relative_to(tmp_path)) in result.stderr and "truncated or corrupt" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_checkpoint_from_another_config_is_a_clear_error(dropstudy, tmp_path, copy_of_run):
+    run = finished_run(copy_of_run)
+    config = run / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("dropout: 0.5", "dropout: 0.3"))
+    result = dropstudy("resume", "run")
+    assert result.code == 2, result.output
+    assert "different config" in result.stderr and "model.dropout: 0.5 -> 0.3" in result.stderr
+
+
+def test_checkpoint_for_another_model_is_a_clear_error(dropstudy, tmp_path, copy_of_run):
+    run = finished_run(copy_of_run)
+    ckpt = run / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["model"]["net.fc1.weight"] = torch.zeros(7, 1)
+    torch.save(state, ckpt)
+    result = dropstudy("resume", "run")
+    assert result.code == 2 and "weights are for a different model" in result.stderr and "net.fc1.weight" in result.stderr
+
+
+def test_directory_without_config_is_a_clear_error(dropstudy, tmp_path):
+    (tmp_path / "notarun").mkdir()
+    for command in ("resume", "rerun"):
+        result = dropstudy(command, "notarun")
+        assert result.code == 2 and ".hydra/config.yaml: missing" in result.stderr, result.output
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(dropstudy, copy_of_run):
+    result = dropstudy("resume", "run")
+    assert result.code == 2 and "nothing to resume" in result.stderr
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path)
+    rd.save_checkpoint({"epoch": 1})
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        rd.save_checkpoint({"epoch": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- NaN handling
+
+
+def test_on_nan_raise_stops_with_diverged_summary(dropstudy, tmp_path):
+    result = dropstudy("train", "optim.lr=1000", "trainer.epochs=50", "trainer.on_nan=raise",
+                       "tracker.mode=disabled", "hydra.run.dir=run")
+    assert result.code == 1 and "NonFiniteLoss" in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "train/loss" in summary["reason"]
+
+
+def test_on_nan_skip_skips_bad_steps_and_goes_on(clean_env, tmp_path):
+    from dropstudy.runner import train_run
+
+    cfg = compose(["experiment=cifar10", "data.synthetic=true", "data.subset=256", "data.val_size=64",
+                   "trainer.epochs=2", "trainer.batch_size=64", "trainer.on_nan=skip", "tracker.mode=disabled"])
+    real_forward = torch.nn.Linear.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x):  # the 3rd training batch's output is NaN
+        out = real_forward(self, x)
+        if self.out_features == 10 and self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out = out * float("nan")
+        return out
+
+    torch.nn.Linear.forward = poisoned
+    try:
+        result = train_run(cfg, tmp_path / "run", [])
+    finally:
+        torch.nn.Linear.forward = real_forward
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert result.status == "finished"
+    assert [r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r] == [1, 1]
+    assert all(isinstance(r.get("train/loss", 0.0), float) for r in rows)
