@@ -58,6 +58,19 @@ BAD_INPUTS = [
     (["tracker.mode=sometimes"], "tracker.mode", "offline"),
     (["tracker.watch=weights"], "tracker.watch", "gradients"),
     (["--epochs", "3"], "--epochs", "key=value"),
+    (["model.dropout_kind=dropconnect"], "model.dropout_kind='dropconnect'", "inverted, vanilla, gaussian, spatial, none"),
+    (["model.dropout_kind=spatial"], "model.dropout_kind=spatial", "experiment=cifar10"),
+    (["experiment=cifar10", "model.dropout_kind=spatial"], "model.conv_dropout", "model.conv_dropout=0.1"),
+    (["experiment=cifar10", "model.conv_dropout=[0.1,0.2]"], "model.conv_dropout", "3 dropout sites"),
+    (["experiment=cifar10", "model.conv_dropout=1.5"], "model.conv_dropout=1.5", "[0, 1)"),
+    (["model.conv_dropout=0.1"], "model.conv_dropout", "unknown key"),
+    (["model.input_dropout=1.0"], "model.input_dropout=1.0", "[0, 1)"),
+    (["model.dropout_schedule.kind=cosine"], "model.dropout_schedule.kind='cosine'", "warmup"),
+    (["model.dropout_schedule.epochs=0"], "model.dropout_schedule.epochs=0", "positive"),
+    (["optim.max_norm=0"], "optim.max_norm=0", "positive"),
+    (["optim.max_norm=big"], "optim.max_norm", "big"),
+    (["eval.mc_samples=1"], "eval.mc_samples=1", "at least 2"),
+    (["eval.mc_samples=-5"], "eval.mc_samples=-5", "at least 2"),
 ]
 
 

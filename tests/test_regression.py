@@ -82,7 +82,7 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
         assert f"run dir: {run}" in result.stdout
         assert (run / "summary.json").is_file() and (run / "plots" / "regression_fit.png").is_file()
     assert f"comparison figure: {study / 'plots' / 'regression_fit.png'}" in result.stdout
-    assert (study / "plots" / "study_curves.png").is_file()
+    assert (study / "plots" / "study_curves.png").is_file() and (study / "plots" / "weight_norms.png").is_file()
 
     configs = {arm: yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) for arm, run in arms.items()}
     assert configs["dropout-0"]["model"]["dropout"] == 0.0 and configs["dropout-0.5"]["model"]["dropout"] == 0.5
@@ -100,7 +100,7 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
         assert {"gradients/net.fc1.weight", "parameters/net.fc1.weight"} <= run.histograms()
     comparison = load_run(study)
     assert comparison.job_type == "comparison" and comparison.group == runs["dropout-0"].group
-    assert {"study/regression_fit", "study/study_curves"} <= set(comparison.images())
+    assert {"study/regression_fit", "study/study_curves", "study/weight_norms"} <= set(comparison.images())
 
 
 def test_ctrl_c_checkpoints_and_says_interrupted(clean_env, tmp_path):

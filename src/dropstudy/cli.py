@@ -18,7 +18,7 @@ import typer
 from omegaconf import DictConfig, OmegaConf
 
 from dropstudy import __version__
-from dropstudy.config import ConfigError, compose, conf_dir
+from dropstudy.config import ConfigError, compose, conf_dir, validate_study
 from rich.console import Console
 
 from dropstudy.console import stderr
@@ -50,13 +50,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def checked_config(overrides: list[str], check_data: bool = True) -> DictConfig:
-    """Compose + validate, including the device and the data, or exit 2 with the reason."""
+def checked_config(
+    overrides: list[str], check_data: bool = True, extra_check: Callable[[DictConfig], None] | None = None
+) -> DictConfig:
+    """Compose + validate, including the device, the data and a command's own `extra_check`,
+    or exit 2 with the reason."""
     for arg in overrides:
         if arg.startswith("-"):
             raise fail(f"unknown option {arg!r}: commands take Hydra overrides (key=value); see --help.")
     try:
         cfg = compose(overrides)
+        if extra_check is not None:
+            extra_check(cfg)
         from dropstudy.runtime import select_device  # torch import deferred: --help stays fast
 
         select_device(cfg.device)
@@ -138,7 +143,13 @@ def train(
 
         dropstudy train model.dropout=0 seed=3
 
+        dropstudy train model.dropout_kind=vanilla model.dropout=[0.2,0.5,0.5] eval.mc_samples=50
+
+        dropstudy train model.dropout_schedule.kind=warmup model.dropout_schedule.epochs=500 optim.max_norm=3
+
         dropstudy train experiment=cifar10 data.synthetic=true trainer.epochs=1
+
+        dropstudy train experiment=cifar10 model.dropout_kind=spatial model.conv_dropout=0.1
 
         dropstudy train experiment=cifar10 data.root=/data/cifar10 device=cuda
     """
@@ -168,11 +179,13 @@ def study(
         dropstudy study experiment=cifar10 data.root=/data/cifar10
 
         dropstudy study study.arms=[0.0,0.2,0.5] seed=7
+
+        dropstudy study model.dropout_kind=gaussian eval.mc_samples=50
     """
     overrides = list(overrides or [])
     if cfg:
         return show_config(overrides)
-    checked_config(overrides)
+    checked_config(overrides, extra_check=validate_study)
     from dropstudy.runner import run_study
 
     result = handle_run_errors(lambda: run_hydra_task("study", overrides, run_study))
@@ -334,6 +347,45 @@ def rerun(
     if result.exit_code != 0 and result.status == "interrupted":
         raise typer.Exit(result.exit_code)
     raise typer.Exit(0 if comparison.reproduces else 1)
+
+
+@app.command()
+def demo(
+    name: Optional[str] = typer.Argument(None, help="scaling, masks or equivalence", show_default=False),
+    list_demos: bool = typer.Option(False, "--list", help="List the demonstrations and exit."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the figures [default: runs/demo/NAME]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random draw: the same seed prints the same numbers."),
+) -> None:
+    """Small, deterministic demonstrations of dropout's mechanics, printed and plotted (no training).
+
+    scaling: training vs evaluation output of a dropout layer, inverted and vanilla.
+    masks: the masks drawn over a few steps, and the empirical drop rate vs p.
+    equivalence: inverted and vanilla dropout give the same expected output.
+
+    Examples:
+
+        dropstudy demo --list
+
+        dropstudy demo scaling
+
+        dropstudy demo masks --seed 3
+
+        dropstudy demo equivalence --out figures/
+    """
+    from dropstudy.demos import DEMOS
+
+    if list_demos:
+        for key, entry in DEMOS.items():
+            typer.echo(f"{key:<12} {entry.summary}")
+        raise typer.Exit()
+    if name not in DEMOS:
+        what = "name a demonstration" if name is None else f"no demonstration called {name!r}"
+        raise fail(f"dropstudy demo: {what}; choose one of: {', '.join(DEMOS)} (see dropstudy demo --list).")
+    result = DEMOS[name].run(out or Path("runs") / "demo" / name, seed)
+    for line in result.lines:
+        typer.echo(line)
+    for path in result.figures:
+        typer.echo(f"figure: {path}")
 
 
 def version_callback(value: bool) -> None:

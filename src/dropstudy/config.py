@@ -26,23 +26,49 @@ from omegaconf.errors import OmegaConfBaseException
 # --------------------------------------------------------------------------- schema
 
 
+# The choices of the string keys below; `validate` names them in its messages. dropout.py
+# implements one module per kind (kept here so that `--help` and config checks need no torch).
+DROPOUT_KINDS = ("inverted", "vanilla", "gaussian", "spatial", "none")
+DROPOUT_SCHEDULES = ("constant", "warmup", "anneal")
+
+
 @dataclass
-class MLPConfig:
-    name: str = "mlp"
-    # p of dropping a unit (PyTorch's convention), or one p per dropout site.
+class DropoutScheduleConfig:
+    # constant: p throughout; warmup: 0 -> p over `epochs`; anneal: p -> 0 over `epochs`.
+    kind: str = "constant"
+    # Length of the ramp in epochs; null = the whole run (trainer.epochs).
+    epochs: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    """What every model has: its dropout sites and how they drop."""
+
+    name: str = MISSING
+    # p of dropping a unit (PyTorch's convention), or one p per hidden-layer dropout site.
     dropout: Any = 0.0
+    dropout_kind: str = "inverted"
+    # p on the inputs; 0 = no input dropout site at all.
+    input_dropout: float = 0.0
+    dropout_schedule: DropoutScheduleConfig = field(default_factory=DropoutScheduleConfig)
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    name: str = "mlp"
     in_features: int = 1
     hidden: List[int] = field(default_factory=lambda: [200, 200, 200])
     out_features: int = 1
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(ModelConfig):
     name: str = "cnn"
-    dropout: Any = 0.0
     channels: List[int] = field(default_factory=lambda: [32, 64, 128])
     hidden: int = 512
     num_classes: int = 10
+    # p after each conv block (one p, or one per block); 0 = no conv dropout sites.
+    conv_dropout: Any = 0.0
 
 
 @dataclass
@@ -74,6 +100,9 @@ class OptimConfig:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Max-norm constraint (Srivastava et al. 2014): after every step each unit's incoming weight
+    # vector is rescaled to an L2 norm <= max_norm; null = off.
+    max_norm: Optional[float] = None
 
 
 @dataclass
@@ -104,6 +133,12 @@ class TrackerConfig:
 
 
 @dataclass
+class EvalConfig:
+    # MC dropout: also evaluate the mean of this many stochastic passes (dropout on); 0 = off.
+    mc_samples: int = 0
+
+
+@dataclass
 class StudyConfig:
     arms: List[Any] = field(default_factory=lambda: [0.0, 0.5])
 
@@ -119,6 +154,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
 
@@ -162,10 +198,14 @@ WATCH_CHOICES = ("gradients", "parameters", "all", "none")
 MODE_CHOICES = ("auto", "online", "offline", "disabled")
 ON_NAN_CHOICES = ("stop", "skip", "raise")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# `model.dropout` sets the sites after the hidden layers: one after each hidden layer of the MLP,
+# the two around the CNN's fc 512->512. The input and conv sites have keys of their own.
 DROPOUT_SITES = {"mlp": lambda m: len(m.hidden), "cnn": lambda m: 2}
+DROPOUT_SITES_WHERE = {"mlp": "one after each hidden layer", "cnn": "before and after fc1"}
 
 
 def dropout_site_count(model_cfg: DictConfig) -> int:
+    """How many p `model.dropout` takes as a list."""
     return DROPOUT_SITES[model_cfg.name](model_cfg)
 
 
@@ -180,13 +220,13 @@ def _check_p(key: str, value: Any) -> float:
     return float(value)
 
 
-def check_dropout(key: str, value: Any, n_sites: int) -> None:
+def check_dropout(key: str, value: Any, n_sites: int, where: str) -> None:
     """One p for every site, or a list with exactly one p per dropout site."""
     if isinstance(value, (list, tuple, ListConfig)):
         if len(value) != n_sites:
             raise ConfigError(
-                f"{key}={list(value)}: this model has {n_sites} dropout sites, so a per-site list "
-                f"needs exactly {n_sites} values (or give one p for all sites)."
+                f"{key}={list(value)}: it sets {n_sites} dropout sites in this model ({where}), so a "
+                f"per-site list needs exactly {n_sites} values (or give one p for all of them)."
             )
         for i, v in enumerate(value):
             _check_p(f"{key}[{i}]", v)
@@ -194,16 +234,75 @@ def check_dropout(key: str, value: Any, n_sites: int) -> None:
         _check_p(key, value)
 
 
+def validate_dropout(model: DictConfig) -> None:
+    """model.dropout, dropout_kind, input_dropout, conv_dropout and dropout_schedule."""
+    kinds = ", ".join(DROPOUT_KINDS)
+    if model.dropout_kind not in DROPOUT_KINDS:
+        raise ConfigError(f"model.dropout_kind={model.dropout_kind!r}: use one of {kinds}.")
+    check_dropout("model.dropout", model.dropout, dropout_site_count(model), DROPOUT_SITES_WHERE[model.name])
+    _check_p("model.input_dropout", model.input_dropout)
+    if model.name == "cnn":
+        check_dropout("model.conv_dropout", model.conv_dropout, len(model.channels), "one after each conv block")
+    if model.dropout_kind == "spatial":
+        if model.name != "cnn":
+            raise ConfigError(
+                f"model.dropout_kind=spatial drops whole feature maps, and the {model.name} model has none; "
+                "use it with experiment=cifar10, or pick inverted, vanilla, gaussian or none."
+            )
+        if not _any_positive(model.conv_dropout):
+            raise ConfigError(
+                f"model.dropout_kind=spatial drops whole feature maps after the conv blocks, but "
+                f"model.conv_dropout={model.conv_dropout} creates no conv dropout sites; set it, "
+                "e.g. model.conv_dropout=0.1."
+            )
+    schedule = model.dropout_schedule
+    if schedule.kind not in DROPOUT_SCHEDULES:
+        raise ConfigError(
+            f"model.dropout_schedule.kind={schedule.kind!r}: use constant, warmup (0 -> p over "
+            "model.dropout_schedule.epochs) or anneal (p -> 0 over them)."
+        )
+    if schedule.epochs is not None and schedule.epochs < 1:
+        raise ConfigError(
+            f"model.dropout_schedule.epochs={schedule.epochs}: a positive number of epochs, or null for "
+            "the whole run."
+        )
+
+
+def _any_positive(dropout: Any) -> bool:
+    values = dropout if isinstance(dropout, (list, tuple, ListConfig)) else [dropout]
+    return any(float(p) > 0 for p in values)
+
+
+def validate_study(cfg: DictConfig) -> None:
+    """What only `study` needs: arms that train different networks."""
+    if cfg.model.dropout_kind == "none" and len(cfg.study.arms) > 1:
+        raise ConfigError(
+            f"model.dropout_kind=none: every arm of study.arms={list(cfg.study.arms)} would train the same "
+            "network without dropout; pick a kind that drops units (inverted, vanilla, gaussian, spatial), "
+            "or use `dropstudy train model.dropout_kind=none`."
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks that the schema's types cannot express."""
     if not DEVICE_PATTERN.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda, cuda:N or mps.")
-    n_sites = dropout_site_count(cfg.model)
-    check_dropout("model.dropout", cfg.model.dropout, n_sites)
+    validate_dropout(cfg.model)
+    n_sites, where = dropout_site_count(cfg.model), DROPOUT_SITES_WHERE[cfg.model.name]
     for i, arm in enumerate(cfg.study.arms):
-        check_dropout(f"study.arms[{i}]", arm, n_sites)
+        check_dropout(f"study.arms[{i}]", arm, n_sites, where)
     if len(cfg.study.arms) == 0:
         raise ConfigError("study.arms=[]: list at least one dropout value, e.g. study.arms=[0.0,0.5].")
+    if cfg.optim.max_norm is not None and cfg.optim.max_norm <= 0:
+        raise ConfigError(
+            f"optim.max_norm={cfg.optim.max_norm}: the largest L2 norm of a unit's incoming weights "
+            "must be positive (typically 3 or 4), or null for no constraint."
+        )
+    if cfg.eval.mc_samples < 0 or cfg.eval.mc_samples == 1:
+        raise ConfigError(
+            f"eval.mc_samples={cfg.eval.mc_samples}: 0 turns MC-dropout evaluation off; otherwise the "
+            "number of stochastic passes to average must be at least 2 (typically 20 to 100)."
+        )
     if cfg.trainer.epochs < 1:
         raise ConfigError(f"trainer.epochs={cfg.trainer.epochs}: must be a positive integer.")
     if cfg.trainer.eval_every < 1:

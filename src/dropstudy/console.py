@@ -37,7 +37,7 @@ def format_row(row: dict[str, Any], keys: tuple[str, ...]) -> str:
     return "  ".join(parts)
 
 
-ROW_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+ROW_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val_mc/loss", "val_mc/acc")
 
 
 class TrainingProgress:

@@ -1,44 +1,227 @@
-"""Dropout itself: how a configured rate becomes one p per dropout site, and the layer drawn there.
+"""Dropout itself: the formulations a site can use, how configured rates become one p per site,
+how a schedule changes p over epochs, and switching the sites on for MC-dropout evaluation.
 
 `p` is always the probability of *dropping* a unit (PyTorch's convention); the keep
-probability is 1 - p. Today every site is PyTorch's inverted dropout (`torch.nn.Dropout`:
-kept units are scaled by 1/(1-p) in training, identity at evaluation); this module is where
-other formulations belong.
+probability is 1 - p. The kinds (`model.dropout_kind`):
+
+    inverted  keep with probability 1-p and scale kept units by 1/(1-p) in training; identity
+              at evaluation. What torch.nn.Dropout does, and the default.
+    vanilla   the original formulation (Srivastava et al. 2014): drop without rescaling in
+              training; at evaluation multiply the activations by the keep probability 1-p
+              (equivalently the outgoing weights).
+    gaussian  multiply every unit by noise drawn from N(1, p/(1-p)) in training (same mean and
+              variance as inverted dropout's multiplier); identity at evaluation (2014, section 10).
+    spatial   whole feature maps dropped (inverted, as Dropout2d) at the CNN's conv sites; the
+              sites on vectors (inputs, fc layers) then drop single units, inverted.
+    none      no dropout sites at all.
+
+Every site is a `SiteDropout` module: models.py asks `make_dropout` for one wherever its
+architecture has a dropout site, and everything else (logging the sites, schedules, MC
+dropout) finds them by that type.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
 
+import torch
+import torch.nn.functional as F
 from omegaconf import ListConfig
 from torch import nn
 
 
+class SiteDropout(nn.Module):
+    """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
+    schedule changes every epoch. `where` says where the site sits, for logs. Each kind's `drop`
+    is where its mask (or noise) is drawn."""
+
+    kind = "?"
+
+    def __init__(self, p: float, where: str):
+        super().__init__()
+        self.base_p = float(p)
+        self.p = float(p)
+        self.where = where
+        self.one_draw_per_batch = False
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.one_draw_per_batch:
+            # Every kind multiplies by noise: draw it once (on ones) for the whole batch, so a pass
+            # is one thinned network and MC samples of a function over a grid are whole functions.
+            return x * self.drop(torch.ones_like(x[:1]))
+        return self.drop(x)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}, {self.where}"
+
+
+class InvertedDropout(SiteDropout):
+    kind = "inverted"
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        # torch's own kernel rather than a hand-written mask: bit-identical to nn.Dropout for the
+        # same generator state on every device (CUDA draws its masks in a fused kernel). On the
+        # CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw below rescaled.
+        return F.dropout(x, self.p, self.training)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """1 where a unit is kept (probability 1-p), 0 where it is dropped: the same Bernoulli draw,
+    from the same generator, that torch's CPU dropout makes."""
+    return torch.empty_like(x).bernoulli_(1.0 - p)
+
+
+class VanillaDropout(SiteDropout):
+    kind = "vanilla"
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            # A unit was present with probability 1-p in training, so its expected contribution
+            # is (1-p)·x: scaling here is what keeps training and evaluation in agreement.
+            return x * (1.0 - self.p)
+        if self.p == 0.0:
+            return x  # draw nothing, so p=0 consumes no random numbers, as torch's dropout
+        return x * keep_mask(x, self.p)
+
+
+class GaussianDropout(SiteDropout):
+    kind = "gaussian"
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
+        sigma = math.sqrt(self.p / (1.0 - self.p))
+        return x * (1.0 + sigma * torch.randn_like(x))
+
+
+class SpatialDropout(SiteDropout):
+    kind = "spatial"
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
+        # correlated, so dropping single pixels removes little information; dropping a whole map does.
+        return F.dropout2d(x, self.p, self.training)
+
+
+FORMULATIONS: dict[str, type[SiteDropout]] = {
+    "inverted": InvertedDropout,
+    "vanilla": VanillaDropout,
+    "gaussian": GaussianDropout,
+    "spatial": SpatialDropout,
+}
+
+
+def make_dropout(kind: str, p: float, where: str, feature_maps: bool = False) -> SiteDropout | None:
+    """The site for `model.dropout_kind=kind`, or None when the kind is `none`. `feature_maps`
+    says the site sees [N, C, H, W] maps; elsewhere `spatial` drops single units (inverted)."""
+    if kind == "none":
+        return None
+    if kind == "spatial" and not feature_maps:
+        return InvertedDropout(p, where)
+    return FORMULATIONS[kind](p, where)
+
+
 def site_rates(dropout: Any, n_sites: int) -> list[float]:
-    """`model.dropout` as one p per site: a single p is used at every site."""
+    """A configured rate as one p per site: a single p is used at every site."""
     if isinstance(dropout, (list, tuple, ListConfig)):
         if len(dropout) != n_sites:
-            raise ValueError(f"model.dropout has {len(dropout)} values for {n_sites} dropout sites")
+            raise ValueError(f"{len(dropout)} dropout values for {n_sites} dropout sites")
         return [float(p) for p in dropout]
     return [float(dropout)] * n_sites
 
 
-def make_dropout(p: float) -> nn.Module:
-    return nn.Dropout(p)
+def sites(model: nn.Module) -> list[tuple[str, SiteDropout]]:
+    """(module name, site) for every dropout site, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SiteDropout)]
 
 
 def describe_sites(model: nn.Module) -> list[str]:
-    """'<module name>: p=<p>' for every dropout site, in forward order."""
-    return [f"{name}: p={m.p:g}" for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    """'<module name> (<where>): <kind> p=<p>' for every dropout site, in forward order."""
+    return [f"{name} ({m.where}): {m.kind} p={m.base_p:g}" for name, m in sites(model)]
 
 
-def arm_label(dropout: Any) -> str:
-    """A short name for a dropout setting, used for job types and arm directories."""
+def arm_label(dropout: Any, kind: str = "inverted") -> str:
+    """A short name for a dropout setting, used for job types and arm directories:
+    dropout-0.5 for the default (inverted) kind, vanilla-dropout-0.5 etc. for the others."""
+    if kind == "none":
+        return "no-dropout"
     if isinstance(dropout, (list, tuple, ListConfig)):
-        return "dropout-" + "-".join(f"{float(p):g}" for p in dropout)
-    return f"dropout-{float(dropout):g}"
+        rates = "-".join(f"{float(p):g}" for p in dropout)
+    else:
+        rates = f"{float(dropout):g}"
+    return f"dropout-{rates}" if kind == "inverted" else f"{kind}-dropout-{rates}"
 
 
 def mean_rate(dropout: Any) -> float:
-    values: Sequence[float] = dropout if isinstance(dropout, (list, tuple, ListConfig)) else [dropout]
+    values = dropout if isinstance(dropout, (list, tuple, ListConfig)) else [dropout]
     return sum(float(p) for p in values) / len(values)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class DropoutSchedule:
+    """p over epochs (`model.dropout_schedule`). Epochs count from 1; over the ramp the fraction
+    t = (epoch - 1) / epochs runs from 0 to 1, so `warmup` trains epoch 1 at 0 and reaches p at
+    epoch epochs+1, `anneal` trains epoch 1 at p and reaches 0 at epoch epochs+1; both then stay."""
+
+    kind: str = "constant"
+    epochs: int = 1
+
+    def rate(self, base_p: float, epoch: int) -> float:
+        if self.kind == "constant":
+            return base_p
+        t = min(1.0, (epoch - 1) / self.epochs)
+        return base_p * t if self.kind == "warmup" else base_p * (1.0 - t)
+
+    def apply(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Set every site's p for `epoch`; return them as metrics `dropout/p/<site>`."""
+        rates = {}
+        for name, site in sites(model):
+            site.p = self.rate(site.base_p, epoch)
+            rates[f"dropout/p/{name}"] = site.p
+        return rates
+
+    def describe(self) -> str:
+        if self.kind == "constant":
+            return "constant p"
+        return f"{self.kind}: " + ("0 -> p" if self.kind == "warmup" else "p -> 0") + f" over {self.epochs} epochs"
+
+
+# --------------------------------------------------------------------------- MC dropout
+
+
+@contextmanager
+def mc_dropout(model: nn.Module, one_draw_per_batch: bool = False) -> Iterator[nn.Module]:
+    """Evaluation mode everywhere except the dropout sites, which keep drawing (Gal &
+    Ghahramani 2016): one draw per example, or with `one_draw_per_batch` one per forward pass.
+    The previous modes, and the random generators' states, are restored afterwards."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for _, site in sites(model):
+        site.train()
+        site.one_draw_per_batch = one_draw_per_batch
+    # The passes draw from a fork of the global generator (CPU, and the model's CUDA device), so
+    # evaluating with MC dropout leaves training's random stream as it was: a run with
+    # eval.mc_samples trains exactly like the same run without it.
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield model
+    finally:
+        for _, site in sites(model):
+            site.one_draw_per_batch = False
+        model.train(was_training)
+
+
+def drops_anything(model: nn.Module) -> bool:
+    """Whether some site is stochastic now (a p=0 site, or a model without sites, is deterministic)."""
+    return any(site.p > 0 for _, site in sites(model))

@@ -1,4 +1,5 @@
-"""Figures: learning curves of a run, the regression fit, and the with/without-dropout comparison.
+"""Figures: learning curves of a run, the regression fit (with MC-dropout bands), calibration,
+and the with/without-dropout comparisons (curves, weight norms).
 
 Each function takes plain values (metric rows, arrays) and writes one PNG; none of them knows
 about runs, W&B or configs.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -69,6 +70,10 @@ class FitCurve:
     y: Sequence[float]
     train_mse: float
     test_mse: float
+    # With MC dropout: the mean over the stochastic passes and its standard deviation, per x.
+    mc_mean: Sequence[float] | None = None
+    mc_std: Sequence[float] | None = None
+    mc_samples: int = 0
 
 
 def regression_fit(
@@ -78,7 +83,8 @@ def regression_fit(
     path: Path,
     title: str,
 ) -> Path:
-    """The classic demo: train points, test points, and each arm's fitted curve over x."""
+    """The classic demo: train points, test points, and each arm's fitted curve over x; with MC
+    dropout, each arm's band of ±2 predictive standard deviations around its MC mean."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.scatter(*train_xy, s=40, c="magenta", alpha=0.8, label="train", zorder=3)
     ax.scatter(*test_xy, s=40, c="cyan", edgecolors="k", linewidths=0.5, alpha=0.8, label="test", zorder=3)
@@ -90,6 +96,12 @@ def regression_fit(
             lw=2,
             label=f"{curve.label}: train MSE {curve.train_mse:.3g}, test MSE {curve.test_mse:.3g}",
         )
+        # An arm that drops nothing has no spread: no band, and no legend entry for one.
+        if curve.mc_mean is not None and curve.mc_std is not None and max(curve.mc_std) > 0:
+            low = [m - 2 * s for m, s in zip(curve.mc_mean, curve.mc_std)]
+            high = [m + 2 * s for m, s in zip(curve.mc_mean, curve.mc_std)]
+            ax.fill_between(curve.x, low, high, color=color, alpha=0.18, lw=0,
+                            label=f"{curve.label}: MC mean ± 2σ (T={curve.mc_samples})")
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.grid(alpha=0.3)
@@ -119,5 +131,75 @@ def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _label(ax: plt.Axes, xlabel: str, ylabel: str, title: str, grid: str = "both") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis=grid)
+    ax.legend(fontsize=8)
+
+
+def calibration(
+    reliability: dict[str, Any],
+    entropies: dict[str, Sequence[float]],
+    path: Path,
+    title: str,
+) -> Path:
+    """Left: reliability diagram, accuracy against confidence per bin for each way of predicting
+    (deterministic, MC dropout), with its ECE; the diagonal is perfect calibration. Right: the
+    distribution of predictive entropy for each. `reliability` maps a name to its bins: anything
+    with `confidence`, `accuracy`, `count` and `ece` (uncertainty.Calibration)."""
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls=":", label="perfectly calibrated")
+    for color, (name, bins) in zip(COLORS, reliability.items()):
+        points = [(c, a) for c, a, n in zip(bins.confidence, bins.accuracy, bins.count) if n > 0]
+        ax.plot([c for c, _ in points], [a for _, a in points], "o-", color=color, ms=4,
+                label=f"{name}: ECE {bins.ece:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _label(ax, "confidence (max class probability)", "accuracy", "reliability diagram")
+    every = [v for values in entropies.values() for v in values]
+    span = (min(every), max(every)) if every else (0.0, 1.0)  # shared bins, so the bars compare
+    for color, (name, values) in zip(COLORS, entropies.items()):
+        hx.hist(values, bins=30, range=span, color=color, alpha=0.5, label=name)
+    _label(hx, "predictive entropy (nats)", "test examples", "predictive entropy")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+WEIGHT_NORM = "weights/l2/"
+
+
+def has_weight_norms(arms: dict[str, Sequence[dict]]) -> bool:
+    return any(key.startswith(WEIGHT_NORM) for rows in arms.values() for row in rows for key in row)
+
+
+def weight_norms(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Path:
+    """Dropout's shrinking effect on the weights: left, each layer's final L2 norm per arm
+    (grouped bars); right, the norm of all weights together over epochs per arm."""
+    fig, (bx, lx) = plt.subplots(1, 2, figsize=(11.2, 4.0))
+    layers = list(dict.fromkeys(
+        key[len(WEIGHT_NORM):] for rows in arms.values() for row in rows for key in row if key.startswith(WEIGHT_NORM)
+    ))
+    width = 0.8 / max(len(arms), 1)
+    for i, (color, (arm, rows)) in enumerate(zip(COLORS, arms.items())):
+        last = next((row for row in reversed(rows) if any(k.startswith(WEIGHT_NORM) for k in row)), {})
+        bx.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(layers))],
+               [last.get(WEIGHT_NORM + layer, 0.0) for layer in layers], width, color=color, label=arm)
+        epochs, totals = [], []
+        for row in rows:
+            norms = [v for k, v in row.items() if k.startswith(WEIGHT_NORM)]
+            if norms and "epoch" in row:
+                epochs.append(row["epoch"])
+                totals.append(sum(v * v for v in norms) ** 0.5)
+        lx.plot(epochs, totals, color=color, marker="o" if len(epochs) < 30 else None, ms=4, label=arm)
+    bx.set_xticks(range(len(layers)), layers, rotation=20, fontsize=8)
+    _label(bx, "layer", "L2 norm of the weights", "per layer, at the end", grid="y")
+    lx.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _label(lx, "epoch", "L2 norm of all weights", "over training")
     fig.suptitle(title)
     return _save(fig, path)

@@ -21,13 +21,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dropstudy import plots
 from dropstudy.data import Dataset, load_dataset
-from dropstudy.dropout import arm_label, describe_sites
+from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
 from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
 from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import describe_device, seed_everything, select_device, set_deterministic
 from dropstudy.tracking import flatten, make_tracker
 from dropstudy.train import NonFiniteLoss, Outcome, Trainer, make_optimizer
+from dropstudy.uncertainty import calibration, mc_forward, predictions, predictive_entropy
 
 log = logging.getLogger("dropstudy")
 
@@ -48,14 +49,35 @@ class RunResult:
 
 
 @torch.no_grad()
-def regression_fit_curve(model: torch.nn.Module, data: Dataset, label: str) -> plots.FitCurve:
-    """The model's prediction (evaluation mode) over a dense x grid, and its MSE on both sets."""
+def regression_fit_curve(model: torch.nn.Module, data: Dataset, label: str, mc_samples: int = 0) -> plots.FitCurve:
+    """The model's prediction (evaluation mode) over a dense x grid, and its MSE on both sets;
+    with mc_samples, also the MC-dropout mean and standard deviation over the grid."""
     model.eval()
     device = data.train.inputs.device
     xs = torch.linspace(-1.0, 1.0, 200, device=device).unsqueeze(1)
     train_mse = torch.mean((model(data.train.inputs) - data.train.targets) ** 2).item()
     test_mse = torch.mean((model(data.test.inputs) - data.test.targets) ** 2).item()
-    return plots.FitCurve(label, xs.squeeze(1).tolist(), model(xs).squeeze(1).tolist(), train_mse, test_mse)
+    curve = plots.FitCurve(label, xs.squeeze(1).tolist(), model(xs).squeeze(1).tolist(), train_mse, test_mse)
+    if mc_samples:
+        # One thinned network per pass: each sample is a whole function of x, so the band is
+        # smooth rather than 200 independent estimates side by side.
+        mean, std = mc_forward(model, xs, mc_samples, one_draw_per_batch=True)
+        curve.mc_mean, curve.mc_std = mean.squeeze(1).tolist(), std.squeeze(1).tolist()
+        curve.mc_samples = mc_samples
+    return curve
+
+
+def calibration_figure(
+    model: torch.nn.Module, data: Dataset, outcome: Outcome, batch_size: int, path: Path, title: str
+) -> tuple[Path, dict[str, float]]:
+    """Reliability diagram and predictive entropy on the test set, deterministic vs MC dropout;
+    and the two expected calibration errors."""
+    mc_name = f"MC dropout (T={outcome.test_mc.samples})"
+    named = {"deterministic": predictions(model, data, data.test, batch_size), mc_name: outcome.test_mc}
+    bins = {name: calibration(p.mean, p.targets) for name, p in named.items()}
+    entropies = {name: predictive_entropy(p.mean).cpu().tolist() for name, p in named.items()}
+    figure = plots.calibration(bins, entropies, path, title)
+    return figure, {"test/ece": bins["deterministic"].ece, "test_mc/ece": bins[mc_name].ece}
 
 
 def _points(split) -> tuple[list[float], list[float]]:
@@ -102,7 +124,7 @@ def _train_run(
     extra_tags: tuple[str, ...],
     resume: bool,
 ) -> RunResult:
-    label = arm_label(cfg.model.dropout)
+    label = arm_label(cfg.model.dropout, cfg.model.dropout_kind)
     state = load_checkpoint(rd.path, cfg) if resume else None
     device = select_device(cfg.device)
     set_deterministic(cfg.deterministic)
@@ -114,7 +136,11 @@ def _train_run(
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone, not on data loading
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg.optim, model)
-    log.info(f"[{label}] dropout sites: {', '.join(describe_sites(model))}")
+    dropout_sites = describe_sites(model)
+    schedule = DropoutSchedule(cfg.model.dropout_schedule.kind,
+                               cfg.model.dropout_schedule.epochs or cfg.trainer.epochs)
+    log.info(f"[{label}] dropout sites ({schedule.describe()}): "
+             + (", ".join(dropout_sites) or f"none (model.dropout_kind={cfg.model.dropout_kind})"))
     if state is not None:
         check_fits(rd.checkpoints / "last.pt", state, model)
 
@@ -141,7 +167,8 @@ def _train_run(
         job_type=job_type,
         tags=list(dict.fromkeys(tags)),
         name=f"{cfg.experiment}-{label}-seed{cfg.seed}",
-        config={**flatten(resolved), "data.synthetic": data.synthetic, **flatten({"provenance": provenance})},
+        config={**flatten(resolved), "data.synthetic": data.synthetic, "model.dropout_sites": dropout_sites,
+                **flatten({"provenance": provenance})},
         resume_id=state.get("tracker_run_id") if state is not None else None,
     )
     trainer = Trainer(
@@ -154,6 +181,9 @@ def _train_run(
         tracker=tracker,
         label=label,
         checkpoint_extra={"config": resolved},
+        schedule=schedule,
+        max_norm=cfg.optim.max_norm,
+        mc_samples=cfg.eval.mc_samples,
     )
     if state is not None:
         trainer.load_state(state, rd.read_metrics())
@@ -173,9 +203,14 @@ def _train_run(
             outcome.rows, rd.plot_path("learning_curves.png"), title
         )
         if data.task == "regression":
-            result.fit = regression_fit_curve(model, data, label)
+            result.fit = regression_fit_curve(model, data, label, cfg.eval.mc_samples)
             result.figures["regression_fit"] = plots.regression_fit(
                 _points(data.train), _points(data.test), [result.fit], rd.plot_path("regression_fit.png"), title
+            )
+        calibration_errors = {}
+        if outcome.test_mc is not None and data.task == "classification":
+            result.figures["calibration"], calibration_errors = calibration_figure(
+                model, data, outcome, cfg.trainer.eval_batch_size, rd.plot_path("calibration.png"), title
             )
         tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
         summary = {
@@ -185,6 +220,8 @@ def _train_run(
             "epochs": cfg.trainer.epochs,
             "experiment": cfg.experiment,
             "dropout": OmegaConf.to_container(cfg.model, resolve=True)["dropout"],
+            "dropout_kind": cfg.model.dropout_kind,
+            "dropout_sites": dropout_sites,
             "seed": cfg.seed,
             "synthetic_data": data.synthetic,
             "final": outcome.final,
@@ -195,6 +232,8 @@ def _train_run(
         }
         if result.fit is not None:
             summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
+        if calibration_errors:
+            summary["calibration"] = calibration_errors
         tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
         rd.write_summary(summary)
         rd.update_provenance(ended=now_iso())
@@ -224,7 +263,7 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
         arm_cfg = copy.deepcopy(cfg)
         with open_dict(arm_cfg):
             arm_cfg.model.dropout = arm
-        label = arm_label(arm)
+        label = arm_label(arm, cfg.model.dropout_kind)
         arm_dir = study_dir / label
         RunDir(arm_dir).write_config(arm_cfg, [*overrides, f"model.dropout={OmegaConf.to_container(arm_cfg.model)['dropout']}"])
         log.info(f"study arm {len(results) + 1}/{len(cfg.study.arms)}: {label} -> {arm_dir}")
@@ -237,11 +276,10 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
     title = f"{cfg.experiment}: " + " vs ".join(r.label for r in results) + f", seed {cfg.seed}"
     if cfg.data.get("synthetic"):
         title += " (SYNTHETIC data)"
-    figures = {
-        "study_curves": plots.study_curves(
-            {r.label: r.outcome.rows for r in results if r.outcome}, out.plot_path("study_curves.png"), title
-        )
-    }
+    arm_rows = {r.label: r.outcome.rows for r in results if r.outcome}
+    figures = {"study_curves": plots.study_curves(arm_rows, out.plot_path("study_curves.png"), title)}
+    if plots.has_weight_norms(arm_rows):
+        figures["weight_norms"] = plots.weight_norms(arm_rows, out.plot_path("weight_norms.png"), title)
     fits = [r.fit for r in results if r.fit is not None]
     if fits:
         seed_everything(cfg.seed)

@@ -143,6 +143,8 @@ class WandbTracker:
         self.run.define_metric("*", step_metric="epoch")
         self.run.define_metric("val/loss", step_metric="epoch", summary="min")
         self.run.define_metric("val/acc", step_metric="epoch", summary="max")
+        self.run.define_metric("val_mc/loss", step_metric="epoch", summary="min")
+        self.run.define_metric("val_mc/acc", step_metric="epoch", summary="max")
 
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
         if what != "none":

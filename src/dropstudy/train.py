@@ -1,5 +1,6 @@
-"""The training loop: minibatch steps, evaluation every `eval_every` epochs, checkpoints, and
-how the run ended (finished, diverged, interrupted).
+"""The training loop: minibatch steps (with the max-norm constraint after each), the dropout
+schedule applied every epoch, evaluation every `eval_every` epochs (deterministic, MC dropout,
+weight norms), checkpoints, and how the run ended (finished, diverged, interrupted).
 
 It writes every metric row to the run directory first and then hands it to the tracker; it
 knows nothing of W&B beyond the `Tracker` interface.
@@ -24,9 +25,12 @@ from torch import nn
 
 from dropstudy.console import TrainingProgress
 from dropstudy.data import Dataset, Split, batches
+from dropstudy.dropout import DropoutSchedule
+from dropstudy.models import weight_layers, weight_norms
 from dropstudy.rundir import RunDir
 from dropstudy.runtime import Interrupted, signals_interrupt_training
 from dropstudy.tracking import Tracker
+from dropstudy.uncertainty import Predictions, mc_metrics, predictions
 
 
 log = logging.getLogger("dropstudy")
@@ -46,6 +50,7 @@ class Outcome:
     final: dict[str, float] = field(default_factory=dict)  # last value of every metric
     best: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    test_mc: Predictions | None = None  # MC-dropout predictions on the test set, for figures
 
 
 def loss_function(task: str) -> Callable[..., torch.Tensor]:
@@ -56,6 +61,15 @@ def make_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """The max-norm constraint of Srivastava et al. 2014: every unit's incoming weight vector (a
+    row of a Linear weight, a whole filter of a Conv2d) whose L2 norm exceeds max_norm is scaled
+    back onto the ball of radius max_norm; the others are left alone. Biases are not constrained."""
+    for _, layer in weight_layers(model):
+        layer.weight.renorm_(2, 0, max_norm)
 
 
 @torch.no_grad()
@@ -122,6 +136,9 @@ class Trainer:
         tracker: Tracker,
         label: str,
         checkpoint_extra: dict[str, Any],
+        schedule: DropoutSchedule = DropoutSchedule(),
+        max_norm: float | None = None,
+        mc_samples: int = 0,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -131,6 +148,9 @@ class Trainer:
         self.tracker = tracker
         self.label = label
         self.checkpoint_extra = checkpoint_extra
+        self.schedule = schedule
+        self.max_norm = max_norm
+        self.mc_samples = mc_samples
         self.loss_fn = loss_function(data.task)
         # Shuffling has its own generator, so the batch order depends on the seed alone and not
         # on how many random numbers dropout drew.
@@ -214,6 +234,8 @@ class Trainer:
                     progress.advance()
                     continue
             self.optimizer.step()
+            if self.max_norm is not None:
+                apply_max_norm(model, self.max_norm)
             loss_sum += loss.detach() * len(yb)
             counted += len(yb)
             if data.task == "classification":
@@ -227,6 +249,17 @@ class Trainer:
             metrics["train/skipped_steps"] = self.skipped_steps
         return metrics
 
+    def evaluation(self, split: Split, name: str, outcome: Outcome) -> dict[str, float]:
+        """`<name>/loss` (and acc) in evaluation mode, and with eval.mc_samples the same for the
+        MC-dropout average as `<name>_mc/*`."""
+        metrics = {f"{name}/{k}": v for k, v in evaluate(self.model, self.data, split, self.cfg.eval_batch_size).items()}
+        if self.mc_samples:
+            pred = predictions(self.model, self.data, split, self.cfg.eval_batch_size, self.mc_samples)
+            metrics.update({f"{name}_mc/{k}": v for k, v in mc_metrics(pred, self.data.task).items()})
+            if name == "test":
+                outcome.test_mc = pred
+        return metrics
+
     def fit(self) -> Outcome:
         epochs, eval_every = self.cfg.epochs, self.cfg.eval_every
         outcome = Outcome(status="finished", epoch=self.start_epoch - 1, rows=self.rows)
@@ -236,15 +269,17 @@ class Trainer:
             progress.advance((self.start_epoch - 1) * self.steps_per_epoch)
             try:
                 for epoch in range(self.start_epoch, epochs + 1):
+                    rates = self.schedule.apply(self.model, epoch)  # the p this epoch trains with
                     start = time.perf_counter()
                     row: dict[str, Any] = {"epoch": epoch, **self.train_epoch(progress)}
                     row["lr"] = self.optimizer.param_groups[0]["lr"]
                     row["perf/samples_per_s"] = len(self.data.train) / (time.perf_counter() - start)
+                    row.update(rates)
                     evaluated = epoch % eval_every == 0 or epoch == epochs
                     if evaluated:
-                        val = evaluate(self.model, self.data, self.data.val, self.cfg.eval_batch_size)
-                        row.update({f"val/{k}": v for k, v in val.items()})
+                        row.update(self.evaluation(self.data.val, "val", outcome))
                         row["gap/loss"] = row["val/loss"] - row["train/loss"]
+                        row.update(weight_norms(self.model))
                     self.log(row)
                     progress.epoch_done(row, evaluated)
                     bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
@@ -273,8 +308,7 @@ class Trainer:
                 self.checkpoint()
                 return self._conclude(outcome)
         if outcome.status == "finished":
-            test = evaluate(self.model, self.data, self.data.test, self.cfg.eval_batch_size)
-            self.log({"epoch": outcome.epoch, **{f"test/{k}": v for k, v in test.items()}})
+            self.log({"epoch": outcome.epoch, **self.evaluation(self.data.test, "test", outcome)})
         return self._conclude(outcome)
 
     def _conclude(self, outcome: Outcome) -> Outcome:
@@ -282,7 +316,8 @@ class Trainer:
             for key, value in row.items():
                 if key != "epoch":
                     outcome.final[key] = value
-        for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min)):
+        for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min), ("val_mc/loss", min),
+                          ("val_mc/acc", max)):
             points = [(row[key], row["epoch"]) for row in self.rows if key in row and math.isfinite(row[key])]
             if points:
                 value, epoch = pick(points, key=lambda p: p[0])
