@@ -197,6 +197,139 @@ def study(
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
 
+def print_sweep_table(title: str, outcomes: list) -> None:
+    from rich.table import Table
+
+    from dropstudy.sweep import key_metric
+
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "overrides", "status", "metric", "run dir"):
+        table.add_column(column, justify="right" if column in ("#", "metric") else "left")
+    for o in outcomes:
+        name, value = key_metric(o.final)
+        metric = f"{name} {value:.4g}" if isinstance(value, (int, float)) else "-"
+        color = "green" if o.ok else "red"
+        table.add_row(str(o.num), o.setting, f"[{color}]{o.status}[/]", metric, str(o.run_dir))
+    Console(width=max(Console().width, 160)).print(table)
+
+
+def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal: str) -> None:
+    """`sweep --wandb`: check the grid, write the W&B sweep YAML, print how to start it."""
+    from dropstudy.sweep import plan_sweep, wandb_sweep_config, write_wandb_sweep
+
+    try:
+        # The name and project come from the config the overrides compose; the grid is checked
+        # point by point exactly like a multirun's.
+        config, checks = wandb_sweep_config(overrides, method, metric, goal, name="", project="", entity=None)
+        plan = plan_sweep(checks)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    first = plan.jobs[0].cfg
+    config.update(name=plan.group, project=first.tracker.project)
+    if first.tracker.entity:
+        config["entity"] = first.tracker.entity
+    path = write_wandb_sweep(plan.sweep_dir / "wandb_sweep.yaml", config)
+    points = len(plan.jobs) if method == "grid" else None
+    typer.echo(f"W&B sweep config: {path}" + (f"  ({points} grid points)" if points else ""))
+    typer.echo("start the sweep (prints its id), then one agent per machine or GPU:")
+    typer.echo(f"  wandb sweep {path}")
+    typer.echo(f"  wandb agent {first.tracker.entity or 'ENTITY'}/{first.tracker.project}/SWEEP_ID")
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + "; comma lists, range(), "
+                                                    "glob(), choice() make the grid", show_default=False),
+    use_wandb: bool = typer.Option(False, "--wandb", help="Write a W&B sweep YAML (for `wandb agent`) "
+                                   "instead of training."),
+    method: str = typer.Option("grid", help="With --wandb: grid, random or bayes."),
+    metric: str = typer.Option("val/loss", help="With --wandb: the metric the sweep optimises."),
+    goal: str = typer.Option("minimize", help="With --wandb: minimize or maximize."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their run directories; train nothing."),
+) -> None:
+    """A Hydra multirun of `train`: one complete run directory per grid point under the sweep
+    dir, each its own W&B run in one group named after the sweep (tracker.group overrides it),
+    tagged `sweep`. Every grid point's config is checked before anything starts; a job that fails
+    does not stop the others. Ends with a table of every job (also in <sweep dir>/sweep.json) and
+    a non-zero exit code if any job did not finish.
+
+    Launchers: hydra/launcher=basic (default, one job after another), joblib (parallel processes),
+    submitit_local, submitit_slurm, or slurm (submitit_slurm with dropstudy's defaults:
+    hydra.launcher.partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb, array_parallelism).
+    The plugins: pip install 'dropstudy[cluster]'. With sweep.vectorize=true (the default) and the
+    basic launcher, a regression grid is trained as one batched model when it can be.
+
+    Examples:
+
+        dropstudy sweep model.dropout=0,0.1,0.25,0.5 seed=range(0,5)
+
+        dropstudy sweep model.dropout=0,0.5 seed=0,1 hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+        dropstudy sweep experiment=cifar10 model.dropout=0,0.25 hydra/launcher=slurm hydra.launcher.partition=gpu
+
+        dropstudy sweep model.dropout_kind=inverted,gaussian model.dropout=0.1,0.5 hydra.sweep.dir=runs/kinds
+
+        dropstudy sweep --dry-run model.dropout=0,0.5 seed=range(0,3)
+
+        dropstudy sweep --wandb --method random model.dropout=0,0.1,0.25,0.5 seed=range(0,5)
+    """
+    from dropstudy.sweep import (SweepJob, collect_outcomes, launch_multirun, plan_sweep, train_vectorized,
+                                 vectorized_reason, write_sweep_json)
+
+    overrides = list(overrides or [])
+    for arg in overrides:
+        if arg.startswith("-"):
+            raise fail(f"unknown option {arg!r}: see dropstudy sweep --help.")
+    if use_wandb:
+        return write_wandb_sweep_file(overrides, method, metric, goal)
+    try:
+        plan = plan_sweep(overrides)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    seen_data: set[str] = set()
+    for job in plan.jobs:  # device and data once per distinct setting
+        key = json.dumps([job.cfg.device, OmegaConf.to_container(job.cfg.data)], sort_keys=True, default=str)
+        if key not in seen_data:
+            seen_data.add(key)
+            check_runnable(job.cfg)
+    if dry_run:
+        typer.echo(f"sweep dir: {plan.sweep_dir}  launcher: {plan.launcher}  W&B group: {plan.group}")
+        for job in plan.jobs:
+            typer.echo(f"  #{job.num} {job.label} -> {job.run_dir}")
+        raise typer.Exit()
+
+    vectorized, reason = vectorized_reason(plan)
+    if reason and plan.jobs[0].cfg.sweep.vectorize and plan.launcher == "basic":
+        stderr.print(f"sweep.vectorize: one job per member ({reason})", highlight=False)
+    mode = "vectorized" if vectorized else plan.launcher
+    stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
+                 highlight=False)
+    interrupted = False
+    try:
+        if vectorized:
+            from dropstudy.console import setup_logging
+
+            setup_logging(plan.sweep_dir / "sweep.log")
+            train_vectorized(plan, vectorized)
+        else:
+            launch_multirun(plan, SweepJob(plan.group))
+    except KeyboardInterrupt:
+        interrupted = True
+
+    outcomes = collect_outcomes(plan)
+    print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
+    summary = write_sweep_json(plan, outcomes, interrupted, mode)
+    typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
+    bad = [o for o in outcomes if not o.ok]
+    if interrupted:
+        raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
+                   "says which ran.", EXIT_INTERRUPTED)
+    if bad:
+        names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
+                          + (f": {o.reason}" if o.reason else "") for o in bad)
+        raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
+
+
 def overridden(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """A saved config with key=value overrides of keys it already has, checked like new input."""
     from omegaconf.errors import OmegaConfBaseException

@@ -144,6 +144,13 @@ class StudyConfig:
 
 
 @dataclass
+class SweepConfig:
+    # `dropstudy sweep` trains a grid of regression members as one batched model in one
+    # process when the members allow it (dropstudy.vectorized); false = one job per member.
+    vectorize: bool = True
+
+
+@dataclass
 class Config:
     experiment: str = MISSING
     seed: int = 0
@@ -156,6 +163,7 @@ class Config:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_schema() -> None:

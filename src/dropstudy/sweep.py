@@ -1,0 +1,417 @@
+"""Sweeps: a grid of `train` jobs as a Hydra multirun on any launcher, and the table at the end.
+
+`plan_sweep` expands the overrides exactly as Hydra's basic sweeper will (its override parser
+and job list), composes and checks every job's config and works out each job's run directory,
+all before anything is launched; bad input anywhere in the grid is a `ConfigError`.
+`launch_multirun` then hands the same overrides to a `@hydra.main` task with `--multirun`, so
+the launcher (basic, joblib, submitit) owns the jobs. `SweepJob` is what each job runs, in
+whatever process the launcher picks: one `train_run`, its own W&B run in the sweep's group,
+and a small picklable record back. The table is built from each job's summary.json, the
+source of truth whichever process wrote it.
+
+With `sweep.vectorize` on, a grid that `dropstudy.vectorized` can train as one batched model
+is trained that way instead, into the same run directories (`train_vectorized`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dropstudy.config import ConfigError, conf_dir, explain_composition_error, validate
+
+log = logging.getLogger("dropstudy")
+
+# hydra/launcher=NAME -> the plugin module it needs (`slurm` is conf/hydra/launcher/slurm.yaml).
+LAUNCHER_PLUGINS = {
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher",
+}
+LAUNCHERS = ("basic", *LAUNCHER_PLUGINS)
+SAFE_PATH = re.compile(r"^[\w./:-]+$")
+
+
+@dataclass
+class PlannedJob:
+    num: int
+    overrides: list[str]  # the job's own task overrides, as .hydra/overrides.yaml will hold them
+    cfg: DictConfig  # composed, resolved and validated
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides)
+
+
+@dataclass
+class SweepPlan:
+    sweep_dir: Path
+    launcher: str
+    group: str
+    argv: list[str]  # the overrides handed to Hydra's multirun (sweep dir made explicit)
+    jobs: list[PlannedJob]
+    master: DictConfig = field(repr=False)  # the multirun config (with hydra), for multirun.yaml
+
+    @property
+    def varying(self) -> list[str]:
+        """Keys whose value differs between jobs: what the table shows of each job."""
+        keys: dict[str, set[str]] = {}
+        for job in self.jobs:
+            for ov in job.overrides:
+                key, _, value = ov.partition("=")
+                keys.setdefault(key, set()).add(value)
+        return [k for k, values in keys.items() if len(values) > 1 or len(self.jobs) == 1]
+
+
+def launcher_choice(overrides: list[str]) -> str:
+    choice = "basic"
+    for arg in overrides:
+        if arg.startswith("hydra/launcher="):
+            choice = arg.split("=", 1)[1]
+    return choice
+
+
+def check_launcher(name: str) -> None:
+    """The plugin a launcher needs is installed, or a message saying how to get it."""
+    if name not in LAUNCHERS:
+        raise ConfigError(f"hydra/launcher={name}: no such launcher; choose one of: {', '.join(LAUNCHERS)}.")
+    module = LAUNCHER_PLUGINS.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        package = "hydra-joblib-launcher" if "joblib" in module else "hydra-submitit-launcher"
+        raise ConfigError(
+            f"hydra/launcher={name} needs the {package} plugin, which is not installed; install the "
+            "launchers with: pip install 'dropstudy[cluster]'"
+        )
+
+
+def _hydra():
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    return Hydra.create_main_hydra2(task_name="sweep", config_search_path=create_config_search_path(str(conf_dir())))
+
+
+def _is_hydra_override(arg: str) -> bool:
+    return arg.lstrip("+~").startswith(("hydra/", "hydra."))
+
+
+def plan_sweep(overrides: list[str]) -> SweepPlan:
+    """Every job of the multirun `overrides` describe, composed and validated, with its run dir."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    launcher = launcher_choice(overrides)
+    check_launcher(launcher)
+    setup_globals()
+    args = [*overrides, "hydra.job.name=sweep"]
+    try:
+        hydra = _hydra()
+        master = hydra.config_loader.load_configuration(config_name="config", overrides=args, run_mode=RunMode.MULTIRUN)
+        # Fix the sweep dir once (it holds ${now:...}): the plan and the launched jobs must agree.
+        sweep_dir = str(master.hydra.sweep.dir)
+        args.append(f"hydra.sweep.dir={sweep_dir}" if SAFE_PATH.match(sweep_dir) else f"hydra.sweep.dir='{sweep_dir}'")
+        master = hydra.config_loader.load_configuration(config_name="config", overrides=args, run_mode=RunMode.MULTIRUN)
+        parser = OverridesParser.create(config_loader=hydra.config_loader)
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        GlobalHydra.instance().clear()
+        raise ConfigError(explain_composition_error(exc)) from exc
+
+    jobs: list[PlannedJob] = []
+    try:
+        for num, job_args in enumerate(batches[0]):
+            task_args = [a for a in job_args if not _is_hydra_override(a)]
+            where = f"sweep job {num} ({' '.join(task_args)})"
+            try:
+                # What Hydra's launchers do for job `num`: its config, then its output dir.
+                job_cfg = hydra.config_loader.load_sweep_config(master, list(job_args))
+                with open_dict(job_cfg):
+                    job_cfg.hydra.job.id = num
+                    job_cfg.hydra.job.num = num
+                HydraConfig.instance().set_config(job_cfg)
+                run_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+                task_overrides = [str(o) for o in job_cfg.hydra.overrides.task]
+                cfg = OmegaConf.create(OmegaConf.to_container(job_cfg, resolve=False))
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                OmegaConf.resolve(cfg)
+            except (HydraException, OmegaConfBaseException, ValueError) as exc:
+                raise ConfigError(f"{where}: {explain_composition_error(exc)}") from exc
+            try:
+                validate(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
+            jobs.append(PlannedJob(num, task_overrides, cfg, run_dir))
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+
+    first = jobs[0].cfg
+    group = first.tracker.group or f"{first.experiment}-{Path(sweep_dir).name}"
+    return SweepPlan(Path(sweep_dir), launcher, group, args, jobs, master)
+
+
+# --------------------------------------------------------------------------- running the jobs
+
+
+@dataclass
+class SweepJob:
+    """One job of a sweep, run by the launcher in any process: it must pickle (cloudpickle for
+    joblib and submitit), so it holds plain values only and returns a small dict."""
+
+    group: str
+    launched_from: int = field(default_factory=os.getpid)  # the `dropstudy sweep` process
+
+    def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+        from dropstudy.runner import train_run
+
+        try:
+            result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one job's failure never stops the others
+            log.exception(f"sweep job {run_dir} failed: {type(exc).__name__}: {exc}")
+            return {"run_dir": str(run_dir), "status": read_status(run_dir)[0]}
+        finally:
+            self._release_wandb()
+        if result.status == "interrupted":
+            # Ctrl-C: the trainer stopped cleanly; stop launching the remaining jobs too.
+            raise KeyboardInterrupt
+        return {"run_dir": str(run_dir), "status": result.status}
+
+    def _release_wandb(self) -> None:
+        """In a worker process (joblib's loky, submitit), shut W&B's service down with the job:
+        train_run has finished the run, and a worker that loky reuses or kills later must not
+        hold a W&B service from an earlier job (the known joblib/wandb crash)."""
+        if os.getpid() != self.launched_from and "wandb" in sys.modules:
+            try:
+                sys.modules["wandb"].teardown()
+            except Exception as exc:
+                log.warning(f"W&B teardown after the job failed ({type(exc).__name__}: {exc})")
+
+
+def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
+    """Run the plan's jobs as a Hydra multirun on its launcher (the same task `train` runs)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def sweep_job(cfg: DictConfig) -> dict[str, Any]:
+        hc = HydraConfig.get()
+        return job(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], "--multirun", *plan.argv]
+    try:
+        sweep_job()
+    finally:
+        sys.argv = saved_argv
+
+
+def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
+    """The vectorized module when it can train this plan as one batched model, else why not."""
+    if not plan.jobs[0].cfg.sweep.vectorize:
+        return None, "sweep.vectorize=false"
+    if plan.launcher != "basic":
+        return None, f"hydra/launcher={plan.launcher} runs one job per member"
+    try:
+        from dropstudy import vectorized
+    except ImportError:
+        return None, "dropstudy.vectorized is not available"
+    needed = ("why_not_vectorizable", "train_members", "Member")
+    missing = [name for name in needed if not hasattr(vectorized, name)]
+    if missing:
+        return None, f"dropstudy.vectorized lacks {', '.join(missing)}"
+    reason = vectorized.why_not_vectorizable([job.cfg for job in plan.jobs])
+    return (vectorized, None) if reason is None else (None, reason)
+
+
+def train_vectorized(plan: SweepPlan, vectorized: Any) -> None:
+    """Every job as a member of one batched model, each in the run dir the launcher would use."""
+    from dropstudy.rundir import RunDir
+
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(plan.master, plan.sweep_dir / "multirun.yaml")
+    members = []
+    for job in plan.jobs:
+        RunDir(job.run_dir).write_config(job.cfg, job.overrides)
+        members.append(vectorized.Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
+    vectorized.train_members(members, group=plan.group, extra_tags=("sweep",))
+
+
+# --------------------------------------------------------------------------- the outcome
+
+
+def read_status(run_dir: Path) -> tuple[str, dict]:
+    """A job's status from its summary.json: `not run` without a run dir, `failed` without a
+    summary (it died before writing one)."""
+    summary_path = run_dir / "summary.json"
+    if not run_dir.is_dir():
+        return "not run", {}
+    if not summary_path.is_file():
+        return "failed", {}
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "failed", {}
+    return summary.get("status", "failed"), summary
+
+
+@dataclass
+class JobOutcome:
+    num: int
+    overrides: list[str]
+    setting: str  # the overrides that vary across the sweep
+    status: str
+    run_dir: Path
+    reason: str | None
+    final: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished"
+
+
+def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
+    varying = set(plan.varying)
+    outcomes = []
+    for job in plan.jobs:
+        status, summary = read_status(job.run_dir)
+        setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
+        outcomes.append(JobOutcome(job.num, job.overrides, setting, status, job.run_dir, summary.get("reason"),
+                                   summary.get("final", {})))
+    return outcomes
+
+
+def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
+    for key in ("val/loss", "train/loss"):
+        if key in final:
+            return key, final[key]
+    return "val/loss", None
+
+
+def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: bool, mode: str) -> Path:
+    from dropstudy.rundir import write_json_atomic
+
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.sweep_dir / "sweep.json"
+    write_json_atomic(
+        path,
+        {
+            "sweep_dir": str(plan.sweep_dir),
+            "group": plan.group,
+            "launcher": plan.launcher,
+            "mode": mode,
+            "overrides": plan.argv,
+            "interrupted": interrupted,
+            "failed": [o.num for o in outcomes if not o.ok],
+            "jobs": [
+                {"num": o.num, "overrides": o.overrides, "setting": o.setting, "status": o.status,
+                 "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final}
+                for o in outcomes
+            ],
+        },
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- W&B sweeps
+
+WANDB_METHODS = ("grid", "random", "bayes")
+# What a W&B agent runs for each point: `dropstudy train key=value ...`, Hydra overrides as-is.
+AGENT_COMMAND = ["${env}", "${interpreter}", "-m", "dropstudy", "train", "${args_no_hyphens}"]
+
+
+def _wandb_value(value: Any, text: str) -> Any:
+    """Numbers stay numbers (bayes needs them); anything else is passed as its Hydra text, which
+    the agent writes back verbatim as key=TEXT."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return text
+
+
+def wandb_sweep_config(overrides: list[str], method: str, metric: str, goal: str, name: str,
+                       project: str, entity: str | None) -> tuple[dict[str, Any], list[str]]:
+    """A W&B sweep config for `overrides`, and the overrides that check its grid: comma lists,
+    range() and choice() become `values`, interval() a uniform `min`/`max` (random, bayes),
+    everything else a fixed `value`; `~key` deletions go into the command itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType, ValueType
+
+    if method not in WANDB_METHODS:
+        raise ConfigError(f"--method {method}: use one of {', '.join(WANDB_METHODS)}.")
+    if goal not in ("minimize", "maximize"):
+        raise ConfigError(f"--goal {goal}: use minimize or maximize.")
+    parser = OverridesParser.create()
+    parameters: dict[str, Any] = {}
+    command = list(AGENT_COMMAND)
+    checks: list[str] = []
+    for arg in overrides:
+        if _is_hydra_override(arg):
+            raise ConfigError(f"{arg}: W&B agents run `dropstudy train` on their own machines; Hydra's "
+                              "launcher and sweep settings do not apply there. Leave it out of --wandb.")
+        try:
+            override = parser.parse_override(arg)
+        except Exception as exc:
+            raise ConfigError(f"{arg}: {explain_composition_error(exc)}") from exc
+        key = override.get_key_element()
+        if override.type == OverrideType.DEL:
+            command.insert(-1, arg)
+            checks.append(arg)
+        elif override.value_type == ValueType.INTERVAL_SWEEP:
+            if method == "grid":
+                raise ConfigError(f"{arg}: --method grid needs a list of values (a,b,c, range() or choice()); "
+                                  "interval() needs --method random or bayes.")
+            interval = override.value()
+            parameters[key] = {"distribution": "uniform", "min": interval.start, "max": interval.end}
+            checks.append(f"{key}={interval.start},{interval.end}")
+        elif override.is_discrete_sweep():
+            values = list(override.sweep_iterator())
+            texts = list(override.sweep_string_iterator())
+            parameters[key] = {"values": [_wandb_value(v, t) for v, t in zip(values, texts)]}
+            checks.append(arg)
+        else:
+            parameters[key] = {"value": _wandb_value(override.value(), override.get_value_element_as_str())}
+            checks.append(arg)
+    if not any("values" in p or "min" in p for p in parameters.values()):
+        raise ConfigError("--wandb: nothing to sweep; give at least one key a list of values, "
+                          "e.g. model.dropout=0,0.25,0.5 seed=range(0,5).")
+    config: dict[str, Any] = {
+        "name": name,
+        "project": project,
+        "program": "dropstudy",  # the agent requires the key; the command below is what runs
+        "method": method,
+        "metric": {"name": metric, "goal": goal},
+        "parameters": parameters,
+        "command": command,
+    }
+    if entity:
+        config["entity"] = entity
+    return config, checks
+
+
+def write_wandb_sweep(path: Path, config: dict[str, Any]) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
