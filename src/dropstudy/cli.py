@@ -483,6 +483,51 @@ def rerun(
 
 
 @app.command()
+def report(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A directory of runs: a sweep, a study, runs/.",
+                                     show_default=False),
+) -> None:
+    """Tables and figures over every finished run under DIR (found recursively by summary.json and
+    .hydra/config.yaml): per experiment, one row per setting (the config keys that vary, other
+    than the seed) with mean ± std over seeds of the final train/val/test loss (and accuracy),
+    gap/loss and best epoch. Writes DIR/report/report.md, report.csv and the figures (metric vs
+    dropout rate, learning curves with bands, the regression fit of one seed per setting); when
+    the runs were tracked, logs them to one W&B run (job_type report) in their group.
+
+    Examples:
+
+        dropstudy report runs/regression/2026-11-22_09-00-00-sweep
+
+        dropstudy report runs/
+    """
+    from dropstudy.console import setup_logging
+    from dropstudy.report import ReportError, cells, header, make_report
+
+    if directory.is_dir():
+        setup_logging(directory / "report" / "report.log")
+    try:
+        result = make_report(directory)
+    except ReportError as exc:
+        raise fail(str(exc))
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 160))
+    for table in result.tables:
+        shown = Table(title=f"{table.experiment} (mean ± std over seeds)", title_justify="left")
+        for column in header(table):
+            shown.add_column(column, justify="left" if column in table.setting_keys else "right")
+        for row in table.rows:
+            shown.add_row(*cells(table, row))
+        console.print(shown)
+    for path, status in result.skipped:
+        stderr.print(f"skipped {path}: {status}, not finished", highlight=False)
+    for path in result.files.values():
+        typer.echo(f"wrote {path}")
+    if result.tracker_sync:
+        typer.echo(f"W&B (offline): {result.tracker_sync}")
+
+
+@app.command()
 def demo(
     name: Optional[str] = typer.Argument(None, help="scaling, masks or equivalence", show_default=False),
     list_demos: bool = typer.Option(False, "--list", help="List the demonstrations and exit."),

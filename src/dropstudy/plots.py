@@ -203,3 +203,49 @@ def weight_norms(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
     _label(lx, "epoch", "L2 norm of all weights", "over training")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- reports over seeds
+
+
+@dataclass
+class SeedStats:
+    """One setting's metric over seeds: x positions (epochs or dropout rates), mean and std."""
+
+    label: str
+    x: Sequence[float]
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def metric_vs_setting(panels: dict[str, Sequence[SeedStats]], xlabel: str, path: Path, title: str,
+                      xticks: Sequence[str] | None = None) -> Path:
+    """One panel per metric (e.g. train/val/test loss): the mean over seeds against the dropout
+    rate, error bars of ±1 std, one line per remaining setting (e.g. dropout kind)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (metric, lines) in zip(axes[0], panels.items()):
+        for color, line in zip(COLORS, lines):
+            ax.errorbar(line.x, line.mean, yerr=line.std, color=color, marker="o", ms=4, capsize=4, label=line.label)
+        if xticks is not None:
+            ax.set_xticks(range(len(xticks)), xticks, rotation=20, fontsize=8)
+        _label(ax, xlabel, f"{metric} (mean ± std over seeds)", metric)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def mean_learning_curves(panels: dict[str, Sequence[SeedStats]], path: Path, title: str) -> Path:
+    """One panel per metric: each setting's mean curve over seeds against epoch, with a ±1 std
+    band (no band where only one seed ran)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (metric, curves) in zip(axes[0], panels.items()):
+        for color, curve in zip(COLORS, curves):
+            ax.plot(curve.x, curve.mean, color=color, lw=1.6, label=curve.label)
+            if any(s > 0 for s in curve.std):
+                ax.fill_between(curve.x, [m - s for m, s in zip(curve.mean, curve.std)],
+                                [m + s for m, s in zip(curve.mean, curve.std)], color=color, alpha=0.2, lw=0)
+        if metric.endswith("loss") and all(m > 0 for c in curves for m in c.mean):
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _label(ax, "epoch", metric, metric)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,8 +1,8 @@
 """Experiment tracking: the small interface the training loop talks to, and its W&B implementation.
 
-The loop only ever calls `watch`, `log`, `log_images`, `set_summary` and `finish`. `WandbTracker`
-maps those onto one W&B run; `NullTracker` does nothing; `GuardedTracker` wraps a tracker so
-that a W&B failure (network down, service refused, a bug in a hook) is reported once and then
+The loop only ever calls `watch`, `log`, `log_images`, `set_summary` and `finish` (`report`
+also logs tables with `log_table`). `WandbTracker` maps those onto one W&B run; `NullTracker`
+does nothing; `GuardedTracker` wraps a tracker so that a W&B failure (network down, service refused, a bug in a hook) is reported once and then
 ignored: training goes on, and the local metrics.jsonl/summary.json never depend on W&B.
 """
 
@@ -28,6 +28,7 @@ class Tracker(Protocol):
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None: ...
     def log(self, row: dict[str, Any], step: int) -> None: ...
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None: ...
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
     def set_summary(self, values: dict[str, Any]) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
@@ -44,6 +45,9 @@ class NullTracker:
         pass
 
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         pass
 
     def set_summary(self, values: dict[str, Any]) -> None:
@@ -160,6 +164,9 @@ class WandbTracker:
         row["epoch"] = epoch
         self.run.log(row, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=step)
+
     def set_summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.run.summary[key] = value
@@ -210,6 +217,9 @@ class GuardedTracker:
 
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
         self._call("log_images", images, epoch, step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self._call("log_table", key, columns, rows, step)
 
     def set_summary(self, values: dict[str, Any]) -> None:
         self._call("set_summary", values)
