@@ -73,3 +73,28 @@ QUICK_CIFAR = [
     "data.val_size=40",
     "tracker.log_freq=2",
 ]
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SWEEP_GRID = ["model.dropout=0,0.5", "seed=0,1", "trainer.epochs=20", "trainer.eval_every=10", "tracker.log_freq=10"]
+
+
+def clean_environment(tmp: Path) -> dict[str, str]:
+    """What `clean_env` sets up, for fixtures wider than one test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "DROPSTUDY_DATA")}
+    (tmp / "home").mkdir(exist_ok=True)
+    env.update(HOME=str(tmp / "home"), DROPSTUDY_DATA=str(tmp / "data"), MPLCONFIGDIR=str(tmp / "home" / ".mpl"))
+    return env
+
+
+@pytest.fixture(scope="session")
+def regression_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult]:
+    """One 2x2 sweep (dropout 0/0.5 x seed 0/1, 20 epochs) on the basic launcher, W&B offline;
+    shared by the sweep and report tests, since each job costs seconds."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dropstudy", "sweep", *SWEEP_GRID, "sweep.vectorize=false", "hydra.sweep.dir=sw"],
+        cwd=tmp, env=clean_environment(tmp), capture_output=True, text=True, timeout=600,
+    )
+    return tmp / "sw", CliResult(proc.returncode, proc.stdout, proc.stderr)

@@ -46,7 +46,10 @@ EXTRA_ARGS = {"allow_extra_args": False, "ignore_unknown_options": True}
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: messages quote user input and commands such as pip install 'dropstudy[cluster]'.
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -1,0 +1,198 @@
+"""`dropstudy sweep`: Hydra multiruns on the basic, joblib and submitit_local launchers (complete
+run dirs, one W&B run each in the sweep's group), failing jobs, bad grid points, Ctrl-C, and the
+W&B sweep YAML run the way an agent runs it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import SWEEP_GRID, read_jsonl
+from dropstudy.cli import app
+from wandb_offline import load_run
+
+RUN_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", "provenance.json", "metrics.jsonl", "summary.json",
+             "checkpoints/last.pt", "plots/learning_curves.png", "plots/regression_fit.png")
+
+
+def assert_complete_sweep(sweep_dir: Path, expected: dict[str, tuple[float, int]]) -> None:
+    """Every job's run dir is complete, its config has the job's values, and its W&B offline
+    run is in the sweep's group with job_type per dropout rate and the `sweep` tag."""
+    table = json.loads((sweep_dir / "sweep.json").read_text())
+    assert table["failed"] == [] and not table["interrupted"]
+    assert (sweep_dir / "multirun.yaml").is_file()
+    group = table["group"]
+    assert group == f"regression-{sweep_dir.name}"
+    seen = {}
+    for job in table["jobs"]:
+        run = Path(job["run_dir"])
+        run = run if run.is_absolute() else sweep_dir.parent / run
+        for name in RUN_FILES:
+            assert (run / name).is_file(), (run, name)
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+        assert job["status"] == summary["status"] == "finished"
+        assert job["final"]["val/loss"] == summary["final"]["val/loss"]
+        assert summary["wandb"]["group"] == group
+        wb = load_run(run)
+        assert wb.group == group and wb.job_type == f"dropout-{config['model']['dropout']:g}"
+        assert "sweep" in wb.tags and wb.exit_code in (0, None)
+        assert wb.config["model.dropout"] == config["model"]["dropout"] and wb.config["seed"] == config["seed"]
+        assert wb.scalars("val/loss")[-1] == [r["val/loss"] for r in read_jsonl(run / "metrics.jsonl")
+                                               if "val/loss" in r][-1]
+        seen[" ".join(job["overrides"][:2])] = (config["model"]["dropout"], config["seed"])
+    assert seen == expected
+
+
+GRID_2x2 = {f"model.dropout={p} seed={s}": (float(p), s) for p, s in itertools.product(("0", "0.5"), (0, 1))}
+
+
+def test_basic_launcher_sweep_writes_one_complete_run_per_grid_point(regression_sweep):
+    sweep_dir, result = regression_sweep
+    assert result.code == 0, result.output
+    assert_complete_sweep(sweep_dir, GRID_2x2)
+    # The final table: every job with its overrides and status.
+    for overrides in GRID_2x2:
+        assert overrides in result.stdout
+    assert result.stdout.count("finished") == 4 and "sweep.json" in result.stdout
+
+
+def invoke(*args: str):
+    """The CLI in this process (cheap checks; the launchers' tests run it as a subprocess)."""
+    return CliRunner().invoke(app, list(args), prog_name="dropstudy")
+
+
+def test_a_failing_job_does_not_stop_the_others_and_the_exit_code_says_which(clean_env, tmp_path):
+    # lr=1e9 blows the loss up at once; on_nan=raise turns that into an exception in the job.
+    result = invoke("sweep", "optim.lr=1e9,0.01", "trainer.on_nan=raise", "trainer.epochs=5",
+                    "trainer.eval_every=5", "tracker.mode=disabled", "sweep.vectorize=false", "hydra.sweep.dir=sw")
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    assert "1 of 2 sweep jobs did not finish: #0 (optim.lr=1000000000.0) diverged" in output
+    assert "│ 0 │ optim.lr=1000000000.0 │ diverged" in output and "│ 1 │ optim.lr=0.01 │ finished" in output
+    table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [j["status"] for j in table["jobs"]] == ["diverged", "finished"] and table["failed"] == [0]
+    assert "NonFiniteLoss" in table["jobs"][0]["reason"]
+    assert json.loads((tmp_path / "sw" / "1" / "summary.json").read_text())["epoch"] == 5
+
+
+def test_every_grid_point_is_checked_before_anything_runs(clean_env, tmp_path):
+    result = invoke("sweep", "model.dropout=0,0.5,1.5", "seed=0,1", "hydra.sweep.dir=sw")
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "sweep job 4 (model.dropout=1.5 seed=0): model.dropout=1.5" in output and "[0, 1)" in output
+    assert not (tmp_path / "sw").exists()
+
+    result = invoke("sweep", "model.dropot=0,0.5")
+    assert result.exit_code == 2 and "model.dropot" in result.output and "valid keys" in result.output
+    result = invoke("sweep", "hydra/launcher=nope", "seed=0,1")
+    assert result.exit_code == 2 and "basic, joblib, submitit_local, submitit_slurm" in " ".join(result.output.split())
+
+
+def test_a_launcher_whose_plugin_is_missing_says_what_to_install(clean_env, monkeypatch):
+    from dropstudy import sweep
+
+    real = sweep.importlib.util.find_spec
+    monkeypatch.setattr(sweep.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_joblib") else real(name, *a))
+    result = invoke("sweep", "hydra/launcher=joblib", "seed=0,1")
+    assert result.exit_code == 2
+    assert "pip install 'dropstudy[cluster]'" in " ".join(result.output.split())
+
+
+def test_dry_run_lists_jobs_and_the_slurm_launcher_config(clean_env, tmp_path):
+    result = invoke("sweep", "--dry-run", "model.dropout=0,0.5", "hydra/launcher=slurm",
+                    "hydra.launcher.partition=gpu", "hydra.sweep.dir=sw")
+    assert result.exit_code == 0, result.output
+    assert "launcher: slurm" in result.output and "#1 model.dropout=0.5 -> sw/1" in result.output
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_process_launchers_run_the_same_sweep(dropstudy, tmp_path, launcher):
+    """Each job in its own process owns and finishes its W&B run (no loky/wandb crash)."""
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    result = dropstudy("sweep", *SWEEP_GRID, f"hydra/launcher={launcher}", *extra, "sweep.vectorize=false",
+                       "hydra.sweep.dir=sw", timeout=600)
+    assert result.code == 0, result.output
+    assert "Traceback" not in result.output and "TerminatedWorkerError" not in result.output
+    assert_complete_sweep(tmp_path / "sw", GRID_2x2)
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["launcher"] == launcher
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_with_a_table_and_exit_130(clean_env, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropstudy", "sweep", "model.dropout=0,0.5", "trainer.epochs=100000",
+         "tracker.mode=disabled", "sweep.vectorize=false", "hydra.sweep.dir=sw"],
+        cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = tmp_path / "sw" / "0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert table["interrupted"] and [j["status"] for j in table["jobs"]] == ["interrupted", "not run"]
+    assert "interrupted" in out and "not run" in out
+
+
+def agent_args(parameters: dict) -> list[list[str]]:
+    """What a W&B grid agent hands `${args_no_hyphens}` for each point (wandb's own code)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    swept = {k: v["values"] for k, v in parameters.items() if "values" in v}
+    fixed = {k: v["value"] for k, v in parameters.items() if "value" in v}
+    points = [dict(zip(swept, combo)) for combo in itertools.product(*swept.values())]
+    return [create_sweep_command_args({"args": {k: {"value": v} for k, v in {**fixed, **p}.items()}})["args_no_hyphens"]
+            for p in points]
+
+
+@pytest.mark.slow
+def test_wandb_sweep_yaml_runs_as_an_agent_would(dropstudy, clean_env, tmp_path):
+    result = dropstudy("sweep", "--wandb", "model.dropout=0,0.5", "seed=range(3,5)", "trainer.epochs=3",
+                       "trainer.eval_every=3", "tracker.mode=disabled", "hydra.sweep.dir=sw")
+    assert result.code == 0, result.output
+    path = tmp_path / "sw" / "wandb_sweep.yaml"
+    assert f"wandb sweep {Path('sw') / 'wandb_sweep.yaml'}" in result.stdout
+    assert "wandb agent ENTITY/dropstudy/SWEEP_ID" in result.stdout
+    config = yaml.safe_load(path.read_text())
+    assert config["method"] == "grid" and config["metric"] == {"name": "val/loss", "goal": "minimize"}
+    assert config["parameters"]["model.dropout"] == {"values": [0, 0.5]}
+    assert config["parameters"]["seed"] == {"values": [3, 4]}
+    assert config["parameters"]["trainer.epochs"] == {"value": 3}
+    assert config["command"] == ["${env}", "${interpreter}", "-m", "dropstudy", "train", "${args_no_hyphens}"]
+
+    points = agent_args(config["parameters"])
+    assert len(points) == 4
+    for args in points:
+        command = [sys.executable if c == "${interpreter}" else c for c in config["command"] if c != "${env}"]
+        command = [part for c in command for part in (args if c == "${args_no_hyphens}" else [c])]
+        before = set((tmp_path / "runs").glob("regression/*-train"))
+        proc = subprocess.run(command, cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (run_dir,) = set((tmp_path / "runs").glob("regression/*-train")) - before
+        saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        values = dict(a.split("=", 1) for a in args)
+        assert saved["model"]["dropout"] == float(values["model.dropout"]) and saved["seed"] == int(values["seed"])
+        assert saved["trainer"]["epochs"] == 3
+
+
+def test_wandb_sweep_rejects_what_an_agent_cannot_run(clean_env):
+    result = invoke("sweep", "--wandb", "model.dropout=interval(0,0.5)")
+    assert result.exit_code == 2 and "--method random or bayes" in " ".join(result.output.split())
+    result = invoke("sweep", "--wandb", "--method", "bayes", "model.dropout=0,2")
+    assert result.exit_code == 2 and "model.dropout=2" in result.output
