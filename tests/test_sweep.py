@@ -74,8 +74,8 @@ def invoke(*args: str):
 
 def test_a_failing_job_does_not_stop_the_others_and_the_exit_code_says_which(clean_env, tmp_path):
     # lr=1e9 blows the loss up at once; on_nan=raise turns that into an exception in the job.
-    result = invoke("sweep", "optim.lr=1e9,0.01", "trainer.on_nan=raise", "trainer.epochs=5",
-                    "trainer.eval_every=5", "tracker.mode=disabled", "sweep.vectorize=false", "hydra.sweep.dir=sw")
+    result = invoke("sweep", "optim.lr=1e9,0.01", "trainer.on_nan=raise", "trainer.epochs=3",
+                    "trainer.eval_every=3", "tracker.mode=disabled", "sweep.vectorize=false", "hydra.sweep.dir=sw")
     assert result.exit_code == 1, result.output
     output = " ".join(result.output.split())
     assert "1 of 2 sweep jobs did not finish: #0 (optim.lr=1000000000.0) diverged" in output
@@ -83,7 +83,7 @@ def test_a_failing_job_does_not_stop_the_others_and_the_exit_code_says_which(cle
     table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [j["status"] for j in table["jobs"]] == ["diverged", "finished"] and table["failed"] == [0]
     assert "NonFiniteLoss" in table["jobs"][0]["reason"]
-    assert json.loads((tmp_path / "sw" / "1" / "summary.json").read_text())["epoch"] == 5
+    assert json.loads((tmp_path / "sw" / "1" / "summary.json").read_text())["epoch"] == 3
 
 
 def test_every_grid_point_is_checked_before_anything_runs(clean_env, tmp_path):
