@@ -196,3 +196,55 @@ def test_wandb_sweep_rejects_what_an_agent_cannot_run(clean_env):
     assert result.exit_code == 2 and "--method random or bayes" in " ".join(result.output.split())
     result = invoke("sweep", "--wandb", "--method", "bayes", "model.dropout=0,2")
     assert result.exit_code == 2 and "model.dropout=2" in result.output
+
+
+def fake_vectorized(monkeypatch, reason):
+    """A stand-in for dropstudy.vectorized (built elsewhere) with its interface, recording calls."""
+    import types
+    from dataclasses import dataclass
+
+    from dropstudy.rundir import RunDir
+
+    @dataclass
+    class Member:
+        cfg: object
+        run_dir: Path
+        overrides: list
+
+    calls = []
+
+    def train_members(members, *, group, extra_tags=()):
+        calls.append((members, group, extra_tags))
+        for m in members:
+            RunDir(m.run_dir).write_summary({"status": "finished", "final": {"val/loss": float(m.cfg.seed)}})
+        return []
+
+    module = types.SimpleNamespace(Member=Member, train_members=train_members,
+                                   why_not_vectorizable=lambda cfgs: reason)
+    monkeypatch.setitem(sys.modules, "dropstudy.vectorized", module)
+    monkeypatch.setattr("dropstudy.vectorized", module, raising=False)
+    return calls
+
+
+def test_a_vectorizable_grid_goes_to_train_members_in_the_launchers_run_dirs(clean_env, tmp_path, monkeypatch):
+    calls = fake_vectorized(monkeypatch, None)
+    result = invoke("sweep", "model.dropout=0,0.5", "seed=0,1", "hydra.sweep.dir=sw")
+    assert result.exit_code == 0, result.output
+    ((members, group, tags),) = calls
+    assert group == "regression-sw" and tags == ("sweep",)
+    assert [str(m.run_dir) for m in members] == ["sw/0", "sw/1", "sw/2", "sw/3"]
+    assert [m.overrides for m in members][1] == ["model.dropout=0", "seed=1"]
+    assert [(m.cfg.model.dropout, m.cfg.seed) for m in members] == [(0, 0), (0, 1), (0.5, 0), (0.5, 1)]
+    saved = yaml.safe_load((tmp_path / "sw" / "3" / ".hydra" / "overrides.yaml").read_text())
+    assert saved == ["model.dropout=0.5", "seed=1"]
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+
+
+def test_a_grid_vectorized_cannot_train_falls_back_and_says_why(clean_env, monkeypatch):
+    fake_vectorized(monkeypatch, "model.name=cnn: only MLPs are batched")
+    result = invoke("sweep", "--dry-run", "model.dropout=0,0.5")
+    assert result.exit_code == 0, result.output
+    assert "sweep.vectorize: one job per member (model.name=cnn: only MLPs are batched)" in result.output
+    assert "launcher: basic" in result.output
+    result = invoke("sweep", "--dry-run", "model.dropout=0,0.5", "sweep.vectorize=false")
+    assert "sweep.vectorize:" not in result.output

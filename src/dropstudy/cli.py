@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -295,16 +296,16 @@ def sweep(
         if key not in seen_data:
             seen_data.add(key)
             check_runnable(job.cfg)
-    if dry_run:
-        typer.echo(f"sweep dir: {plan.sweep_dir}  launcher: {plan.launcher}  W&B group: {plan.group}")
-        for job in plan.jobs:
-            typer.echo(f"  #{job.num} {job.label} -> {job.run_dir}")
-        raise typer.Exit()
-
     vectorized, reason = vectorized_reason(plan)
     if reason and plan.jobs[0].cfg.sweep.vectorize and plan.launcher == "basic":
         stderr.print(f"sweep.vectorize: one job per member ({reason})", highlight=False)
     mode = "vectorized" if vectorized else plan.launcher
+    if dry_run:
+        typer.echo(f"sweep dir: {plan.sweep_dir}  launcher: {mode}  W&B group: {plan.group}")
+        for job in plan.jobs:
+            typer.echo(f"  #{job.num} {job.label} -> {job.run_dir}")
+        raise typer.Exit()
+
     stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
                  highlight=False)
     interrupted = False
@@ -313,7 +314,10 @@ def sweep(
             from dropstudy.console import setup_logging
 
             setup_logging(plan.sweep_dir / "sweep.log")
-            train_vectorized(plan, vectorized)
+            try:
+                train_vectorized(plan, vectorized)
+            except Exception as exc:  # the table below says which members got how far
+                logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
         else:
             launch_multirun(plan, SweepJob(plan.group))
     except KeyboardInterrupt:
