@@ -254,7 +254,7 @@ def sweep(
     """A Hydra multirun of `train`: one complete run directory per grid point under the sweep
     dir, each its own W&B run in one group named after the sweep (tracker.group overrides it),
     tagged `sweep`. Every grid point's config is checked before anything starts; a job that fails
-    does not stop the others. Ends with a table of every job (also in <sweep dir>/sweep.json) and
+    does not stop the others. Ends with a table of every job (also in sweep.json in the sweep dir) and
     a non-zero exit code if any job did not finish.
 
     Launchers: hydra/launcher=basic (default, one job after another), joblib (parallel processes),

@@ -138,10 +138,8 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 def setting_keys(runs: list[Run]) -> list[str]:
     """Config keys whose value differs between the runs: dropout first, its kind next."""
-    values: dict[str, set[str]] = {}
-    for run in runs:
-        for key in set().union(*(r.config.keys() for r in runs)):
-            values.setdefault(key, set()).add(_text(run.config.get(key)))
+    keys = set().union(*(r.config.keys() for r in runs))
+    values = {key: {_text(run.config.get(key)) for run in runs} for key in keys}
     varying = [k for k, v in values.items() if len(v) > 1 and k not in NOT_SETTINGS
                and not k.startswith(NOT_SETTING_PREFIXES)]
     first = [k for k in ("model.dropout", "model.dropout_kind") if k in varying]
