@@ -351,9 +351,10 @@ def _wandb_value(value: Any, text: str) -> Any:
 
 def wandb_sweep_config(overrides: list[str], method: str, metric: str, goal: str, name: str,
                        project: str, entity: str | None) -> tuple[dict[str, Any], list[str]]:
-    """A W&B sweep config for `overrides`, and the overrides that check its grid: comma lists,
-    range() and choice() become `values`, interval() a uniform `min`/`max` (random, bayes),
-    everything else a fixed `value`; `~key` deletions go into the command itself."""
+    """A W&B sweep config for `overrides`, and the overrides that check its grid (and place the
+    file: hydra.sweep.dir). Comma lists, range() and choice() become `values`, interval() a
+    uniform `min`/`max` (random, bayes), everything else a fixed `value`; `~key` deletions go
+    into the command itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType, ValueType
 
@@ -366,6 +367,9 @@ def wandb_sweep_config(overrides: list[str], method: str, metric: str, goal: str
     command = list(AGENT_COMMAND)
     checks: list[str] = []
     for arg in overrides:
+        if arg.startswith("hydra.sweep.dir="):
+            checks.append(arg)  # where the sweep config is written, not a parameter
+            continue
         if _is_hydra_override(arg):
             raise ConfigError(f"{arg}: W&B agents run `dropstudy train` on their own machines; Hydra's "
                               "launcher and sweep settings do not apply there. Leave it out of --wandb.")
