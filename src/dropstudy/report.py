@@ -278,9 +278,10 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     from dropstudy.runtime import seed_everything
 
     shared = set.intersection(*({str(r.seed) for r in row.runs} for row in table.rows))
+    seed = min(shared, key=lambda s: (len(s), s)) if shared else None  # the smallest, numerically
     fits, data = [], None
     for row in table.rows:
-        run = next((r for r in row.runs if str(r.seed) == min(shared, default=None)), row.runs[0])
+        run = next((r for r in row.runs if str(r.seed) == seed), row.runs[0])
         checkpoint = run.path / "checkpoints" / "last.pt"
         if not checkpoint.is_file():
             log.warning(f"report: {checkpoint} missing; no fit curve for {row.label}")
@@ -295,7 +296,7 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
         fits.append(regression_fit_curve(model, run_data, f"{row.label} (seed {cfg.seed})"))
     if not fits:
         return None
-    seeds = "seed " + min(shared) if shared else "one seed per setting"
+    seeds = f"seed {seed}" if seed is not None else "one seed per setting"
     return plots.regression_fit(_points(data.train), _points(data.test), fits,
                                 out / f"{table.experiment}_fit.png", f"{table.experiment}: fit, {seeds}")
 
