@@ -227,3 +227,19 @@ def test_final_mse_over_seeds_matches_single_runs(tmp_path, clean_env):
         b = torch.tensor([getattr(f, metric) for f in single])
         bound = 4 * math.sqrt(a.var() / len(a) + b.var() / len(b))
         assert abs(a.mean() - b.mean()) <= bound, (metric, a.tolist(), b.tolist())
+
+
+@pytest.mark.slow
+def test_adam_members_match_single_runs(tmp_path, clean_env):
+    """Adam is elementwise too (its step count is the same for every member): one Adam over the
+    stacked weights is one Adam per member."""
+    from dropstudy.runner import train_run
+
+    base = ["trainer.epochs=40", "trainer.eval_every=10", "tracker.mode=disabled", "optim=adam", "optim.lr=0.001",
+            "model.dropout=0.0"]
+    members = [Member(compose([*base, f"seed={s}"]), tmp_path / f"v{s}", [*base, f"seed={s}"]) for s in (0, 1)]
+    train_members(members, group="g")
+    train_run(members[1].cfg, tmp_path / "single", members[1].overrides)
+    for ours, theirs in zip(read_jsonl(tmp_path / "v1" / "metrics.jsonl"), read_jsonl(tmp_path / "single" / "metrics.jsonl")):
+        for key in ours.keys() - {"perf/samples_per_s"}:
+            assert ours[key] == pytest.approx(theirs[key], rel=RTOL, abs=ATOL), (ours["epoch"], key)

@@ -246,6 +246,10 @@ def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, .
     reason = why_not_vectorizable([m.cfg for m in members])
     if reason is not None:
         raise ValueError(f"these members cannot be trained as one batched model: {reason}")
+    for member in members:
+        if (member.run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{member.run_dir} already holds a run; vectorized training starts new runs only "
+                             "(continue that one with `dropstudy resume`)")
     runs: list[MemberRun] = []
     try:
         return _train_members(members, runs, group, extra_tags)
