@@ -243,3 +243,32 @@ def test_adam_members_match_single_runs(tmp_path, clean_env):
     for ours, theirs in zip(read_jsonl(tmp_path / "v1" / "metrics.jsonl"), read_jsonl(tmp_path / "single" / "metrics.jsonl")):
         for key in ours.keys() - {"perf/samples_per_s"}:
             assert ours[key] == pytest.approx(theirs[key], rel=RTOL, abs=ATOL), (ours["epoch"], key)
+
+
+def test_a_diverging_member_stops_and_the_others_train_on(tmp_path, clean_env, monkeypatch):
+    """Member 1's targets are made 1e20 times larger: its loss overflows within a few steps, while
+    member 0 trains to the end. As `train` with on_nan=stop: status diverged, the reason, and a
+    checkpoint of the last good epoch."""
+    from dropstudy import vectorized
+
+    def load_dataset(cfg, device, log):
+        data = real_load_dataset(cfg, device, log)
+        if cfg.seed == 1:
+            data.train.targets *= 1e20
+        return data
+
+    real_load_dataset = vectorized.load_dataset
+    monkeypatch.setattr(vectorized, "load_dataset", load_dataset)
+    base = ["trainer.epochs=30", "trainer.eval_every=10", "tracker.mode=disabled", "model.hidden=[16]"]
+    members = [Member(compose([*base, "seed=0"]), tmp_path / "ok", base),
+               Member(compose([*base, "seed=1"]), tmp_path / "bad", base)]
+    ok, bad = train_members(members, group="g")
+    assert ok.status == "finished" and bad.status == "diverged"
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "train/loss became" in summary["reason"]
+    rows = read_jsonl(tmp_path / "bad" / "metrics.jsonl")
+    assert rows[-1]["epoch"] == summary["epoch"] < 30 and not any("test/loss" in r for r in rows)
+    state = torch.load(tmp_path / "bad" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == summary["epoch"] - 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert read_jsonl(tmp_path / "ok" / "metrics.jsonl")[-1].keys() == {"epoch", "test/loss"}
