@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dropstudy.console import TrainingProgress
@@ -41,7 +41,9 @@ from dropstudy.models import build_model
 from dropstudy.config import dropout_site_count
 from dropstudy.rundir import RunDir, collect_provenance
 from dropstudy.runner import RunResult, conclude_run, make_run_tracker
-from dropstudy.runtime import Interrupted, describe_device, seed_everything, select_device, set_deterministic, signals_interrupt_training
+from dropstudy.runtime import (
+    Interrupted, describe_device, seed_everything, select_device, set_deterministic, signals_interrupt_training,
+)
 from dropstudy.tracking import flatten
 from dropstudy.train import Outcome, conclude, make_optimizer, rng_states
 
@@ -315,7 +317,9 @@ def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[Member
         cfg: DictConfig) -> None:
     """The epoch loop of Trainer.fit for the whole batch: one full-batch step per epoch, evaluation
     every eval_every epochs, histograms every log_freq, checkpoints, test at the end. A member
-    whose loss is no longer finite stops there (status diverged); the others train on."""
+    whose loss is no longer finite stops there (status diverged); the others train on. Loop
+    settings (trainer.*, tracker.watch/log_freq) are the first member's: why_not_vectorizable
+    has checked that trainer.* is the same for all."""
     epochs, eval_every = cfg.trainer.epochs, cfg.trainer.eval_every
     checkpoint_every = cfg.trainer.checkpoint_every or eval_every
     log_freq = cfg.tracker.log_freq or eval_every  # one step per epoch
