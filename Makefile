@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-slow install clean
+.PHONY: run test test-slow install clean bench-sweep
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 ## the slow statistical tests as well
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## the regression sweep (6 rates x 8 seeds x 2000 epochs), vectorized vs one run per member;
+## appends a row to BENCHMARKS.md. Shrink it with ARGS="--rates 0,0.5 --seeds 2 --epochs 200 --no-record"
+bench-sweep: $(STAMP)
+	$(BIN)/python scripts/bench_sweep.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -157,18 +157,10 @@ def _train_run(
         previous = rd.read_summary().get("wandb", {}) if rd.summary_path.is_file() else {}
         group, job_type = group or previous.get("group"), job_type or previous.get("job_type")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tags = [cfg.experiment, label, *cfg.tracker.tags, *extra_tags] + (["synthetic-data"] if data.synthetic else [])
     group = group or cfg.tracker.group
     job_type = job_type or cfg.tracker.job_type or label
-    tracker = make_tracker(
-        cfg.tracker,
-        run_dir=rd.path,
-        group=group,
-        job_type=job_type,
-        tags=list(dict.fromkeys(tags)),
-        name=f"{cfg.experiment}-{label}-seed{cfg.seed}",
-        config={**flatten(resolved), "data.synthetic": data.synthetic, "model.dropout_sites": dropout_sites,
-                **flatten({"provenance": provenance})},
+    tracker = make_run_tracker(
+        cfg, rd, data, label, dropout_sites, provenance, group=group, job_type=job_type, extra_tags=extra_tags,
         resume_id=state.get("tracker_run_id") if state is not None else None,
     )
     trainer = Trainer(
@@ -197,46 +189,8 @@ def _train_run(
     started = time.time()
     try:
         outcome = trainer.fit()
-        result.outcome, result.status = outcome, outcome.status
-        title = f"{cfg.experiment}, {label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
-        result.figures["learning_curves"] = plots.learning_curves(
-            outcome.rows, rd.plot_path("learning_curves.png"), title
-        )
-        if data.task == "regression":
-            result.fit = regression_fit_curve(model, data, label, cfg.eval.mc_samples)
-            result.figures["regression_fit"] = plots.regression_fit(
-                _points(data.train), _points(data.test), [result.fit], rd.plot_path("regression_fit.png"), title
-            )
-        calibration_errors = {}
-        if outcome.test_mc is not None and data.task == "classification":
-            result.figures["calibration"], calibration_errors = calibration_figure(
-                model, data, outcome, cfg.trainer.eval_batch_size, rd.plot_path("calibration.png"), title
-            )
-        tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
-        summary = {
-            "status": outcome.status,
-            "reason": outcome.reason,
-            "epoch": outcome.epoch,
-            "epochs": cfg.trainer.epochs,
-            "experiment": cfg.experiment,
-            "dropout": OmegaConf.to_container(cfg.model, resolve=True)["dropout"],
-            "dropout_kind": cfg.model.dropout_kind,
-            "dropout_sites": dropout_sites,
-            "seed": cfg.seed,
-            "synthetic_data": data.synthetic,
-            "final": outcome.final,
-            "best": outcome.best,
-            "duration_s": round(time.time() - started, 3),
-            "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
-                      "url": tracker.url, "sync": tracker.sync_command},
-        }
-        if result.fit is not None:
-            summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
-        if calibration_errors:
-            summary["calibration"] = calibration_errors
-        tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
-        rd.write_summary(summary)
-        rd.update_provenance(ended=now_iso())
+        conclude_run(cfg, rd, model, data, outcome, tracker, result, dropout_sites, group, job_type,
+                     duration_s=time.time() - started)
     except BaseException:
         result.outcome = None  # the run failed after training: W&B gets a non-zero exit code too
         raise
@@ -245,6 +199,95 @@ def _train_run(
         result.tracker_url = tracker.url
         rd.close()
     return result
+
+
+def make_run_tracker(
+    cfg: DictConfig,
+    rd: RunDir,
+    data: Dataset,
+    label: str,
+    dropout_sites: list[str],
+    provenance: dict[str, Any],
+    *,
+    group: str | None,
+    job_type: str,
+    extra_tags: tuple[str, ...],
+    resume_id: str | None = None,
+    shared_process: bool = False,
+):
+    """The run's W&B run: named, grouped and tagged as DESIGN.md says, with the resolved config
+    (flat) and the provenance as its config."""
+    tags = [cfg.experiment, label, *cfg.tracker.tags, *extra_tags] + (["synthetic-data"] if data.synthetic else [])
+    return make_tracker(
+        cfg.tracker,
+        run_dir=rd.path,
+        group=group,
+        job_type=job_type,
+        tags=list(dict.fromkeys(tags)),
+        name=f"{cfg.experiment}-{label}-seed{cfg.seed}",
+        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "data.synthetic": data.synthetic,
+                "model.dropout_sites": dropout_sites, **flatten({"provenance": provenance})},
+        resume_id=resume_id,
+        shared_process=shared_process,
+    )
+
+
+def conclude_run(
+    cfg: DictConfig,
+    rd: RunDir,
+    model: torch.nn.Module,
+    data: Dataset,
+    outcome: Outcome,
+    tracker: Any,
+    result: RunResult,
+    dropout_sites: list[str],
+    group: str | None,
+    job_type: str,
+    duration_s: float,
+    extra_summary: dict[str, Any] | None = None,
+) -> None:
+    """After training: the figures (also to W&B), summary.json and the W&B summary, for a trained
+    `model` and how its training ended."""
+    result.outcome, result.status = outcome, outcome.status
+    label = result.label
+    title = f"{cfg.experiment}, {label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
+    result.figures["learning_curves"] = plots.learning_curves(outcome.rows, rd.plot_path("learning_curves.png"), title)
+    if data.task == "regression":
+        result.fit = regression_fit_curve(model, data, label, cfg.eval.mc_samples)
+        result.figures["regression_fit"] = plots.regression_fit(
+            _points(data.train), _points(data.test), [result.fit], rd.plot_path("regression_fit.png"), title
+        )
+    calibration_errors = {}
+    if outcome.test_mc is not None and data.task == "classification":
+        result.figures["calibration"], calibration_errors = calibration_figure(
+            model, data, outcome, cfg.trainer.eval_batch_size, rd.plot_path("calibration.png"), title
+        )
+    tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
+    summary = {
+        "status": outcome.status,
+        "reason": outcome.reason,
+        "epoch": outcome.epoch,
+        "epochs": cfg.trainer.epochs,
+        "experiment": cfg.experiment,
+        "dropout": OmegaConf.to_container(cfg.model, resolve=True)["dropout"],
+        "dropout_kind": cfg.model.dropout_kind,
+        "dropout_sites": dropout_sites,
+        "seed": cfg.seed,
+        "synthetic_data": data.synthetic,
+        "final": outcome.final,
+        "best": outcome.best,
+        "duration_s": round(duration_s, 3),
+        "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
+                  "url": tracker.url, "sync": tracker.sync_command},
+        **(extra_summary or {}),
+    }
+    if result.fit is not None:
+        summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
+    if calibration_errors:
+        summary["calibration"] = calibration_errors
+    tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
+    rd.write_summary(summary)
+    rd.update_provenance(ended=now_iso())
 
 
 @dataclass

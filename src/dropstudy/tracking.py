@@ -1,8 +1,9 @@
 """Experiment tracking: the small interface the training loop talks to, and its W&B implementation.
 
-The loop only ever calls `watch`, `log`, `log_images`, `set_summary` and `finish` (`report`
-also logs tables with `log_table`). `WandbTracker` maps those onto one W&B run; `NullTracker`
-does nothing; `GuardedTracker` wraps a tracker so that a W&B failure (network down, service refused, a bug in a hook) is reported once and then
+The loop only ever calls `watch`, `log`, `log_histograms`, `log_images`, `set_summary` and
+`finish` (`report` also logs tables with `log_table`). `WandbTracker` maps those onto one W&B
+run; `NullTracker` does nothing; `GuardedTracker` wraps a tracker so that a W&B failure
+(network down, service refused, a bug in a hook) is reported once and then
 ignored: training goes on, and the local metrics.jsonl/summary.json never depend on W&B.
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 log = logging.getLogger("dropstudy")
 
@@ -27,6 +29,7 @@ class Tracker(Protocol):
 
     def watch(self, model: nn.Module, what: str, log_freq: int) -> None: ...
     def log(self, row: dict[str, Any], step: int) -> None: ...
+    def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None: ...
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None: ...
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
     def set_summary(self, values: dict[str, Any]) -> None: ...
@@ -42,6 +45,9 @@ class NullTracker:
         pass
 
     def log(self, row: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
         pass
 
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
@@ -116,6 +122,7 @@ class WandbTracker:
         name: str,
         config: dict[str, Any],
         resume_id: str | None = None,
+        shared_process: bool = False,
     ):
         import wandb
 
@@ -137,7 +144,9 @@ class WandbTracker:
             resume="allow" if resume_id else None,
             # Runs of a study are trained one after another in one process; `watch` logs through
             # the global wandb.run, so each run must become the global one (not "create_new").
-            reinit="finish_previous",
+            # The members of a vectorized sweep are alive together (shared_process): each is its
+            # own non-global run, which cannot `watch` and logs its histograms with log_histograms.
+            reinit="create_new" if shared_process else "finish_previous",
             settings=wandb.Settings(silent=True, console="off"),
         )
         self.run_id = self.run.id
@@ -158,6 +167,22 @@ class WandbTracker:
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log(row, step=step)
+
+    def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
+        """Histograms (64 bins, as `watch` draws them) joined to the row logged next at `step`."""
+        histograms = {}
+        for key, tensor in tensors.items():
+            flat = tensor.detach().float().flatten()
+            flat = flat[torch.isfinite(flat)]
+            if flat.numel() == 0:
+                continue
+            low, high = flat.min().item(), flat.max().item()
+            if low == high:  # one value (a zero gradient): a bin either side, as `watch` does
+                low, high = low - 0.5, high + 0.5
+            counts = flat.histc(bins=64, min=low, max=high)
+            edges = torch.linspace(low, high, 65)
+            histograms[key] = self._wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
+        self.run.log(histograms, step=step, commit=False)
 
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
         row: dict[str, Any] = {key: self._wandb.Image(str(path)) for key, path in images.items()}
@@ -215,6 +240,9 @@ class GuardedTracker:
     def log(self, row: dict[str, Any], step: int) -> None:
         self._call("log", row, step)
 
+    def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
+        self._call("log_histograms", tensors, step)
+
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
         self._call("log_images", images, epoch, step)
 
@@ -244,6 +272,7 @@ def make_tracker(
     name: str,
     config: dict[str, Any],
     resume_id: str | None = None,
+    shared_process: bool = False,
 ) -> GuardedTracker:
     mode = resolve_mode(tracker_cfg.mode)
     if mode == "disabled":
@@ -260,6 +289,7 @@ def make_tracker(
             name=name,
             config=config,
             resume_id=resume_id,
+            shared_process=shared_process,
         )
     except Exception as exc:
         log.warning(

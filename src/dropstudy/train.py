@@ -312,15 +312,20 @@ class Trainer:
         return self._conclude(outcome)
 
     def _conclude(self, outcome: Outcome) -> Outcome:
-        for row in self.rows:
-            for key, value in row.items():
-                if key != "epoch":
-                    outcome.final[key] = value
-        for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min), ("val_mc/loss", min),
-                          ("val_mc/acc", max)):
-            points = [(row[key], row["epoch"]) for row in self.rows if key in row and math.isfinite(row[key])]
-            if points:
-                value, epoch = pick(points, key=lambda p: p[0])
-                outcome.best[key] = value
-                outcome.best[f"{key}_epoch"] = epoch
-        return outcome
+        return conclude(outcome)
+
+
+def conclude(outcome: Outcome) -> Outcome:
+    """Fill in the outcome's final value of every metric and the best ones, from its rows."""
+    for row in outcome.rows:
+        for key, value in row.items():
+            if key != "epoch":
+                outcome.final[key] = value
+    for key, pick in (("val/loss", min), ("val/acc", max), ("train/loss", min), ("val_mc/loss", min),
+                      ("val_mc/acc", max)):
+        points = [(row[key], row["epoch"]) for row in outcome.rows if key in row and math.isfinite(row[key])]
+        if points:
+            value, epoch = pick(points, key=lambda p: p[0])
+            outcome.best[key] = value
+            outcome.best[f"{key}_epoch"] = epoch
+    return outcome
