@@ -164,7 +164,7 @@ def test_train_mode_loss_of_a_member_is_distributed_as_the_single_models(kind):
     y = 1.5 * x
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    k = 400
+    k = 200
     stacked = StackedMLP([model] * k, torch.full((k, 3), 0.5), kind, torch.Generator().manual_seed(1))
     with torch.no_grad():
         batched = ((stacked(x.expand(k, 10, 1)) - y) ** 2).mean(dim=(1, 2))
