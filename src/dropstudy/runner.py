@@ -243,6 +243,8 @@ def _train_run(
             "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
                       "url": tracker.url, "sync": tracker.sync_command},
         }
+        if device.type == "cuda":
+            summary["gpu_memory_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         if result.fit is not None:
             summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
         if calibration_errors:
