@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-slow install clean
+.PHONY: run test test-slow bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 ## the slow statistical tests as well
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## training throughput: the tutorial loop vs dropstudy (tracked, untracked); a row in BENCHMARKS.md
+BENCH_ARGS ?= --epochs 2 --repeats 3
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -283,6 +283,8 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, help="a real CIFAR-10 (cifar-10-batches-py) instead of synthetic data")
     parser.add_argument("--study", action="store_true", help="also time a whole `dropstudy study experiment=cifar10`")
     parser.add_argument("--study-epochs", type=int, default=15, help="epochs of the --study run (default 15, the study's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for the dropstudy runs, e.g. --set trainer.channels_last=false (repeatable)")
     parser.add_argument("--skip-tutorial", action="store_true", help="only the dropstudy contenders (the tutorial is slow on CPU)")
     parser.add_argument("--out", type=Path, help="JSON results file (default runs/bench/<time>.json)")
     parser.add_argument("--no-append", action="store_true", help="do not add a row to BENCHMARKS.md")
@@ -316,7 +318,7 @@ def main() -> None:
             "epochs": args.epochs, "dropout": 0.25, "seed": 0, "device": device}
     common = ["experiment=cifar10", f"data.root={root}", f"data.verify={str(not synthetic).lower()}",
               f"data.val_size={args.val_size}", f"trainer.batch_size={args.batch_size}", f"device={device}",
-              "model.dropout=0.25", "seed=0"]
+              "model.dropout=0.25", "seed=0", *args.set]
     if synthetic and args.n_train + args.val_size > 50_000:
         sys.exit("bench: --n-train + --val-size is at most 50,000 (CIFAR-10's training set)")
     load = {"before": os.getloadavg()}

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dropstudy.checkpoint import RunDirError
 from dropstudy.console import TrainingProgress
 from dropstudy.data import Dataset, Split, TrainBatches, batches
 from dropstudy.dropout import DropoutSchedule
@@ -223,7 +224,14 @@ class Trainer:
         """Continue from a checkpoint: the metrics logged up to its epoch, then its state."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states(state["rng"], self.loader)
+        try:
+            restore_rng_states(state["rng"], self.loader)
+        except RuntimeError as exc:  # a generator state of another kind (CPU vs CUDA): another device type
+            raise RunDirError(
+                f"{self.run_dir.checkpoints / 'last.pt'}: its batch-order generator was drawn on another kind of "
+                f"device than {self.data.train.targets.device.type} ({exc}); resume it on the device type it "
+                "started on (device=...)."
+            ) from exc
         self.skipped_steps = state.get("skipped_steps", 0)
         self.rows = [r for r in rows if r["epoch"] <= state["epoch"] and not any(k.startswith("test/") for k in r)]
         self.start_epoch = state["epoch"] + 1
