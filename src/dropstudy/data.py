@@ -400,7 +400,7 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
         synthetic=bool(cfg.synthetic),
         classes=CIFAR10_CLASSES,
         prepare=_normalizer(device),
-        augment=bool(cfg.augment),
+        augment=bool(cfg.get("augment", False)),
     )
 
 
