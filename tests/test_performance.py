@@ -198,12 +198,12 @@ def test_bad_values_of_the_speed_keys_exit_2_naming_key_and_choices(clean_env, t
 
 
 @pytest.mark.slow
-def test_bench_runs_all_three_contenders_and_writes_json(clean_env, tmp_path):
+def test_bench_runs_all_three_contenders_and_a_study_and_writes_json(clean_env, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--epochs", "1", "--repeats", "1", "--n-train", "256",
-         "--val-size", "64", "--n-test", "64", "--device", "cpu", "--no-append", "--out", str(out),
-         "--work", str(tmp_path / "work")],
+         "--val-size", "64", "--n-test", "64", "--device", "cpu", "--study", "--study-epochs", "1", "--no-append",
+         "--out", str(out), "--work", str(tmp_path / "work")],
         cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -216,6 +216,7 @@ def test_bench_runs_all_three_contenders_and_writes_json(clean_env, tmp_path):
     assert s["flop_per_trained_image"] == 3 * 10_679_040
     assert s["speedup_vs_tutorial"] == pytest.approx(s["tracked"]["images_per_s"] / s["tutorial"]["images_per_s"])
     assert "synthetic" in report["data"]
+    assert report["study"]["runs"] == 2 and report["study"]["timings_s"]["train"] > 0  # both arms
     assert "tracking overhead" in proc.stdout
     # The tutorial side really logged to W&B offline: a .wandb file with its steps.
     assert list((tmp_path / "work").glob("wandb/offline-run-*/run-*.wandb"))
