@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-slow install clean bench-sweep
+.PHONY: run test test-slow bench bench-sweep install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 ## the slow statistical tests as well
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## training throughput: the tutorial loop vs dropstudy (tracked, untracked); a row in BENCHMARKS.md
+BENCH_ARGS ?= --epochs 2 --repeats 3
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 ## the regression sweep (6 rates x 8 seeds x 2000 epochs), vectorized vs one run per member;
 ## appends a row to BENCHMARKS.md. Shrink it with ARGS="--rates 0,0.5 --seeds 2 --epochs 200 --no-record"

@@ -2,8 +2,10 @@
 
 CIFAR-10 is read once from either torchvision's `cifar-10-batches-py/` folder or an
 image-folder export (`train/<class>/*.png`, `test/<class>/*.png`), decoded to one uint8 tensor
-per split and cached next to the data, so later runs load it in about a second. Training then
-indexes batches out of those tensors: no DataLoader and no per-image transform in the loop.
+per split and cached next to the data, so later runs load it in about a second. The splits
+then live on the training device; `TrainBatches` shuffles with `randperm` on that device and
+indexes batches out of them (optionally cropped and flipped there, `augment_images`): no
+DataLoader, no per-image transform and no host-to-device copy in the loop.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class Split:
         return len(self.targets)
 
     def to(self, device: torch.device) -> "Split":
+        if device.type == "cuda":
+            # The one host-to-device copy of a run: from pinned memory, without staging.
+            return Split(*(t.pin_memory().to(device, non_blocking=True) for t in (self.inputs, self.targets)))
         return Split(self.inputs.to(device), self.targets.to(device))
 
 
@@ -53,6 +58,7 @@ class Dataset:
     synthetic: bool = False
     classes: tuple[str, ...] = ()
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    augment: bool = False  # crop and flip training batches (data.augment; images only)
 
     def fingerprint(self) -> str:
         """sha256 of every tensor the run trains and evaluates on: the data actually used."""
@@ -67,21 +73,87 @@ class Dataset:
         return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
 
 
-def batches(
-    split: Split, batch_size: int | None, generator: torch.Generator | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Minibatches by indexing the split's tensors; shuffled when a generator is given."""
+def batches(split: Split, batch_size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, in slices of batch_size (views, no copies): for evaluation."""
     n = len(split)
-    if batch_size is None or batch_size >= n:
-        yield split.inputs, split.targets
-        return
-    if generator is None:
-        order = torch.arange(n, device=split.targets.device)
-    else:
-        order = torch.randperm(n, generator=generator).to(split.targets.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield split.inputs[idx], split.targets[idx]
+    step = n if batch_size is None else batch_size
+    for start in range(0, n, max(step, 1)):
+        yield split.inputs[start : start + step], split.targets[start : start + step]
+
+
+def device_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on `device`, so that drawing from it needs no host round trip; CPU where the
+    device has none."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        return torch.Generator().manual_seed(seed)
+
+
+# Augmentation draws from its own stream, so turning it on leaves the batch order unchanged.
+AUGMENT_SEED_OFFSET = 1_000_003
+
+
+class TrainBatches:
+    """The training split in shuffled minibatches, one pass per epoch.
+
+    The order is a `randperm` drawn on the split's device from a generator seeded with the run
+    seed alone (not shared with dropout or initialisation), so it depends on nothing else.
+    `state`/`load_state` carry the generators through a checkpoint: a resumed run draws the same
+    orders and crops as one that never stopped.
+    """
+
+    def __init__(self, split: Split, batch_size: int | None, seed: int, augment: bool = False):
+        self.split = split
+        self.batch_size = batch_size
+        device = split.targets.device
+        self.shuffle = device_generator(device, seed)
+        self.crops = device_generator(device, seed + AUGMENT_SEED_OFFSET) if augment else None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        split, n = self.split, len(self.split)
+        if self.batch_size is None or self.batch_size >= n:
+            batches_ = [(split.inputs, split.targets)]
+        else:
+            order = torch.randperm(n, generator=self.shuffle, device=self.shuffle.device)
+            order = order.to(split.targets.device)
+            batches_ = (
+                (split.inputs[idx], split.targets[idx])
+                for idx in order.split(self.batch_size)
+            )
+        for xb, yb in batches_:
+            yield (augment_images(xb, self.crops) if self.crops is not None else xb), yb
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"shuffle": self.shuffle.get_state()}
+        if self.crops is not None:
+            out["augment"] = self.crops.get_state()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.shuffle.set_state(state["shuffle"])
+        if self.crops is not None and "augment" in state:
+            self.crops.set_state(state["augment"])
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding `pad` and random horizontal flip, per image, for a whole
+    uint8 batch [B, C, H, W] at once on its device (torchvision's RandomCrop(32, padding=4) and
+    RandomHorizontalFlip, without a Python loop over images)."""
+    b, _, h, w = images.shape
+    device = images.device
+
+    def draw(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (b,), generator=generator, device=generator.device).to(device)
+
+    dy, dx, flip = draw(2 * pad + 1), draw(2 * pad + 1), draw(2).bool()
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]  # [B, 1, H, 1]
+    cols = dx[:, None] + torch.arange(w, device=device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # [B, 1, 1, W]
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    return padded[batch, channels, rows, cols]
 
 
 # --------------------------------------------------------------------------- regression
@@ -328,6 +400,7 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
         synthetic=bool(cfg.synthetic),
         classes=CIFAR10_CLASSES,
         prepare=_normalizer(device),
+        augment=bool(cfg.get("augment", False)),
     )
 
 

@@ -25,7 +25,7 @@ from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
 from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
 from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
-from dropstudy.runtime import describe_device, seed_everything, select_device, set_deterministic
+from dropstudy.runtime import FastPaths, describe_device, seed_everything, select_device, set_deterministic, set_threads
 from dropstudy.tracking import flatten, make_tracker
 from dropstudy.train import NonFiniteLoss, Outcome, Trainer, make_optimizer
 from dropstudy.uncertainty import calibration, mc_forward, predictions, predictive_entropy
@@ -125,16 +125,21 @@ def _train_run(
     resume: bool,
 ) -> RunResult:
     label = arm_label(cfg.model.dropout, cfg.model.dropout_kind)
+    clock = time.perf_counter()
     state = load_checkpoint(rd.path, cfg) if resume else None
     device = select_device(cfg.device)
+    set_threads(cfg.trainer.threads)
     set_deterministic(cfg.deterministic)
+    fast = FastPaths.resolve(cfg.trainer, device)
     seed_everything(cfg.seed)
-    log.info(f"[{label}] device: {describe_device(device)}")
+    log.info(f"[{label}] device: {describe_device(device)}; {fast.describe()}")
     data = load_dataset(cfg.data, device, log.info)
-    log.info(f"[{label}] data: {data.describe()}")
+    log.info(f"[{label}] data: {data.describe()}" + (" (augmented: crop + flip)" if data.augment else ""))
+    timings = {"data": time.perf_counter() - clock}
 
+    clock = time.perf_counter()
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone, not on data loading
-    model = build_model(cfg.model).to(device)
+    model = fast.prepare_model(build_model(cfg.model).to(device))
     optimizer = make_optimizer(cfg.optim, model)
     dropout_sites = describe_sites(model)
     schedule = DropoutSchedule(cfg.model.dropout_schedule.kind,
@@ -176,6 +181,7 @@ def _train_run(
         schedule=schedule,
         max_norm=cfg.optim.max_norm,
         mc_samples=cfg.eval.mc_samples,
+        fast=fast,
     )
     if state is not None:
         trainer.load_state(state, rd.read_metrics())
@@ -184,13 +190,19 @@ def _train_run(
     # Histograms once per evaluation unless tracker.log_freq says otherwise (wandb counts steps).
     log_freq = cfg.tracker.log_freq or trainer.steps_per_epoch * cfg.trainer.eval_every
     tracker.watch(model, cfg.tracker.watch, log_freq)
+    timings["setup"] = time.perf_counter() - clock
 
     result = RunResult(rd.path, label, "failed", None, sync_command=tracker.sync_command)
     started = time.time()
     try:
         outcome = trainer.fit()
+        timings.update(trainer.timings)
+        extra = {}
+        if device.type == "cuda":
+            extra["gpu_memory_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         conclude_run(cfg, rd, model, data, outcome, tracker, result, dropout_sites, group, job_type,
-                     duration_s=time.time() - started)
+                     duration_s=time.time() - started, extra_summary=extra, timings=timings)
+        log.info(f"[{label}] time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     except BaseException:
         result.outcome = None  # the run failed after training: W&B gets a non-zero exit code too
         raise
@@ -245,11 +257,13 @@ def conclude_run(
     job_type: str,
     duration_s: float,
     extra_summary: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """After training: the figures (also to W&B), summary.json and the W&B summary, for a trained
     `model` and how its training ended."""
     result.outcome, result.status = outcome, outcome.status
     label = result.label
+    clock = time.perf_counter()
     title = f"{cfg.experiment}, {label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
     result.figures["learning_curves"] = plots.learning_curves(outcome.rows, rd.plot_path("learning_curves.png"), title)
     if data.task == "regression":
@@ -263,6 +277,8 @@ def conclude_run(
             model, data, outcome, cfg.trainer.eval_batch_size, rd.plot_path("calibration.png"), title
         )
     tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
+    if timings is not None:
+        timings["figures"] = time.perf_counter() - clock
     summary = {
         "status": outcome.status,
         "reason": outcome.reason,
@@ -277,6 +293,10 @@ def conclude_run(
         "final": outcome.final,
         "best": outcome.best,
         "duration_s": round(duration_s, 3),
+        **({} if timings is None else {
+            # Where the time went: data loading, model and tracker set-up, training epochs,
+            # evaluation, metric logging, checkpoints, figures (W&B's finish comes after this).
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}}),
         "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
                   "url": tracker.url, "sync": tracker.sync_command},
         **(extra_summary or {}),

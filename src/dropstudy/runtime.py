@@ -1,4 +1,5 @@
-"""Where a run executes and how it is seeded: device selection, seeds, deterministic algorithms."""
+"""Where a run executes and how: device selection, seeds, deterministic algorithms, CPU threads,
+and the speed switches of `trainer.*` (`FastPaths`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import os
 import random
 import signal
 import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from dropstudy.config import ConfigError
 
@@ -70,6 +73,89 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+# torch's own choice (one per physical core, or OMP_NUM_THREADS), read before anything changes it.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def set_threads(requested: int | None) -> int:
+    """torch's intra-op CPU threads: `requested`, or (null) the CPUs this process may use (its
+    affinity mask, which SLURM and taskset narrow) capped at torch's own default of one per
+    physical core: hyperthreads only slow these small convolutions down, and more threads than
+    allowed CPUs thrash."""
+    if requested is None:
+        try:
+            allowed = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows
+            allowed = os.cpu_count() or 1
+        requested = max(1, min(allowed, TORCH_DEFAULT_THREADS))
+    if torch.get_num_threads() != requested:
+        torch.set_num_threads(requested)
+    return requested
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The speed switches of `trainer.*`, resolved for one device; the trainer asks it how to lay
+    out the model and its inputs and what to run the forward pass under.
+
+    None of them changes what is computed beyond float rounding (the tests bound the difference),
+    so every one can be turned off to rule it out. cudnn.benchmark is not here: it picks kernels by
+    timing them, which is nondeterministic, so `set_deterministic` owns it (on only when
+    deterministic=false).
+    """
+
+    device: torch.device
+    channels_last: bool = False
+    amp_dtype: torch.dtype | None = None
+    compile: bool = False
+
+    @classmethod
+    def resolve(cls, trainer_cfg: Any, device: torch.device) -> "FastPaths":
+        amp = str(trainer_cfg.amp)
+        dtype = None
+        if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        elif amp == "bf16":
+            if not torch.amp.is_autocast_available(device.type):
+                raise ConfigError(f"trainer.amp=bf16: torch has no autocast for {device.type} devices; use auto or off.")
+            dtype = torch.bfloat16
+        return cls(device, bool(trainer_cfg.channels_last), dtype, bool(trainer_cfg.compile))
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model in the memory format the switches ask for (in place; a no-op for models
+        without 4-D weights, such as the MLP)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def forward(self, model: nn.Module) -> nn.Module:
+        """What the trainer calls: the model itself, or with trainer.compile its compiled wrapper,
+        which shares the parameters (state_dict and checkpoints keep using the plain model)."""
+        return torch.compile(model) if self.compile else model
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> ContextManager[Any]:
+        """bf16 autocast around forward and loss (no GradScaler: bf16 has float32's range)."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        parts = [
+            "channels_last" if self.channels_last else "contiguous",
+            "bf16 autocast" if self.amp_dtype is not None else "fp32",
+        ]
+        if self.compile:
+            parts.append("torch.compile")
+        if self.device.type == "cuda":
+            parts.append("cudnn.benchmark" if torch.backends.cudnn.benchmark else "cudnn deterministic")
+        return ", ".join(parts)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dropstudy.checkpoint import RunDirError
 from dropstudy.console import TrainingProgress
-from dropstudy.data import Dataset, Split, batches
+from dropstudy.data import Dataset, Split, TrainBatches, batches
 from dropstudy.dropout import DropoutSchedule
 from dropstudy.models import weight_layers, weight_norms
 from dropstudy.rundir import RunDir
-from dropstudy.runtime import Interrupted, signals_interrupt_training
+from dropstudy.runtime import FastPaths, Interrupted, signals_interrupt_training
 from dropstudy.tracking import Tracker
 from dropstudy.uncertainty import Predictions, mc_metrics, predictions
 
@@ -72,16 +73,23 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
         layer.weight.renorm_(2, 0, max_norm)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int) -> dict[str, float]:
-    """Mean loss (and accuracy) over a split, in evaluation mode (dropout off), without autograd."""
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, data: Dataset, split: Split, batch_size: int, fast: FastPaths | None = None
+) -> dict[str, float]:
+    """Mean loss (and accuracy) over a split, in evaluation mode (dropout off), without autograd,
+    in batches of trainer.eval_batch_size; one host sync at the end."""
     was_training = model.training
     model.eval()
     loss_fn = loss_function(data.task)
     loss_sum = torch.zeros((), device=split.targets.device)
     correct = torch.zeros((), device=split.targets.device)
-    for xb, yb in batches(split, batch_size, generator=None):
-        out = model(data.prepare(xb))
+    for xb, yb in batches(split, batch_size):
+        if fast is None:
+            out = model(data.prepare(xb))
+        else:
+            with fast.autocast():
+                out = model(fast.inputs(data.prepare(xb))).float()
         loss_sum += loss_fn(out, yb, reduction="sum") / (out.shape[1] if data.task == "regression" else 1)
         if data.task == "classification":
             correct += (out.argmax(1) == yb).sum()
@@ -92,24 +100,24 @@ def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int) -> 
     return metrics
 
 
-def rng_states(shuffle: torch.Generator) -> dict[str, Any]:
+def rng_states(loader: TrainBatches) -> dict[str, Any]:
     """Every generator a run draws from: restoring them all makes a resumed run exact."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "shuffle": shuffle.get_state(),
+        **loader.state(),  # "shuffle" (and "augment"): the batch order and crops
     }
 
 
-def restore_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
+def restore_rng_states(states: dict[str, Any], loader: TrainBatches) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-    shuffle.set_state(states["shuffle"])
+    loader.load_state(states)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -139,6 +147,7 @@ class Trainer:
         schedule: DropoutSchedule = DropoutSchedule(),
         max_norm: float | None = None,
         mc_samples: int = 0,
+        fast: FastPaths | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -152,9 +161,14 @@ class Trainer:
         self.max_norm = max_norm
         self.mc_samples = mc_samples
         self.loss_fn = loss_function(data.task)
-        # Shuffling has its own generator, so the batch order depends on the seed alone and not
-        # on how many random numbers dropout drew.
-        self.shuffle = torch.Generator().manual_seed(seed)
+        self.fast = fast or FastPaths(data.train.targets.device)
+        # What the loop calls: the model, or its torch.compile wrapper (same parameters).
+        self.net = self.fast.forward(model)
+        # Shuffling (and augmentation) have their own generators, so the batch order depends on
+        # the seed alone and not on how many random numbers dropout drew.
+        self.loader = TrainBatches(data.train, trainer_cfg.batch_size, seed, augment=data.augment)
+        # Seconds spent in each part of fit(), for summary.json: where the time goes.
+        self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
         self.rows: list[dict[str, Any]] = []
         self.start_epoch = 1
         self.skipped_steps = 0
@@ -173,10 +187,12 @@ class Trainer:
     def log(self, row: dict[str, Any]) -> None:
         """The one place a metric row goes: metrics.jsonl first, then the tracker. The row's
         index is its W&B step, so a resumed run continues the same step sequence."""
+        start = time.perf_counter()
         step = len(self.rows)
         self.rows.append(row)
         self.run_dir.append_metrics(row)
         self.tracker.log(row, step=step)
+        self.timings["log"] += time.perf_counter() - start
 
     # -- state ------------------------------------------------------------------------------
     def _snapshot(self, epoch: int) -> None:
@@ -187,7 +203,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": None,  # no learning-rate schedule in these studies
-                "rng": rng_states(self.shuffle),
+                "rng": rng_states(self.loader),
                 "skipped_steps": self.skipped_steps,
             }
         )
@@ -195,18 +211,27 @@ class Trainer:
     def checkpoint(self) -> None:
         """Write the last epoch-boundary state to checkpoints/last.pt. A failed write (disk
         full) leaves the previous checkpoint as it was and training goes on."""
+        start = time.perf_counter()
         state = {**self._boundary, "tracker_run_id": self.tracker.run_id, **self.checkpoint_extra}
         try:
             self.run_dir.save_checkpoint(state)
         except OSError as exc:
             log.warning(f"could not write checkpoint {self.run_dir.checkpoints / 'last.pt'} ({exc}); "
                         "the previous checkpoint is unchanged and training goes on")
+        self.timings["checkpoint"] += time.perf_counter() - start
 
     def load_state(self, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         """Continue from a checkpoint: the metrics logged up to its epoch, then its state."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states(state["rng"], self.shuffle)
+        try:
+            restore_rng_states(state["rng"], self.loader)
+        except RuntimeError as exc:  # a generator state of another kind (CPU vs CUDA): another device type
+            raise RunDirError(
+                f"{self.run_dir.checkpoints / 'last.pt'}: its batch-order generator was drawn on another kind of "
+                f"device than {self.data.train.targets.device.type} ({exc}); resume it on the device type it "
+                "started on (device=...)."
+            ) from exc
         self.skipped_steps = state.get("skipped_steps", 0)
         self.rows = [r for r in rows if r["epoch"] <= state["epoch"] and not any(k.startswith("test/") for k in r)]
         self.start_epoch = state["epoch"] + 1
@@ -214,7 +239,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train_epoch(self, progress: TrainingProgress) -> dict[str, float]:
-        model, data = self.model, self.data
+        model, data, fast = self.model, self.data, self.fast
         model.train()
         # Accumulated on the device and read once per epoch: no host sync per step.
         loss_sum = torch.zeros((), device=data.train.targets.device)
@@ -222,9 +247,10 @@ class Trainer:
         counted = torch.zeros((), device=data.train.targets.device)
         skip_bad = self.cfg.on_nan == "skip"
         skipped = torch.zeros((), dtype=torch.long, device=data.train.targets.device)
-        for xb, yb in batches(data.train, self.cfg.batch_size, self.shuffle):
-            out = model(data.prepare(xb))
-            loss = self.loss_fn(out, yb)
+        for xb, yb in self.loader:
+            with fast.autocast():
+                out = self.net(fast.inputs(data.prepare(xb)))
+                loss = self.loss_fn(out, yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if skip_bad:
@@ -252,12 +278,15 @@ class Trainer:
     def evaluation(self, split: Split, name: str, outcome: Outcome) -> dict[str, float]:
         """`<name>/loss` (and acc) in evaluation mode, and with eval.mc_samples the same for the
         MC-dropout average as `<name>_mc/*`."""
-        metrics = {f"{name}/{k}": v for k, v in evaluate(self.model, self.data, split, self.cfg.eval_batch_size).items()}
+        start = time.perf_counter()
+        results = evaluate(self.net, self.data, split, self.cfg.eval_batch_size, self.fast)
+        metrics = {f"{name}/{k}": v for k, v in results.items()}
         if self.mc_samples:
             pred = predictions(self.model, self.data, split, self.cfg.eval_batch_size, self.mc_samples)
             metrics.update({f"{name}_mc/{k}": v for k, v in mc_metrics(pred, self.data.task).items()})
             if name == "test":
                 outcome.test_mc = pred
+        self.timings["eval"] += time.perf_counter() - start
         return metrics
 
     def fit(self) -> Outcome:
@@ -273,7 +302,9 @@ class Trainer:
                     start = time.perf_counter()
                     row: dict[str, Any] = {"epoch": epoch, **self.train_epoch(progress)}
                     row["lr"] = self.optimizer.param_groups[0]["lr"]
-                    row["perf/samples_per_s"] = len(self.data.train) / (time.perf_counter() - start)
+                    seconds = time.perf_counter() - start
+                    self.timings["train"] += seconds
+                    row["perf/samples_per_s"] = len(self.data.train) / seconds
                     row.update(rates)
                     evaluated = epoch % eval_every == 0 or epoch == epochs
                     if evaluated:

@@ -61,7 +61,7 @@ def predictions(model: nn.Module, data: Dataset, split: Split, batch_size: int, 
     classification = data.task == "classification"
     was_training = model.training
     means, stds = [], []
-    for xb, _ in batches(split, batch_size, generator=None):
+    for xb, _ in batches(split, batch_size):
         x = data.prepare(xb)
         if samples:
             mean, std = mc_forward(model, x, samples, classification)

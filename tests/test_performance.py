@@ -1,0 +1,222 @@
+"""The fast paths are correct, not just fast: the device-resident loader's epochs, seeded
+augmentation, channels_last and bf16 autocast against the plain path, checkpointed generator
+state, the new config keys' error messages, and scripts/bench.py end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from typer.testing import CliRunner
+
+from conftest import REPO
+from dropstudy.cli import app
+from dropstudy.data import Split, TrainBatches, augment_images
+from dropstudy.models import CNN
+from dropstudy.runtime import FastPaths
+
+CPU = torch.device("cpu")
+
+
+def index_split(n: int) -> Split:
+    """A split whose inputs are their own indices, so a batch says which examples it holds."""
+    return Split(torch.arange(n).view(n, 1), torch.arange(n))
+
+
+def epoch_orders(loader: TrainBatches, epochs: int) -> list[list[int]]:
+    return [torch.cat([xb.view(-1) for xb, _ in loader]).tolist() for _ in range(epochs)]
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+def test_every_training_index_exactly_once_per_epoch_in_a_seed_determined_order():
+    n, batch = 1000, 64  # 1000 is not a multiple of 64: the last batch is short
+    orders = epoch_orders(TrainBatches(index_split(n), batch, seed=7), epochs=3)
+    for order in orders:
+        assert sorted(order) == list(range(n))
+    assert orders[0] != orders[1] != orders[2]  # reshuffled every epoch
+    assert orders == epoch_orders(TrainBatches(index_split(n), batch, seed=7), epochs=3)
+    assert orders[0] != epoch_orders(TrainBatches(index_split(n), batch, seed=8), epochs=1)[0]
+    sizes = [len(yb) for _, yb in TrainBatches(index_split(n), batch, seed=7)]
+    assert sizes == [64] * 15 + [40]
+    # Inputs and targets stay paired through the shuffle.
+    assert all(torch.equal(xb.view(-1), yb) for xb, yb in TrainBatches(index_split(n), batch, seed=7))
+
+
+def test_turning_augmentation_on_keeps_the_batch_order():
+    split = Split(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100))
+    plain = [yb.tolist() for _, yb in TrainBatches(split, 16, seed=3)]
+    augmented = [yb.tolist() for _, yb in TrainBatches(split, 16, seed=3, augment=True)]
+    assert plain == augmented
+
+
+def test_loader_state_resumes_the_same_orders_and_crops():
+    split = Split(torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8), torch.arange(96))
+    loader = TrainBatches(split, 32, seed=5, augment=True)
+    list(loader)  # one epoch done, as at a checkpoint
+    state = {k: v.clone() for k, v in loader.state().items()}
+    assert set(state) == {"shuffle", "augment"}
+    expected = [(x.clone(), y.clone()) for x, y in loader]
+    fresh = TrainBatches(split, 32, seed=5, augment=True)
+    fresh.load_state(state)
+    got = list(fresh)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def crops_of(image: torch.Tensor, pad: int = 4) -> list[torch.Tensor]:
+    """Every crop (and its mirror image) that RandomCrop(32, padding=4) + flip can produce."""
+    padded = F.pad(image, (pad, pad, pad, pad))
+    out = []
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, dy : dy + 32, dx : dx + 32]
+            out += [crop, crop.flip(-1)]
+    return out
+
+
+def test_augmentation_crops_and_flips_each_image_keeping_shape_dtype_and_labels():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)  # no zeros: padding shows
+    labels = torch.randint(0, 10, (64,), generator=g)
+    split = Split(images, labels)
+    (xb, yb), = TrainBatches(split, None, seed=1, augment=True)
+    assert xb.shape == images.shape and xb.dtype == torch.uint8
+    assert torch.equal(yb, labels)
+    for i in range(0, 64, 8):  # each output is one of its own image's crops/flips
+        assert any(torch.equal(xb[i], c) for c in crops_of(images[i]))
+    changed = sum(not torch.equal(xb[i], images[i]) for i in range(64))
+    assert changed > 48  # 1 in 162 draws is the identity; almost every image moves
+    flipped = sum(any(torch.equal(xb[i], c) for c in crops_of(images[i])[1::2]) for i in range(64))
+    assert 16 < flipped < 48  # about half are mirrored
+
+
+def test_augmentation_is_seeded():
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+
+    def draw(seed: int) -> torch.Tensor:
+        return augment_images(images, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+# --------------------------------------------------------------------------- fast paths vs plain
+
+
+def fixed_batch_losses(fast: FastPaths) -> tuple[float, float]:
+    """Training loss on one fixed batch, then after one Adam step: the plain model vs `fast`."""
+    torch.manual_seed(0)
+    model = fast.prepare_model(CNN([32, 64, 128], 512, 10, [0.0, 0.0]))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    losses = []
+    for _ in range(2):
+        with fast.autocast():
+            loss = F.cross_entropy(model(fast.inputs(x)), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[1]
+
+
+def test_channels_last_matches_the_plain_path():
+    plain = fixed_batch_losses(FastPaths(CPU))
+    fast = fixed_batch_losses(FastPaths(CPU, channels_last=True))
+    # Float32 either way; only the order of the additions differs: agreement to 1e-5 relative.
+    assert fast == pytest.approx(plain, rel=1e-5)
+
+
+def test_bf16_autocast_matches_the_plain_path_within_bf16_precision():
+    plain = fixed_batch_losses(FastPaths(CPU))
+    bf16 = fixed_batch_losses(FastPaths(CPU, channels_last=True, amp_dtype=torch.bfloat16))
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%); through 4 layers: within 2%.
+    assert bf16 == pytest.approx(plain, rel=2e-2)
+    assert bf16 != plain  # autocast really ran in bf16
+
+
+def test_resolving_the_switches_on_cpu():
+    cfg = OmegaConf.create({"amp": "auto", "channels_last": True, "compile": False})
+    assert FastPaths.resolve(cfg, CPU) == FastPaths(CPU, channels_last=True)  # auto: no bf16 on CPU
+    cfg.amp = "bf16"
+    assert FastPaths.resolve(cfg, CPU).amp_dtype == torch.bfloat16
+    cfg.amp, cfg.channels_last = "off", False
+    assert FastPaths.resolve(cfg, CPU) == FastPaths(CPU)
+
+
+# --------------------------------------------------------------------------- the real CLI
+
+
+CIFAR_RUN = ["train", "experiment=cifar10", "data.synthetic=true", "data.subset=128", "data.val_size=64",
+             "trainer.batch_size=64", "trainer.epochs=1", "tracker.mode=disabled"]
+
+
+def test_an_augmented_bf16_run_trains_and_reports_where_its_time_went(dropstudy, tmp_path):
+    result = dropstudy(*CIFAR_RUN, "data.augment=true", "trainer.amp=bf16", "trainer.threads=1", "hydra.run.dir=r")
+    assert result.code == 0, result.output
+    assert "bf16 autocast" in result.output and "augmented: crop + flip" in result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert set(summary["timings_s"]) == {"data", "setup", "train", "eval", "log", "checkpoint", "figures"}
+    assert summary["timings_s"]["train"] > 0
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    assert {"shuffle", "augment"} <= set(state["rng"])
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("trainer.amp=fp16", ["trainer.amp", "auto", "bf16", "off"]),
+        ("trainer.threads=0", ["trainer.threads", "null"]),
+        ("trainer.channels_last=maybe", ["trainer.channels_last"]),
+        ("data.augment=sometimes", ["data.augment"]),
+    ],
+)
+def test_bad_values_of_the_speed_keys_exit_2_naming_key_and_choices(clean_env, tmp_path, override, names):
+    args = ["experiment=cifar10", "data.synthetic=true"] if override.startswith("data.") else []
+    result = CliRunner().invoke(app, ["train", *args, override], prog_name="dropstudy")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for name in names:
+        assert name in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- scripts/bench.py
+
+
+@pytest.mark.slow
+def test_bench_runs_all_three_contenders_and_a_study_and_writes_json(clean_env, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--epochs", "1", "--repeats", "1", "--n-train", "256",
+         "--val-size", "64", "--n-test", "64", "--device", "cpu", "--study", "--study-epochs", "1", "--no-append",
+         "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    for name in ("tutorial", "tracked", "untracked"):
+        assert s[name]["images_per_s"] > 0 and s[name]["peak_rss_mib"] > 0
+        assert len(report["runs"][name]) == 1
+    assert report["peak"]["forward_flop_per_image"] == 10_679_040  # the CNN's 10.68 MFLOP
+    assert s["flop_per_trained_image"] == 3 * 10_679_040
+    assert s["speedup_vs_tutorial"] == pytest.approx(s["tracked"]["images_per_s"] / s["tutorial"]["images_per_s"])
+    assert "synthetic" in report["data"]
+    assert report["study"]["runs"] == 2 and report["study"]["timings_s"]["train"] > 0  # both arms
+    assert "tracking overhead" in proc.stdout
+    # The tutorial side really logged to W&B offline: a .wandb file with its steps.
+    assert list((tmp_path / "work").glob("wandb/offline-run-*/run-*.wandb"))
