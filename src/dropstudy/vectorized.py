@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dropstudy.console import TrainingProgress
-from dropstudy.data import Dataset, load_dataset
+from dropstudy.data import Dataset, TrainBatches, load_dataset
 from dropstudy.dropout import arm_label, describe_sites, site_rates, sites
 from dropstudy.models import build_model
 from dropstudy.config import dropout_site_count
@@ -211,7 +211,8 @@ class MemberRun:
             "model": self.model.state_dict(),
             "optimizer": member_optimizer_state(optimizer, stacked, self.index, self.model, self.cfg),
             "scheduler": None,
-            "rng": rng_states(torch.Generator().manual_seed(self.cfg.seed)),
+            # Full-batch training never draws from the shuffle generator: its state is the seed's.
+            "rng": rng_states(TrainBatches(self.data.train, None, self.cfg.seed)),
             "skipped_steps": 0,
             "tracker_run_id": self.tracker.run_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -309,7 +310,8 @@ def _train_members(members: list[Member], runs: list[MemberRun], group: str,
         conclude(run.outcome)
         conclude_run(run.cfg, run.rd, run.load(stacked), run.data, run.outcome, run.tracker, run.result,
                      run.dropout_sites, run.group, run.job_type, duration_s=duration,
-                     extra_summary={"vectorized": {"members": len(runs), "index": run.index}})
+                     extra_summary={"vectorized": {"members": len(runs), "index": run.index}},
+                     timings={"train": duration})  # the whole batch's training time, shared
     return [run.result for run in runs]
 
 
