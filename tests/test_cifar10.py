@@ -84,7 +84,8 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path):
     assert torch.equal(sub.train.inputs, a.train.inputs[:50])
 
 
-@pytest.mark.parametrize("writer", [write_torchvision_layout, write_image_folder])
+@pytest.mark.parametrize("writer", [write_torchvision_layout,
+                                    pytest.param(write_image_folder, marks=pytest.mark.slow)])
 def test_train_cifar10_end_to_end_on_real_formats(dropstudy, tmp_path, writer):
     root = tmp_path / "cifar"
     writer(root, n_train=200, n_test=40)
@@ -102,6 +103,7 @@ def test_train_cifar10_end_to_end_on_real_formats(dropstudy, tmp_path, writer):
     assert "cpu" in result.output  # it says which device it uses
 
 
+@pytest.mark.slow
 def test_synthetic_data_runs_and_is_labelled(dropstudy, tmp_path):
     result = dropstudy("train", "experiment=cifar10", "data.synthetic=true", "trainer.epochs=1",
                        "data.subset=256", "data.val_size=64", "hydra.run.dir=run")

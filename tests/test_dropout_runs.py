@@ -127,6 +127,7 @@ def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path):
     assert {"plots/calibration", "plots/learning_curves"} <= wandb_record(run).images()
 
 
+@pytest.mark.slow
 def test_resumed_run_with_schedule_mc_and_max_norm_equals_an_uninterrupted_one(clean_env, tmp_path):
     """p is a function of the epoch (not state a checkpoint would need), and the MC passes and
     the max-norm step happen inside the epochs a checkpoint brackets: killed and resumed

@@ -32,7 +32,8 @@ def results(run: Path) -> list[dict]:
 # --------------------------------------------------------------------------- determinism and rerun
 
 
-@pytest.mark.parametrize("args", [[*QUICK_REGRESSION, *QUIET], [*SYNTHETIC_CIFAR, "trainer.epochs=2", *QUIET]],
+@pytest.mark.parametrize("args", [[*QUICK_REGRESSION, *QUIET],
+                                  pytest.param([*SYNTHETIC_CIFAR, "trainer.epochs=2", *QUIET], marks=pytest.mark.slow)],
                          ids=["regression", "cifar10"])
 def test_same_config_and_seed_give_identical_metrics_and_rerun_says_so(dropstudy, tmp_path, args):
     assert dropstudy("train", *args, "hydra.run.dir=a").code == 0
@@ -53,6 +54,7 @@ def test_rerun_with_a_changed_override_differs(dropstudy, copy_of_run):
     assert "likely cause: the overrides given to rerun (model.dropout=0.3)" in result.stdout
 
 
+@pytest.mark.slow
 def test_data_split_depends_on_data_seed_only(dropstudy, tmp_path):
     for name, args in (("a", ["seed=0"]), ("b", ["seed=1", "data.seed=0"]), ("c", ["seed=1"])):
         assert dropstudy("train", *SYNTHETIC_CIFAR, "data.subset=128", "trainer.epochs=1", *QUIET, *args,
@@ -94,7 +96,8 @@ def wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float =
 @pytest.mark.parametrize(
     "args,rows",
     # W&B on for regression (the resumed W&B run is checked), off for CIFAR-10 to save time.
-    [(["trainer.epochs=1200", "trainer.eval_every=100"], 500), ([*SYNTHETIC_CIFAR, "trainer.epochs=3", *QUIET], 1)],
+    [pytest.param(["trainer.epochs=1200", "trainer.eval_every=100"], 500, marks=pytest.mark.slow),
+     ([*SYNTHETIC_CIFAR, "trainer.epochs=3", *QUIET], 1)],
     ids=["regression", "cifar10"],
 )
 def test_sigterm_then_resume_equals_an_uninterrupted_run(dropstudy, clean_env, tmp_path, args, rows):
@@ -220,6 +223,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 # --------------------------------------------------------------------------- NaN handling
 
 
+@pytest.mark.slow
 def test_on_nan_raise_stops_with_diverged_summary(dropstudy, tmp_path):
     result = dropstudy("train", "optim.lr=1000", "trainer.epochs=50", "trainer.on_nan=raise",
                        "tracker.mode=disabled", "hydra.run.dir=run")
