@@ -48,6 +48,7 @@ def wandb_record(run: Path):
 # --------------------------------------------------------------------------- training runs
 
 
+@pytest.mark.slow
 def test_a_sweep_over_dropout_kinds_runs_end_to_end(clean_env, tmp_path):
     kinds = ("inverted", "vanilla", "gaussian", "none")
     train_losses = {}

@@ -103,6 +103,7 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
     assert {"study/regression_fit", "study/study_curves", "study/weight_norms"} <= set(comparison.images())
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_says_interrupted(clean_env, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dropstudy", "train", "trainer.epochs=100000", "trainer.eval_every=1000",

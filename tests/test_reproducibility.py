@@ -181,6 +181,7 @@ def test_checkpoint_from_another_config_is_a_clear_error(dropstudy, tmp_path, co
     assert "different config" in result.stderr and "model.dropout: 0.5 -> 0.3" in result.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_model_is_a_clear_error(dropstudy, tmp_path, copy_of_run):
     run = finished_run(copy_of_run)
     ckpt = run / "checkpoints" / "last.pt"
