@@ -11,6 +11,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
