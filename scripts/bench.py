@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import shlex
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from benchlib import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "BENCHMARKS.md"
@@ -259,14 +260,7 @@ def median(results: list[dict], key: str) -> float | None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} CPUs"
 
 
