@@ -22,6 +22,8 @@ dropout) finds them by that type.
 
 from __future__ import annotations
 
+import abc
+
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from omegaconf import ListConfig
 from torch import nn
 
 
-class SiteDropout(nn.Module):
+class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
     """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
     schedule changes every epoch. `where` says where the site sits, for logs. Each kind's `drop`
     is where its mask (or noise) is drawn."""
@@ -47,8 +49,9 @@ class SiteDropout(nn.Module):
         self.where = where
         self.one_draw_per_batch = False
 
+    @abc.abstractmethod
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x with this kind's mask (or noise) applied, in training or evaluation mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.one_draw_per_batch:
