@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from dropstudy import plots
+from dropstudy.rundir import RunDir
 from dropstudy.tracking import flatten
 
 log = logging.getLogger("dropstudy")
@@ -58,8 +59,7 @@ class Run:
         return self.config.get("seed")
 
     def rows(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return RunDir(self.path).read_metrics()
 
 
 @dataclass
@@ -270,8 +270,8 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     """Each setting's fitted curve for one seed (the same seed for all where they share one),
     from the model its checkpoint holds."""
     import torch
-    from omegaconf import OmegaConf
 
+    from dropstudy.checkpoint import RunDirError, load_checkpoint, load_run_config
     from dropstudy.data import load_dataset
     from dropstudy.models import build_model
     from dropstudy.runner import _points, regression_fit_curve
@@ -282,14 +282,14 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     fits, data = [], None
     for row in table.rows:
         run = next((r for r in row.runs if str(r.seed) == seed), row.runs[0])
-        checkpoint = run.path / "checkpoints" / "last.pt"
-        if not checkpoint.is_file():
-            log.warning(f"report: {checkpoint} missing; no fit curve for {row.label}")
+        try:
+            cfg = load_run_config(run.path)
+            state = load_checkpoint(run.path, cfg)
+        except RunDirError as exc:
+            log.warning(f"report: no fit curve for {row.label}: {exc}")
             continue
-        resolved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        cfg = OmegaConf.create(resolved["config"])
         model = build_model(cfg.model)
-        model.load_state_dict(resolved["model"])
+        model.load_state_dict(state["model"])
         seed_everything(cfg.seed)
         run_data = load_dataset(cfg.data, torch.device("cpu"), lambda _: None)
         data = data or run_data

@@ -337,12 +337,9 @@ class Trainer:
                 outcome.epoch = self._boundary["epoch"]  # what the checkpoint holds
                 outcome.reason = f"{signal.Signals(signum).name} during epoch {outcome.epoch + 1} of {epochs}"
                 self.checkpoint()
-                return self._conclude(outcome)
+                return conclude(outcome)
         if outcome.status == "finished":
             self.log({"epoch": outcome.epoch, **self.evaluation(self.data.test, "test", outcome)})
-        return self._conclude(outcome)
-
-    def _conclude(self, outcome: Outcome) -> Outcome:
         return conclude(outcome)
 
 
