@@ -199,7 +199,8 @@ def test_wandb_sweep_rejects_what_an_agent_cannot_run(clean_env):
 
 
 def fake_vectorized(monkeypatch, reason):
-    """A stand-in for dropstudy.vectorized (built elsewhere) with its interface, recording calls."""
+    """A stand-in for dropstudy.vectorized with its interface, recording calls: how the sweep hands
+    a grid over, apart from what the batched training does (test_vectorized.py covers that)."""
     import types
     from dataclasses import dataclass
 
@@ -248,3 +249,29 @@ def test_a_grid_vectorized_cannot_train_falls_back_and_says_why(clean_env, monke
     assert "launcher: basic" in result.output
     result = invoke("sweep", "--dry-run", "model.dropout=0,0.5", "sweep.vectorize=false")
     assert "sweep.vectorize:" not in result.output
+
+
+def test_a_real_vectorized_sweep_writes_a_finished_run_per_member(clean_env, tmp_path):
+    """The real dropstudy.vectorized behind `dropstudy sweep`: one batched model, one complete run
+    dir per grid point with the metrics of its own rate and seed."""
+    result = invoke("sweep", "model.dropout=0,0.5", "seed=0,1", "trainer.epochs=20", "trainer.eval_every=10",
+                    "tracker.mode=disabled", "hydra.sweep.dir=sw")
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert table["mode"] == "vectorized"
+    for num, (rate, seed) in enumerate([(0, 0), (0, 1), (0.5, 0), (0.5, 1)]):
+        run = tmp_path / "sw" / str(num)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["vectorized"] == {"members": 4, "index": num}
+        assert (summary["dropout"], summary["seed"]) == (rate, seed)
+        assert len(read_jsonl(run / "metrics.jsonl")) == 21  # 20 epochs and the test row
+        assert (run / "checkpoints" / "last.pt").is_file() and (run / "plots" / "regression_fit.png").is_file()
+    finals = [json.loads((tmp_path / "sw" / str(n) / "summary.json").read_text())["final"]["train/loss"]
+              for n in range(4)]
+    assert len(set(finals)) == 4, "every member trained on its own seed and rate"
+
+
+def test_a_grid_the_real_vectorized_path_cannot_batch_falls_back(clean_env):
+    result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25")
+    assert result.exit_code == 0, result.output
+    assert "sweep.vectorize: one job per member (" in result.output and "launcher: basic" in result.output

@@ -233,14 +233,8 @@ def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
         return None, "sweep.vectorize=false"
     if plan.launcher != "basic":
         return None, f"hydra/launcher={plan.launcher} runs one job per member"
-    try:
-        from dropstudy import vectorized
-    except ImportError:
-        return None, "dropstudy.vectorized is not available"
-    needed = ("why_not_vectorizable", "train_members", "Member")
-    missing = [name for name in needed if not hasattr(vectorized, name)]
-    if missing:
-        return None, f"dropstudy.vectorized lacks {', '.join(missing)}"
+    from dropstudy import vectorized
+
     reason = vectorized.why_not_vectorizable([job.cfg for job in plan.jobs])
     return (vectorized, None) if reason is None else (None, reason)
 
