@@ -65,7 +65,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # Shrunken settings that keep every code path but run in seconds.
-QUICK_REGRESSION = ["trainer.epochs=40", "trainer.eval_every=10", "tracker.log_freq=10"]
+QUICK_REGRESSION = ["trainer.epochs=40", "trainer.eval_every=10", "trainer.log_every=4", "tracker.log_freq=10"]
+# The epochs those runs log a metrics row for: every 4th (trainer.log_every) and every evaluation.
+QUICK_REGRESSION_LOGGED = [4, 8, 10, 12, 16, 20, 24, 28, 30, 32, 36, 40]
 QUICK_CIFAR = [
     "experiment=cifar10",
     "trainer.epochs=2",

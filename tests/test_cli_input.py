@@ -53,6 +53,7 @@ BAD_INPUTS = [
     (["trainer.epochs=-3"], "trainer.epochs=-3", "positive"),
     (["trainer.epochs=many"], "trainer.epochs", "many"),
     (["trainer.eval_every=0"], "trainer.eval_every=0", "positive"),
+    (["trainer.log_every=0"], "trainer.log_every=0", "positive"),
     (["device=gpu"], "device='gpu'", "auto, cpu, cuda, cuda:N or mps"),
     (["study.arms=[0.0,1.5]"], "study.arms[1]", "[0, 1)"),
     (["tracker.mode=sometimes"], "tracker.mode", "offline"),

@@ -7,9 +7,13 @@ about runs, W&B or configs.
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -18,6 +22,59 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray")
+
+
+class Drawer:
+    """Runs this module's figure functions inline (workers <= 1) or on worker processes.
+
+    A vectorized sweep's members each draw their own figures, about half a second apiece on one
+    core; with workers they draw side by side, one per CPU, while the caller goes on. Workers are
+    spawned (not forked: the caller holds torch and W&B threads), import only matplotlib, and
+    ignore Ctrl-C, which the caller handles."""
+
+    def __init__(self, workers: int = 1):
+        self._pool = None
+        if workers > 1:
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+
+    def submit(self, fn: Callable[..., Path], *args: Any) -> "Pending":
+        if self._pool is not None:
+            try:
+                return Pending(self._pool.submit(fn, *args), fn, args)
+            except BrokenProcessPool:
+                pass  # drawn here instead, below
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return Pending(future, fn, args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> "Drawer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Pending:
+    """A figure being drawn; `result()` is its path. If the worker processes died (killed, out of
+    memory, or a script without an `if __name__ == "__main__":` guard, which spawned workers
+    re-run), the figure is drawn here instead: a worker never costs a figure."""
+
+    def __init__(self, future: Future, fn: Callable[..., Path], args: tuple):
+        self.future, self.fn, self.args = future, fn, args
+
+    def result(self) -> Path:
+        try:
+            return self.future.result()
+        except BrokenProcessPool:
+            return self.fn(*self.args)
 
 
 def _series(rows: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
@@ -34,8 +91,14 @@ def _has(rows: Sequence[dict], key: str) -> bool:
     return any(key in row for row in rows)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: Path, margins: dict[str, float] | None = None) -> Path:
+    """Write the PNG. `margins` (subplots_adjust fractions) lay out figures whose labels have a
+    known size; that skips tight_layout, which measures every label and costs about as much as
+    drawing the figure (this matters for a sweep's members, which each draw their own)."""
+    if margins is None:
+        fig.tight_layout()
+    else:
+        fig.subplots_adjust(**margins)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -58,7 +121,9 @@ def learning_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    width = 5.2 * len(panels)
+    return _save(fig, path, margins={"left": 0.75 / width, "right": 1 - 0.15 / width, "bottom": 0.13, "top": 0.89,
+                                     "wspace": 0.25})
 
 
 @dataclass
@@ -107,7 +172,7 @@ def regression_fit(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)
-    return _save(fig, path)
+    return _save(fig, path, margins={"left": 0.11, "right": 0.97, "bottom": 0.11, "top": 0.93})
 
 
 def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Path:

@@ -67,17 +67,16 @@ def regression_fit_curve(model: torch.nn.Module, data: Dataset, label: str, mc_s
     return curve
 
 
-def calibration_figure(
-    model: torch.nn.Module, data: Dataset, outcome: Outcome, batch_size: int, path: Path, title: str
-) -> tuple[Path, dict[str, float]]:
-    """Reliability diagram and predictive entropy on the test set, deterministic vs MC dropout;
-    and the two expected calibration errors."""
+def calibration_values(
+    model: torch.nn.Module, data: Dataset, outcome: Outcome, batch_size: int
+) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, float]]:
+    """Reliability bins and predictive entropies on the test set, deterministic vs MC dropout
+    (what plots.calibration draws), and the two expected calibration errors."""
     mc_name = f"MC dropout (T={outcome.test_mc.samples})"
     named = {"deterministic": predictions(model, data, data.test, batch_size), mc_name: outcome.test_mc}
     bins = {name: calibration(p.mean, p.targets) for name, p in named.items()}
     entropies = {name: predictive_entropy(p.mean).cpu().tolist() for name, p in named.items()}
-    figure = plots.calibration(bins, entropies, path, title)
-    return figure, {"test/ece": bins["deterministic"].ece, "test_mc/ece": bins[mc_name].ece}
+    return bins, entropies, {"test/ece": bins["deterministic"].ece, "test_mc/ece": bins[mc_name].ece}
 
 
 def _points(split) -> tuple[list[float], list[float]]:
@@ -244,6 +243,34 @@ def make_run_tracker(
     )
 
 
+def draw_run_figures(
+    cfg: DictConfig,
+    rd: RunDir,
+    model: torch.nn.Module,
+    data: Dataset,
+    outcome: Outcome,
+    result: RunResult,
+    drawer: plots.Drawer | None = None,
+) -> tuple[dict[str, plots.Pending], dict[str, float]]:
+    """Start a run's figures on `drawer` (inline without one): learning curves, the regression
+    fit (its curve is computed here, into result.fit), calibration with MC dropout. Returns the
+    figures' futures (each resolves to its PNG) and the calibration errors for the summary."""
+    title = f"{cfg.experiment}, {result.label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
+    drawer = drawer or plots.Drawer()
+    pending = {"learning_curves": drawer.submit(plots.learning_curves, outcome.rows,
+                                                rd.plot_path("learning_curves.png"), title)}
+    if data.task == "regression":
+        result.fit = regression_fit_curve(model, data, result.label, cfg.eval.mc_samples)
+        pending["regression_fit"] = drawer.submit(plots.regression_fit, _points(data.train), _points(data.test),
+                                                  [result.fit], rd.plot_path("regression_fit.png"), title)
+    calibration_errors: dict[str, float] = {}
+    if outcome.test_mc is not None and data.task == "classification":
+        bins, entropies, calibration_errors = calibration_values(model, data, outcome, cfg.trainer.eval_batch_size)
+        pending["calibration"] = drawer.submit(plots.calibration, bins, entropies, rd.plot_path("calibration.png"),
+                                               title)
+    return pending, calibration_errors
+
+
 def conclude_run(
     cfg: DictConfig,
     rd: RunDir,
@@ -258,24 +285,15 @@ def conclude_run(
     duration_s: float,
     extra_summary: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
+    figures: tuple[dict[str, plots.Pending], dict[str, float]] | None = None,
 ) -> None:
     """After training: the figures (also to W&B), summary.json and the W&B summary, for a trained
-    `model` and how its training ended."""
+    `model` and how its training ended. `figures` are those `draw_run_figures` started (a
+    vectorized sweep starts every member's before concluding any); None draws them here."""
     result.outcome, result.status = outcome, outcome.status
-    label = result.label
     clock = time.perf_counter()
-    title = f"{cfg.experiment}, {label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
-    result.figures["learning_curves"] = plots.learning_curves(outcome.rows, rd.plot_path("learning_curves.png"), title)
-    if data.task == "regression":
-        result.fit = regression_fit_curve(model, data, label, cfg.eval.mc_samples)
-        result.figures["regression_fit"] = plots.regression_fit(
-            _points(data.train), _points(data.test), [result.fit], rd.plot_path("regression_fit.png"), title
-        )
-    calibration_errors = {}
-    if outcome.test_mc is not None and data.task == "classification":
-        result.figures["calibration"], calibration_errors = calibration_figure(
-            model, data, outcome, cfg.trainer.eval_batch_size, rd.plot_path("calibration.png"), title
-        )
+    pending, calibration_errors = figures or draw_run_figures(cfg, rd, model, data, outcome, result)
+    result.figures.update({name: future.result() for name, future in pending.items()})
     tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
     if timings is not None:
         timings["figures"] = time.perf_counter() - clock

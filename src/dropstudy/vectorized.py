@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ from dropstudy.dropout import arm_label, describe_sites, site_rates, sites
 from dropstudy.models import build_model
 from dropstudy.config import dropout_site_count
 from dropstudy.rundir import RunDir, collect_provenance
-from dropstudy.runner import RunResult, conclude_run, make_run_tracker
+from dropstudy import plots
+from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
 from dropstudy.runtime import (
     Interrupted, describe_device, seed_everything, select_device, set_deterministic, signals_interrupt_training,
 )
@@ -104,15 +106,21 @@ def why_not_vectorizable(cfgs: list[DictConfig]) -> str | None:
 class StackedMLP(nn.Module):
     """M copies of models.MLP evaluated at once on inputs [M, N, in] -> [M, N, out].
 
-    `params[k]` stacks the members' k-th parameter (in `MLP.named_parameters` order, `names[k]`),
-    so `member_state(i)` is member i's state_dict. `rates` is [M, sites]: each member's p at each
-    dropout site (one after each hidden layer)."""
+    `params[k]` stacks the members' k-th parameter (in `MLP.named_parameters` order, `names[k]`);
+    weights are stored transposed, [M, in, out], so that `x @ W` needs no transpose and the
+    weight gradient (x^T @ grad) comes out in the parameter's own layout (with nn.Linear's
+    [M, out, in] autograd copied every weight gradient back from the transposed layout, about
+    half of each step on a 2-core CPU). `member_state(i)` is member i's state_dict in
+    nn.Linear's layout. `rates` is [M, sites]: each member's p at each dropout site (one after
+    each hidden layer)."""
 
     def __init__(self, models: list[nn.Module], rates: torch.Tensor, kind: str, generator: torch.Generator):
         super().__init__()
         self.names = [name for name, _ in models[0].named_parameters()]
         stacked, _ = torch.func.stack_module_state(models)
-        self.params = nn.ParameterList([nn.Parameter(stacked[name]) for name in self.names])
+        self.transposed = [stacked[name].dim() == 3 for name in self.names]  # the weights
+        self.params = nn.ParameterList([nn.Parameter(stacked[name].transpose(1, 2).contiguous() if t else stacked[name])
+                                        for name, t in zip(self.names, self.transposed)])
         self.kind = kind
         self.register_buffer("rates", rates)
         self.generator = generator
@@ -122,7 +130,7 @@ class StackedMLP(nn.Module):
         return self.params[0].shape[0]
 
     def layers(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-        """(layer name, weight [M, out, in], bias [M, out]) in forward order."""
+        """(layer name, transposed weight [M, in, out], bias [M, out]) in forward order."""
         return [(self.names[k].rsplit(".", 1)[0], self.params[k], self.params[k + 1]) for k in range(0, len(self.names), 2)]
 
     def drop(self, x: torch.Tensor, site: int) -> torch.Tensor:
@@ -143,9 +151,9 @@ class StackedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()
         for site, (_, weight, bias) in enumerate(layers[:-1]):
-            x = self.drop(torch.relu(torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))), site)
+            x = self.drop(torch.relu(torch.baddbmm(bias.unsqueeze(1), x, weight)), site)
         _, weight, bias = layers[-1]
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight)
 
     @torch.no_grad()
     def weight_norms(self) -> list[dict[str, float]]:
@@ -154,8 +162,12 @@ class StackedMLP(nn.Module):
         norms = torch.stack([w.flatten(1).norm(dim=1) for _, w, _ in layers], dim=1).tolist()
         return [{f"weights/l2/{name}": v for (name, _, _), v in zip(layers, row)} for row in norms]
 
+    def own_layout(self, k: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Member slice `tensor` of parameter k (or of its optimizer state) in nn.Linear's layout."""
+        return (tensor.transpose(0, 1) if self.transposed[k] else tensor).detach().clone(memory_format=torch.contiguous_format)
+
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        return {name: p[i].detach().clone() for name, p in zip(self.names, self.params)}
+        return {name: self.own_layout(k, p[i]) for k, (name, p) in enumerate(zip(self.names, self.params))}
 
 
 def member_optimizer_state(optimizer: torch.optim.Optimizer, stacked: StackedMLP, i: int,
@@ -163,9 +175,10 @@ def member_optimizer_state(optimizer: torch.optim.Optimizer, stacked: StackedMLP
     """Member i's slice of the batched optimizer, as the state_dict of the optimizer the single
     path makes for `model` (make_optimizer), so `resume` can load it."""
     own = make_optimizer(cfg.optim, model)
-    for stacked_param, param in zip(stacked.params, model.parameters()):
+    for k, (stacked_param, param) in enumerate(zip(stacked.params, model.parameters())):
         state = optimizer.state.get(stacked_param, {})
-        own.state[param] = {k: v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
+        own.state[param] = {key: stacked.own_layout(k, v[i]) if torch.is_tensor(v) and v.dim() > 0 else v
+                            for key, v in state.items()}
     return own.state_dict()
 
 
@@ -306,13 +319,30 @@ def _train_members(members: list[Member], runs: list[MemberRun], group: str,
     started = time.time()
     fit(stacked, optimizer, runs, datas, cfg0)
     duration = time.time() - started
-    for run in runs:
-        conclude(run.outcome)
-        conclude_run(run.cfg, run.rd, run.load(stacked), run.data, run.outcome, run.tracker, run.result,
-                     run.dropout_sites, run.group, run.job_type, duration_s=duration,
-                     extra_summary={"vectorized": {"members": len(runs), "index": run.index}},
-                     timings={"train": duration})  # the whole batch's training time, shared
+    # Every member's figures are started before any member concludes, so that they draw side by
+    # side on worker processes (one per CPU) while this process logs and writes summaries.
+    with plots.Drawer(figure_workers(len(runs))) as drawer:
+        started_figures = [draw_run_figures(run.cfg, run.rd, run.load(stacked), run.data, conclude(run.outcome),
+                                            run.result, drawer) for run in runs]
+        for run, figures in zip(runs, started_figures):
+            conclude_run(run.cfg, run.rd, run.model, run.data, run.outcome, run.tracker, run.result,
+                         run.dropout_sites, run.group, run.job_type, duration_s=duration,
+                         extra_summary={"vectorized": {"members": len(runs), "index": run.index}},
+                         timings={"train": duration},  # the whole batch's training time, shared
+                         figures=figures)
     return [run.result for run in runs]
+
+
+def figure_workers(members: int) -> int:
+    """Processes for the members' figures: one per usable CPU (at most 16), none for a few
+    members, where starting the workers (an import of matplotlib each) costs more than it saves."""
+    if members < 8:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 16, members))
 
 
 def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[MemberRun], datas: list[Dataset],
@@ -325,6 +355,7 @@ def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[Member
     epochs, eval_every = cfg.trainer.epochs, cfg.trainer.eval_every
     checkpoint_every = cfg.trainer.checkpoint_every or eval_every
     log_freq = cfg.tracker.log_freq or eval_every  # one step per epoch
+    log_every = cfg.trainer.log_every
     watch = cfg.tracker.watch
     train_x, train_y = stack_splits(datas, "train")
     val_x, val_y = stack_splits(datas, "val")
@@ -352,10 +383,19 @@ def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[Member
                         val_loss = member_losses(stacked(val_x), val_y).tolist()
                     norms = stacked.weight_norms()
                 histograms = watch != "none" and epoch % log_freq == 0
+                logged = evaluated or epoch % log_every == 0
                 for run in runs:
                     if not run.active:
                         continue
                     i = run.index
+                    if histograms:  # joined to the member's next row, as `watch` does
+                        run.tracker.log_histograms(member_histograms(stacked, i, watch), len(run.outcome.rows))
+                    if not (logged or not math.isfinite(train_loss[i])):
+                        # No row this epoch (trainer.log_every), as in Trainer.fit.
+                        run.outcome.epoch = epoch
+                        if epoch % checkpoint_every == 0:
+                            run.checkpoint(epoch, stacked, optimizer)
+                        continue
                     row: dict[str, Any] = {"epoch": epoch, "train/loss": train_loss[i],
                                            "lr": optimizer.param_groups[0]["lr"],
                                            "perf/samples_per_s": n_train / elapsed, **run.rates}
@@ -363,8 +403,6 @@ def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[Member
                         row["val/loss"] = val_loss[i]
                         row["gap/loss"] = val_loss[i] - train_loss[i]
                         row.update(norms[i])
-                    if histograms:
-                        run.tracker.log_histograms(member_histograms(stacked, i, watch), len(run.outcome.rows))
                     run.log(row)
                     bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
                     if bad:
@@ -411,6 +449,7 @@ def member_histograms(stacked: StackedMLP, i: int, watch: str) -> dict[str, torc
     """`gradients/<param>` and/or `parameters/<param>` of member i, as `watch` names them."""
     tensors = {}
     for name, param in zip(stacked.names, stacked.params):
+        # A histogram does not depend on the layout: the transposed weight slices serve as they are.
         if watch in ("parameters", "all"):
             tensors[f"parameters/{name}"] = param[i]
         if watch in ("gradients", "all") and param.grad is not None:
