@@ -5,6 +5,11 @@ in one invocation, W&B offline in both:
   per-member   one member after another through the single path (runner.train_run), in this
                one process, as Hydra's basic launcher runs a sweep's jobs
 
+and, end to end as users run them (unless --no-cli), the same grid as one `dropstudy sweep`
+command (vectorized) against one `dropstudy train` process per member, one after another (what
+a shell loop or a process-per-job launcher such as submitit does): each process pays its own
+start-up (imports, W&B service) on top of the run.
+
 Prints the wall time of each and their ratio as JSON, and appends a dated row to BENCHMARKS.md.
 With --baseline-members K only the first K per-member runs are trained and the per-member time
 is extrapolated from their mean (the runs are independent and equally long); the JSON says so.
@@ -31,6 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 HEADING = "## Regression sweep: vectorized vs one run per member (scripts/bench_sweep.py)"
+CLI_HEADING = "## Regression sweep end to end: `dropstudy sweep` vs one `dropstudy train` process per member"
+CLI_TABLE = (
+    "| date (UTC) | machine | command | members x epochs | `dropstudy sweep` s | `dropstudy train` processes s "
+    "| processes / sweep | sweep / one `train` |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
 TABLE = (
     "| date (UTC) | machine | command | members x epochs | vectorized s | per-member s | per-member / vectorized "
     "| vectorized / one run | load avg (start -> end) |\n"
@@ -49,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--no-record", action="store_true", help="do not append the row to BENCHMARKS.md")
+    parser.add_argument("--no-cli", action="store_true",
+                        help="skip the end-to-end commands (`dropstudy sweep` vs a `dropstudy train` process per member)")
     return parser.parse_args()
 
 
@@ -69,19 +82,31 @@ def load_average() -> str:
 
 
 def record(result: dict) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
     per_member = f"{result['per_member_s']:.0f}" + (" (extrapolated from " + str(result["per_member_measured"]) + ")"
                                                    if result["per_member_extrapolated"] else "")
     row = (f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['members']} x {result['epochs']} "
            f"| {result['vectorized_s']:.0f} | {per_member} | {result['speedup']:.1f}x "
            f"| {result['vectorized_over_one_run']:.1f}x | {result['load_start']} -> {result['load_end']} |\n")
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n" + TABLE + row
+    add_row(HEADING, TABLE, row)
+    if "cli" in result:
+        cli = result["cli"]
+        processes = f"{cli['train_processes_s']:.0f}" + (f" (extrapolated from {cli['train_measured']})"
+                                                        if cli["train_measured"] < result["members"] else "")
+        add_row(CLI_HEADING, CLI_TABLE,
+                f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['members']} x "
+                f"{result['epochs']} | {cli['sweep_s']:.0f} | {processes} | {cli['speedup']:.1f}x "
+                f"| {cli['sweep_over_one_train']:.1f}x |\n")
+
+
+def add_row(heading: str, table: str, row: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + table + row
     else:
         # Append the row at the end of this section's table (the next heading starts another section).
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
         section = text[start:] if end < 0 else text[start:end]
         section = section.rstrip("\n") + "\n" + row
         text = text[:start] + section + ("" if end < 0 else "\n" + text[end:])
@@ -132,6 +157,8 @@ def main() -> None:
     one_run_s = measured_s / len(measured)
     per_member_s = one_run_s * len(members)
 
+    cli = None if args.no_cli else run_commands(args, rates, members, out)
+
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
@@ -152,12 +179,52 @@ def main() -> None:
         "load_start": load_start,
         "load_end": load_average(),
         "run_dirs": str(out),
+        **({"cli": cli} if cli else {}),
     }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
         record(result)
+
+
+def run_commands(args: argparse.Namespace, rates: list[float], members: list, out: Path) -> dict:
+    """The grid as users run it: one `dropstudy sweep` (vectorized by default), then one
+    `dropstudy train` process per member (the first --baseline-members of them), timed end to end."""
+    import subprocess
+
+    env = {**os.environ, "WANDB_SILENT": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    common = [f"trainer.epochs={args.epochs}", f"device={args.device}", "tracker.mode=offline"]
+    sweep = [sys.executable, "-m", "dropstudy", "sweep", "model.dropout=" + ",".join(str(r) for r in rates),
+             f"seed=range(0,{args.seeds})", *common, f"hydra.sweep.dir={out / 'cli-sweep'}"]
+    started = time.perf_counter()
+    proc = subprocess.run(sweep, env=env, capture_output=True, text=True)
+    sweep_s = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"bench_sweep: `dropstudy sweep` failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    table = json.loads((out / "cli-sweep" / "sweep.json").read_text())
+    print(f"dropstudy sweep ({table.get('mode')}): {len(members)} members in {sweep_s:.1f} s", file=sys.stderr)
+
+    measured = members[: args.baseline_members] if args.baseline_members else members
+    started = time.perf_counter()
+    for i, (overrides, _) in enumerate(measured):
+        train = [sys.executable, "-m", "dropstudy", "train", *overrides, f"hydra.run.dir={out / 'cli-train' / str(i)}"]
+        proc = subprocess.run(train, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench_sweep: `dropstudy train` failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        print(f"dropstudy train: {i + 1}/{len(measured)} after {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    one_train_s = (time.perf_counter() - started) / len(measured)
+    return {
+        "sweep_command": shlex.join(["dropstudy", *sweep[3:]]),
+        "sweep_mode": table.get("mode"),
+        "sweep_s": round(sweep_s, 2),
+        "one_train_s": round(one_train_s, 2),
+        "train_measured": len(measured),
+        "train_processes_s": round(one_train_s * len(members), 2),
+        "speedup": round(one_train_s * len(members) / sweep_s, 2),
+        "sweep_over_one_train": round(sweep_s / one_train_s, 2),
+    }
 
 
 if __name__ == "__main__":
