@@ -25,7 +25,7 @@ from test_reproducibility import results, start, wait_for_rows
 from wandb_offline import load_run
 
 runner = CliRunner()
-QUICK = ["trainer.epochs=20", "trainer.eval_every=10"]
+QUICK = ["trainer.epochs=20", "trainer.eval_every=10", "trainer.log_every=1"]  # a row every epoch: the schedules are read per epoch
 Z = 4.5  # as in test_dropout: a correct implementation falls outside with probability 7e-6
 
 

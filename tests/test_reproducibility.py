@@ -50,7 +50,7 @@ def test_rerun_with_a_changed_override_differs(dropstudy, copy_of_run):
     assert result.code == 1, result.output
     # Keys are compared in sorted order: the logged rate is the first to differ, then the loss.
     assert "verdict: differs" in result.stdout
-    assert "first difference at step 0 (epoch 1): dropout/p/net.drop1 0.5 vs 0.3" in result.stdout
+    assert "first difference at step 0 (epoch 4): dropout/p/net.drop1 0.5 vs 0.3" in result.stdout
     assert "likely cause: the overrides given to rerun (model.dropout=0.3)" in result.stdout
 
 

@@ -272,3 +272,29 @@ def test_a_diverging_member_stops_and_the_others_train_on(tmp_path, clean_env, m
     assert state["epoch"] == summary["epoch"] - 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert read_jsonl(tmp_path / "ok" / "metrics.jsonl")[-1].keys() == {"epoch", "test/loss"}
+
+
+def test_members_figures_draw_on_worker_processes_and_survive_their_death(tmp_path):
+    """A sweep's members draw their figures on worker processes (plots.Drawer); a worker that
+    dies (killed, out of memory) must not cost a figure: it is drawn in this process instead."""
+    import os
+
+    from dropstudy import plots
+
+    rows = [{"epoch": e, "train/loss": 1.0 / e, **({"val/loss": 2.0 / e} if e % 5 == 0 else {})} for e in range(1, 21)]
+    with plots.Drawer(2) as drawer:
+        pending = drawer.submit(plots.learning_curves, rows, tmp_path / "a.png", "on a worker")
+        assert pending.result() == tmp_path / "a.png"
+        worker_pids = set(drawer._pool._processes)
+        assert os.getpid() not in worker_pids and worker_pids
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with plots.Drawer(2) as drawer:
+        from concurrent.futures.process import BrokenProcessPool
+
+        dead = drawer.submit(os._exit, 1)  # a worker dies; the pool is broken from then on
+        assert isinstance(dead.future.exception(timeout=120), BrokenProcessPool)
+        late = drawer.submit(plots.learning_curves, rows, tmp_path / "b.png", "after a worker died")
+        assert late.result() == tmp_path / "b.png"
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.Drawer(1).submit(plots.learning_curves, rows, tmp_path / "c.png", "inline").result().is_file()
