@@ -276,3 +276,44 @@ def test_a_grid_the_real_vectorized_path_cannot_batch_falls_back(clean_env):
     result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25")
     assert result.exit_code == 0, result.output
     assert "sweep.vectorize: one job per member (" in result.output and "launcher: basic" in result.output
+
+
+@pytest.mark.parametrize("grid, copied", [
+    (["model.dropout=0,0.5", "seed=range(0,3)", "trainer.epochs=7", "tracker.mode=disabled"], 5),
+    (["model.dropout=[0.1,0.2,0.3],[0.5,0.5,0.5]", "data.seed=1,2", "experiment=regression", "optim.lr=0.1,0.01"], 7),
+    # A config group swept: the jobs with another optimizer are composed from scratch; only
+    # job 1 (sgd, seed 1) differs from job 0 in a value alone.
+    (["optim=sgd,adam", "seed=0,1"], 1),
+], ids=["values", "lists-and-a-fixed-group", "group-swept"])
+def test_planned_jobs_equal_what_composing_each_from_scratch_gives(clean_env, tmp_path, monkeypatch, grid, copied):
+    """plan_sweep sets the values that differ on job 0's config instead of composing every grid
+    point again; the jobs must be exactly those Hydra's own per-job composition gives."""
+    from dropstudy import sweep
+    from omegaconf import OmegaConf
+
+    args = [*grid, f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    calls = {"n": 0}
+    real = sweep.value_changes
+
+    def counted(*a):
+        changed = real(*a)
+        calls["n"] += changed is not None
+        return changed
+
+    monkeypatch.setattr(sweep, "value_changes", counted)
+    fast = sweep.plan_sweep(args)
+    monkeypatch.setattr(sweep, "jobs_differ_in_values_only", lambda *a: False)
+    slow = sweep.plan_sweep(args)
+    assert calls["n"] == copied
+    assert len(fast.jobs) == len(slow.jobs) > 1
+    for ours, theirs in zip(fast.jobs, slow.jobs):
+        assert (ours.num, ours.overrides, ours.run_dir) == (theirs.num, theirs.overrides, theirs.run_dir)
+        assert OmegaConf.to_container(ours.cfg) == OmegaConf.to_container(theirs.cfg), ours.overrides
+        assert OmegaConf.to_yaml(ours.cfg) == OmegaConf.to_yaml(theirs.cfg)  # the same types too
+
+
+def test_a_bad_value_in_the_grid_names_its_job_on_the_fast_path_too(clean_env, tmp_path):
+    result = invoke("sweep", "--dry-run", "model.dropout=0.5,1.5", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert result.exit_code == 2, result.output
+    assert "sweep job 2 (model.dropout=1.5 seed=0)" in result.output and "model.dropout" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "sw").exists()

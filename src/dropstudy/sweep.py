@@ -15,6 +15,7 @@ is trained that way instead, into the same run directories (`train_vectorized`).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -137,13 +138,27 @@ def plan_sweep(overrides: list[str]) -> SweepPlan:
         raise ConfigError(explain_composition_error(exc)) from exc
 
     jobs: list[PlannedJob] = []
+    first_job: DictConfig | None = None
     try:
         for num, job_args in enumerate(batches[0]):
             task_args = [a for a in job_args if not _is_hydra_override(a)]
             where = f"sweep job {num} ({' '.join(task_args)})"
             try:
-                # What Hydra's launchers do for job `num`: its config, then its output dir.
-                job_cfg = hydra.config_loader.load_sweep_config(master, list(job_args))
+                changed = None if first_job is None else value_changes(
+                    parser, hydra.config_loader.repository, batches[0][0], job_args)
+                if changed is None:
+                    # What Hydra's launchers do for job `num`: its config, then its output dir.
+                    job_cfg = hydra.config_loader.load_sweep_config(master, list(job_args))
+                else:
+                    # Only plain values differ from job 0: job 0's config with them set, as
+                    # Hydra's composition would set them (its own override code), without
+                    # composing the whole config again (0.3 s a grid point).
+                    job_cfg = copy.deepcopy(first_job)
+                    with open_dict(job_cfg):
+                        hydra.config_loader._apply_overrides_to_config(changed, job_cfg)
+                        job_cfg.hydra.overrides.task = task_args
+                if num == 0 and jobs_differ_in_values_only(master, job_cfg):
+                    first_job = copy.deepcopy(job_cfg)
                 with open_dict(job_cfg):
                     job_cfg.hydra.job.id = num
                     job_cfg.hydra.job.num = num
@@ -168,6 +183,36 @@ def plan_sweep(overrides: list[str]) -> SweepPlan:
     first = jobs[0].cfg
     group = first.tracker.group or f"{first.experiment}-{Path(sweep_dir).name}"
     return SweepPlan(Path(sweep_dir), launcher, group, args, jobs, master)
+
+
+def jobs_differ_in_values_only(master: DictConfig, first_job: DictConfig) -> bool:
+    """Whether a job's config can be job 0's with other values set (see value_changes): the
+    sweep's subdir is the job number (nothing else in the job's Hydra config is used) and no
+    value of the task config reads the Hydra config."""
+    subdir = OmegaConf.to_container(master.hydra.sweep, resolve=False).get("subdir")
+    task = OmegaConf.to_container(first_job, resolve=False)
+    task.pop("hydra", None)
+    return subdir == "${hydra.job.num}" and "${hydra" not in json.dumps(task)
+
+
+def value_changes(parser: Any, repository: Any, first_args: list[str], job_args: list[str]) -> list[Any] | None:
+    """The overrides in which `job_args` differ from job 0's, parsed, when each one sets a plain
+    value that job 0 also set (not a config group, no +/~ edit, not hydra.*); else None, and
+    the job is composed from scratch, as Hydra's launchers do."""
+    from hydra.core.override_parser.types import OverrideType
+
+    if len(job_args) != len(first_args):
+        return None
+    pairs = [(arg, first) for arg, first in zip(job_args, first_args) if arg != first]
+    ours = parser.parse_overrides([arg for arg, _ in pairs])
+    theirs = parser.parse_overrides([first for _, first in pairs])
+    for override, first in zip(ours, theirs):
+        key = override.key_or_group
+        if (key != first.key_or_group or override.type != OverrideType.CHANGE
+                or override.package is not None or override.is_sweep_override() or key.startswith("hydra")
+                or repository.group_exists(key)):
+            return None
+    return ours
 
 
 # --------------------------------------------------------------------------- running the jobs
