@@ -104,12 +104,18 @@ def add_row(heading: str, table: str, row: str) -> None:
     if heading not in text:
         text = text.rstrip("\n") + f"\n\n{heading}\n\n" + table + row
     else:
-        # Append the row at the end of this section's table (the next heading starts another section).
+        # The row goes right after the last row of this section's table (prose may follow it;
+        # the next heading starts another section).
         start = text.index(heading)
         end = text.find("\n## ", start + len(heading))
-        section = text[start:] if end < 0 else text[start:end]
-        section = section.rstrip("\n") + "\n" + row
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end:])
+        end = len(text) if end < 0 else end
+        lines = text[start:end].split("\n")
+        last = max((i for i, line in enumerate(lines) if line.startswith("|")), default=None)
+        if last is None:
+            lines[1:1] = ["", table.rstrip("\n"), row.rstrip("\n")]
+        else:
+            lines.insert(last + 1, row.rstrip("\n"))
+        text = text[:start] + "\n".join(lines) + text[end:]
     path.write_text(text)
 
 
