@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md in one command, for a lent CUDA machine without network:
-# the Python packages dropstudy needs beyond the machine's own (wandb, hydra-core, omegaconf and
-# their dependencies) travel as wheels in .whl/ (see BENCHMARKS.md for how they were fetched).
+# The GPU measurements of BENCHMARKS.md in one command, for a lent CUDA machine without network
+# that already has torch, torchvision, matplotlib, rich and typer: the other packages dropstudy
+# needs travel as wheels in .whl/ (git-ignored), fetched where pip works, for the machine's Python:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#     wandb==0.31.0 hydra-core==1.3.8 omegaconf==2.3.1 cwevals pydantic pydantic_core \
+#     typing-inspection annotated-types platformdirs protobuf googleapis-common-protos xxhash \
+#     typing_extensions distro sniffio opentelemetry-api opentelemetry-sdk \
+#     opentelemetry-semantic-conventions opentelemetry-proto opentelemetry-exporter-otlp-proto-http \
+#     opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-common \
+#     opentelemetry-exporter-http-transport
+#   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only
 #
 #   bash scripts/gpu_check.sh            # results under $OUT (default ./gpu-out)
 set -u
