@@ -223,6 +223,16 @@ WATCH_CHOICES = ("gradients", "parameters", "all", "none")
 MODE_CHOICES = ("auto", "online", "offline", "disabled")
 ON_NAN_CHOICES = ("stop", "skip", "raise")
 AMP_CHOICES = ("auto", "bf16", "off")
+# trainer.* counts: each must be at least 1 (null, where the schema allows it, has the meaning given).
+TRAINER_COUNTS = {
+    "epochs": "must be a positive integer.",
+    "eval_every": "must be a positive integer.",
+    "log_every": "a positive number of epochs (1 = a metrics row every epoch).",
+    "batch_size": "must be a positive integer, or null for full batch.",
+    "checkpoint_every": "a positive number of epochs, or null for every evaluation.",
+    "threads": "a positive number of CPU threads, or null for one per available core.",
+    "eval_batch_size": "must be a positive integer.",
+}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # `model.dropout` sets the sites after the hidden layers: one after each hidden layer of the MLP,
 # the two around the CNN's fc 512->512. The input and conv sites have keys of their own.
@@ -329,36 +339,16 @@ def validate(cfg: DictConfig) -> None:
             f"eval.mc_samples={cfg.eval.mc_samples}: 0 turns MC-dropout evaluation off; otherwise the "
             "number of stochastic passes to average must be at least 2 (typically 20 to 100)."
         )
-    if cfg.trainer.epochs < 1:
-        raise ConfigError(f"trainer.epochs={cfg.trainer.epochs}: must be a positive integer.")
-    if cfg.trainer.eval_every < 1:
-        raise ConfigError(f"trainer.eval_every={cfg.trainer.eval_every}: must be a positive integer.")
-    if cfg.trainer.log_every < 1:
-        raise ConfigError(
-            f"trainer.log_every={cfg.trainer.log_every}: a positive number of epochs (1 = a metrics row every epoch)."
-        )
-    if cfg.trainer.batch_size is not None and cfg.trainer.batch_size < 1:
-        raise ConfigError(
-            f"trainer.batch_size={cfg.trainer.batch_size}: must be a positive integer, or null for full batch."
-        )
-    if cfg.trainer.checkpoint_every is not None and cfg.trainer.checkpoint_every < 1:
-        raise ConfigError(
-            f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: a positive number of epochs, "
-            "or null for every evaluation."
-        )
+    for key, rule in TRAINER_COUNTS.items():
+        value = cfg.trainer[key]
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{key}={value}: {rule}")
     if cfg.trainer.on_nan not in ON_NAN_CHOICES:
         raise ConfigError(f"trainer.on_nan={cfg.trainer.on_nan!r}: use one of {', '.join(ON_NAN_CHOICES)}.")
     if cfg.trainer.amp not in AMP_CHOICES:
         raise ConfigError(
             f"trainer.amp={cfg.trainer.amp!r}: use auto (bf16 autocast on CUDA when supported), bf16 or off."
         )
-    if cfg.trainer.threads is not None and cfg.trainer.threads < 1:
-        raise ConfigError(
-            f"trainer.threads={cfg.trainer.threads}: a positive number of CPU threads, or null for one per "
-            "available core."
-        )
-    if cfg.trainer.eval_batch_size < 1:
-        raise ConfigError(f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}: must be a positive integer.")
     if cfg.optim.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use sgd or adam.")
     if cfg.optim.lr <= 0:
