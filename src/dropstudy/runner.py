@@ -25,7 +25,7 @@ from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
 from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
 from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
-from dropstudy.runtime import FastPaths, describe_device, seed_everything, select_device, set_deterministic, set_threads
+from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
 from dropstudy.tracking import flatten, make_tracker
 from dropstudy.train import NonFiniteLoss, Outcome, Trainer, make_optimizer
 from dropstudy.uncertainty import calibration, mc_forward, predictions, predictive_entropy
@@ -126,9 +126,7 @@ def _train_run(
     label = arm_label(cfg.model.dropout, cfg.model.dropout_kind)
     clock = time.perf_counter()
     state = load_checkpoint(rd.path, cfg) if resume else None
-    device = select_device(cfg.device)
-    set_threads(cfg.trainer.threads)
-    set_deterministic(cfg.deterministic)
+    device = set_up_process(cfg)
     fast = FastPaths.resolve(cfg.trainer, device)
     seed_everything(cfg.seed)
     log.info(f"[{label}] device: {describe_device(device)}; {fast.describe()}")

@@ -95,6 +95,15 @@ def set_threads(requested: int | None) -> int:
     return requested
 
 
+def set_up_process(cfg: Any) -> torch.device:
+    """The process-wide settings a run asks for, for the single path and a vectorized sweep
+    alike: its device, torch's CPU threads (trainer.threads) and deterministic algorithms."""
+    device = select_device(cfg.device)
+    set_threads(cfg.trainer.threads)
+    set_deterministic(cfg.deterministic)
+    return device
+
+
 @dataclass(frozen=True)
 class FastPaths:
     """The speed switches of `trainer.*`, resolved for one device; the trainer asks it how to lay
