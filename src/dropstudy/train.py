@@ -120,6 +120,12 @@ def restore_rng_states(states: dict[str, Any], loader: TrainBatches) -> None:
     loader.load_state(states)
 
 
+def logs_row(epoch: int, log_every: int, evaluated: bool, diverging: bool) -> bool:
+    """Whether an epoch gets a metrics row (metrics.jsonl and W&B): every `trainer.log_every`-th
+    epoch, every evaluation (the last epoch is one) and an epoch whose loss stopped being finite."""
+    return evaluated or diverging or epoch % log_every == 0
+
+
 def _clone_tensors(tree: Any) -> Any:
     """`tree` (dicts and lists of tensors and plain values, as state_dicts are) with every tensor
     cloned and every container rebuilt, so nothing in it aliases the live state."""
@@ -325,7 +331,7 @@ class Trainer:
                         row["gap/loss"] = row["val/loss"] - row["train/loss"]
                         row.update(weight_norms(self.model))
                     bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
-                    if evaluated or bad or epoch % self.cfg.log_every == 0:
+                    if logs_row(epoch, self.cfg.log_every, evaluated, diverging=bool(bad)):
                         self.log(row)
                     progress.epoch_done(row, evaluated)
                     if bad:

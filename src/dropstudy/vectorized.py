@@ -44,10 +44,10 @@ from dropstudy.rundir import RunDir, collect_provenance
 from dropstudy import plots
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
 from dropstudy.runtime import (
-    Interrupted, describe_device, seed_everything, select_device, set_deterministic, signals_interrupt_training,
+    Interrupted, describe_device, seed_everything, set_up_process, signals_interrupt_training,
 )
 from dropstudy.tracking import flatten
-from dropstudy.train import Outcome, conclude, make_optimizer, rng_states
+from dropstudy.train import Outcome, conclude, logs_row, make_optimizer, rng_states
 
 log = logging.getLogger("dropstudy")
 
@@ -289,8 +289,7 @@ def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, .
 def _train_members(members: list[Member], runs: list[MemberRun], group: str,
                    extra_tags: tuple[str, ...]) -> list[RunResult]:
     cfg0 = members[0].cfg
-    device = select_device(cfg0.device)
-    set_deterministic(cfg0.deterministic)
+    device = set_up_process(cfg0)  # trainer.*, device and deterministic are the same for every member
     log.info(f"vectorized: {len(members)} members as one batched model on {describe_device(device)}")
 
     datas, models = [], []
@@ -383,33 +382,27 @@ def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[Member
                         val_loss = member_losses(stacked(val_x), val_y).tolist()
                     norms = stacked.weight_norms()
                 histograms = watch != "none" and epoch % log_freq == 0
-                logged = evaluated or epoch % log_every == 0
                 for run in runs:
                     if not run.active:
                         continue
                     i = run.index
                     if histograms:  # joined to the member's next row, as `watch` does
                         run.tracker.log_histograms(member_histograms(stacked, i, watch), len(run.outcome.rows))
-                    if not (logged or not math.isfinite(train_loss[i])):
-                        # No row this epoch (trainer.log_every), as in Trainer.fit.
-                        run.outcome.epoch = epoch
-                        if epoch % checkpoint_every == 0:
-                            run.checkpoint(epoch, stacked, optimizer)
-                        continue
-                    row: dict[str, Any] = {"epoch": epoch, "train/loss": train_loss[i],
-                                           "lr": optimizer.param_groups[0]["lr"],
-                                           "perf/samples_per_s": n_train / elapsed, **run.rates}
-                    if evaluated:
-                        row["val/loss"] = val_loss[i]
-                        row["gap/loss"] = val_loss[i] - train_loss[i]
-                        row.update(norms[i])
-                    run.log(row)
-                    bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
-                    if bad:
-                        if bad[0] == "val/loss":  # trained this epoch without a bad loss: keep that state
-                            run.checkpoint(epoch, stacked, optimizer)
-                        diverged(run, epoch, bad[0], row[bad[0]])
-                        continue
+                    if logs_row(epoch, log_every, evaluated, diverging=not math.isfinite(train_loss[i])):
+                        row: dict[str, Any] = {"epoch": epoch, "train/loss": train_loss[i],
+                                               "lr": optimizer.param_groups[0]["lr"],
+                                               "perf/samples_per_s": n_train / elapsed, **run.rates}
+                        if evaluated:
+                            row["val/loss"] = val_loss[i]
+                            row["gap/loss"] = val_loss[i] - train_loss[i]
+                            row.update(norms[i])
+                        run.log(row)
+                        bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
+                        if bad:
+                            if bad[0] == "val/loss":  # trained this epoch without a bad loss: keep that state
+                                run.checkpoint(epoch, stacked, optimizer)
+                            diverged(run, epoch, bad[0], row[bad[0]])
+                            continue
                     run.outcome.epoch = epoch
                     if epoch % checkpoint_every == 0 or epoch == epochs:
                         run.checkpoint(epoch, stacked, optimizer)
