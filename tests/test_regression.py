@@ -99,6 +99,9 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
     assert {r.job_type for r in runs.values()} == {"dropout-0", "dropout-0.5"}
     for run in runs.values():  # the second model trained in the process keeps the same names
         assert {"gradients/net.fc1.weight", "parameters/net.fc1.weight"} <= run.histograms()
+    for arm, run in arms.items():  # the second arm's package list comes from the process's cache
+        requirements = next(run.glob("wandb/offline-run-*/files/requirements.txt")).read_text()
+        assert "torch==" in requirements and "wandb==" in requirements, arm
     comparison = load_run(study)
     assert comparison.job_type == "comparison" and comparison.group == runs["dropout-0"].group
     assert {"study/regression_fit", "study/study_curves", "study/weight_norms"} <= set(comparison.images())

@@ -86,3 +86,23 @@ def test_wandb_failing_to_start_does_not_stop_training(clean_env, tmp_path, monk
     assert result.exit_code == 0, result.output
     _assert_complete_local_record(tmp_path / "run")
     assert "W&B could not start (CommError" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_wandb_lists_the_installed_packages_once_per_process():
+    """cache_installed_packages: wandb's scan of the installed packages (for each run's
+    requirements.txt) runs once, every later run start gets the same list."""
+    from types import SimpleNamespace
+
+    from dropstudy.tracking import cache_installed_packages
+
+    scans = []
+
+    def working_set():
+        scans.append(1)
+        yield from ("torch==2", "wandb==0.31")
+
+    fake = SimpleNamespace(util=SimpleNamespace(working_set=working_set))
+    cache_installed_packages(fake)
+    cache_installed_packages(fake)  # a second tracker in the same process: wrapped once
+    assert list(fake.util.working_set()) == list(fake.util.working_set()) == ["torch==2", "wandb==0.31"]
+    assert len(scans) == 1
