@@ -224,14 +224,13 @@ def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal:
     try:
         # The name and project come from the config the overrides compose; the grid is checked
         # point by point exactly like a multirun's.
-        config, checks = wandb_sweep_config(overrides, method, metric, goal, name="", project="", entity=None)
+        config, checks = wandb_sweep_config(overrides, method, metric, goal)
         plan = plan_sweep(checks)
     except ConfigError as exc:
         raise fail(str(exc))
     first = plan.jobs[0].cfg
-    config.update(name=plan.group, project=first.tracker.project)
-    if first.tracker.entity:
-        config["entity"] = first.tracker.entity
+    config = {"name": plan.group, "project": first.tracker.project,
+              **({"entity": first.tracker.entity} if first.tracker.entity else {}), **config}
     path = write_wandb_sweep(plan.sweep_dir / "wandb_sweep.yaml", config)
     points = len(plan.jobs) if method == "grid" else None
     typer.echo(f"W&B sweep config: {path}" + (f"  ({points} grid points)" if points else ""))

@@ -388,10 +388,11 @@ def _wandb_value(value: Any, text: str) -> Any:
     return text
 
 
-def wandb_sweep_config(overrides: list[str], method: str, metric: str, goal: str, name: str,
-                       project: str, entity: str | None) -> tuple[dict[str, Any], list[str]]:
-    """A W&B sweep config for `overrides`, and the overrides that check its grid (and place the
-    file: hydra.sweep.dir). Comma lists, range() and choice() become `values`, interval() a
+def wandb_sweep_config(overrides: list[str], method: str, metric: str,
+                       goal: str) -> tuple[dict[str, Any], list[str]]:
+    """A W&B sweep config for `overrides` (its name, project and entity come from the composed
+    grid: the caller adds them), and the overrides that check its grid (and place the file:
+    hydra.sweep.dir). Comma lists, range() and choice() become `values`, interval() a
     uniform `min`/`max` (random, bayes), everything else a fixed `value`; `~key` deletions go
     into the command itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -439,16 +440,12 @@ def wandb_sweep_config(overrides: list[str], method: str, metric: str, goal: str
         raise ConfigError("--wandb: nothing to sweep; give at least one key a list of values, "
                           "e.g. model.dropout=0,0.25,0.5 seed=range(0,5).")
     config: dict[str, Any] = {
-        "name": name,
-        "project": project,
         "program": "dropstudy",  # the agent requires the key; the command below is what runs
         "method": method,
         "metric": {"name": metric, "goal": goal},
         "parameters": parameters,
         "command": command,
     }
-    if entity:
-        config["entity"] = entity
     return config, checks
 
 
