@@ -133,6 +133,11 @@ def fixed_batch_losses(fast: FastPaths) -> tuple[float, float]:
 
 
 def test_channels_last_matches_the_plain_path():
+    fast_paths = FastPaths(CPU, channels_last=True)
+    model = fast_paths.prepare_model(CNN([32, 64, 128], 512, 10, [0.0, 0.0]))
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert fast_paths.inputs(torch.randn(2, 3, 32, 32)).is_contiguous(memory_format=torch.channels_last)
     plain = fixed_batch_losses(FastPaths(CPU))
     fast = fixed_batch_losses(FastPaths(CPU, channels_last=True))
     # Float32 either way; only the order of the additions differs: agreement to 1e-5 relative.
