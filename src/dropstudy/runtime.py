@@ -79,17 +79,21 @@ def set_deterministic(enabled: bool) -> None:
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (which SLURM and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def set_threads(requested: int | None) -> int:
     """torch's intra-op CPU threads: `requested`, or (null) the CPUs this process may use (its
     affinity mask, which SLURM and taskset narrow) capped at torch's own default of one per
     physical core: hyperthreads only slow these small convolutions down, and more threads than
     allowed CPUs thrash."""
     if requested is None:
-        try:
-            allowed = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS, Windows
-            allowed = os.cpu_count() or 1
-        requested = max(1, min(allowed, TORCH_DEFAULT_THREADS))
+        requested = max(1, min(usable_cpus(), TORCH_DEFAULT_THREADS))
     if torch.get_num_threads() != requested:
         torch.set_num_threads(requested)
     return requested

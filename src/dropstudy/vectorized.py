@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from dropstudy.rundir import RunDir, collect_provenance
 from dropstudy import plots
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
 from dropstudy.runtime import (
-    Interrupted, describe_device, seed_everything, set_up_process, signals_interrupt_training,
+    Interrupted, describe_device, seed_everything, set_up_process, signals_interrupt_training, usable_cpus,
 )
 from dropstudy.tracking import flatten
 from dropstudy.train import Outcome, conclude, logs_row, make_optimizer, rng_states
@@ -337,11 +336,7 @@ def figure_workers(members: int) -> int:
     members, where starting the workers (an import of matplotlib each) costs more than it saves."""
     if members < 8:
         return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 16, members))
+    return max(1, min(usable_cpus(), 16, members))
 
 
 def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[MemberRun], datas: list[Dataset],
