@@ -50,9 +50,15 @@ def write_torchvision_layout(root: Path, n_train: int = 200, n_test: int = 50, s
     return arrays
 
 
-def write_image_folder(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict:
-    """PNG files named so that sorting them within a class keeps the written order."""
+def write_image_folder(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0,
+                       class_ordered: bool = False) -> dict:
+    """PNG files named so that sorting them within a class keeps the written order. class_ordered:
+    the labels run class by class (all airplanes, then all automobiles, ...), numbered on across
+    classes as real exports are, so file order and class order agree; else they cycle 0..9."""
     arrays = tiny_cifar(n_train, n_test, seed)
+    if class_ordered:
+        for split, n in (("train", n_train), ("test", n_test)):
+            arrays[f"{split}_labels"] = np.arange(n) * 10 // n
     for split in ("train", "test"):
         for i, (img, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])):
             folder = root / split / CLASSES[label]

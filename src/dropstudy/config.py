@@ -91,6 +91,9 @@ class Cifar10DataConfig:
     synthetic: bool = False
     val_size: int = 5000
     verify: bool = True
+    # Also hash every source file's bytes into the decoded-tensor cache's key (slower to check; for
+    # copies that keep file sizes and mtimes). Off: paths, sizes and mtimes decide.
+    cache_hash: bool = False
     # Random crop (zero padding 4) and horizontal flip of each training batch, on the device. Off by
     # default: the tutorial this study follows trains without augmentation.
     augment: bool = False

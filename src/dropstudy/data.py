@@ -10,7 +10,9 @@ DataLoader, no per-image transform and no host-to-device copy in the loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class DataError(Exception):
@@ -71,6 +73,24 @@ class Dataset:
 
     def describe(self) -> str:
         return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split ({"train": {"airplane": n, ...}, ...}); empty for data
+        without classes (regression)."""
+        if not self.classes:
+            return {}
+        counts = {}
+        for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
+            per_class = torch.bincount(split.targets.cpu(), minlength=len(self.classes)).tolist()
+            counts[name] = dict(zip(self.classes, per_class))
+        return counts
+
+    def describe_class_counts(self) -> str:
+        """One line: each class's train/val/test counts."""
+        counts = self.class_counts()
+        return "class counts (train/val/test): " + ", ".join(
+            f"{c} {counts['train'][c]}/{counts['val'][c]}/{counts['test'][c]}" for c in self.classes
+        )
 
 
 def batches(split: Split, batch_size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,13 +228,18 @@ def synthetic_cifar10(n_train: int, n_test: int, seed: int) -> dict:
     return {"train_images": train_x, "train_labels": train_y, "test_images": test_x, "test_labels": test_y}
 
 
-def _fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
-    """Names, sizes and mtimes of the source files: a changed dataset invalidates the cache."""
-    out = []
-    for p in sorted(paths):
-        st = p.stat()
-        out.append((p.name, st.st_size, int(st.st_mtime)))
-    return out
+def _cache_key(root: Path, layout: str, sources: list[Path], content_hash: bool) -> str:
+    """A digest of everything that determines the decoded tensors: the cache format, the layout,
+    and each source file's path relative to root (an image's class folder is its label), size and
+    mtime in ns; with content_hash also each file's bytes, for copies that keep sizes and mtimes."""
+    digest = hashlib.sha256(f"{CACHE_VERSION}\0{layout}\0{content_hash}\0".encode())
+    for path in sorted(sources):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if content_hash:
+            with open(path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _torchvision_files(root: Path) -> list[Path]:
@@ -224,19 +249,39 @@ def _torchvision_files(root: Path) -> list[Path]:
 
 
 def _image_folder_files(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """The image files of each split, per class, in label order. Each split needs exactly one
+    non-empty folder per CIFAR-10 class (any case): a missing class would silently train on nine,
+    and the images in an unknown folder would silently be left out."""
+    expected = f"expected one folder per CIFAR-10 class: {', '.join(CIFAR10_CLASSES)}"
     out: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test"):
         split_dir = root / split
-        classes = {}
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            classes[class_dir.name.lower()] = sorted(
-                p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        unknown = sorted(set(classes) - set(CIFAR10_CLASSES))
-        if unknown or not classes:
+        # Hidden folders (.ipynb_checkpoints, .thumbnails, ...) are tools' leftovers, not classes.
+        folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        by_class: dict[str, list[Path]] = {}
+        for folder in folders:
+            by_class.setdefault(folder.name.lower(), []).append(folder)
+        problems = []
+        missing = [c for c in CIFAR10_CLASSES if c not in by_class]
+        if missing:
+            problems.append(f"missing class folder(s): {', '.join(missing)}")
+        unknown = [f.name for f in folders if f.name.lower() not in CIFAR10_CLASSES]
+        if unknown:
+            problems.append(f"unknown folder(s): {', '.join(unknown)}")
+        twice = [" and ".join(f.name for f in same) for same in by_class.values() if len(same) > 1]
+        if twice:
+            problems.append(f"one class in several folders: {'; '.join(twice)}")
+        if problems:
+            raise DataError(f"{split_dir}: {'; '.join(problems)} ({expected}).")
+        classes = {
+            name: sorted(p for p in by_class[name][0].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            for name in CIFAR10_CLASSES
+        }
+        empty = [by_class[name][0].name for name, paths in classes.items() if not paths]
+        if empty:
             raise DataError(
-                f"{split_dir}: expected one folder per CIFAR-10 class ({', '.join(CIFAR10_CLASSES)}); "
-                f"found {', '.join(sorted(classes)) or 'none'}."
+                f"{split_dir}: no images in class folder(s): {', '.join(empty)} "
+                f"(each class needs {', '.join(sorted(IMAGE_SUFFIXES))} files)."
             )
         out[split] = classes
     return out
@@ -317,12 +362,18 @@ def check_cifar10_available(cfg: DictConfig) -> None:
     if cfg.synthetic:
         return
     root = Path(os.path.expanduser(str(cfg.root)))
-    if cifar10_layout(root) is None and not cfg.download:
+    layout = cifar10_layout(root)
+    if layout is None and not cfg.download:
         raise DataError(missing_cifar10_message(root))
+    if layout == "folder":
+        _image_folder_files(root)  # a missing, empty or unknown class folder
 
 
-def read_cifar10(root: Path, download: bool, verify: bool, log: Callable[[str], None]) -> tuple[dict, str]:
-    """uint8 image tensors of both splits, from the cache when it matches the source files."""
+def read_cifar10(
+    root: Path, download: bool, verify: bool, log: Callable[[str], None], content_hash: bool = False
+) -> tuple[dict, str]:
+    """uint8 image tensors of both splits, from the cache when its key matches the source files
+    (`_cache_key`; content_hash: data.cache_hash)."""
     layout = cifar10_layout(root)
     if layout is None:
         if not download:
@@ -346,36 +397,65 @@ def read_cifar10(root: Path, download: bool, verify: bool, log: Callable[[str], 
     else:
         folder_files = _image_folder_files(root)
         sources = [p for classes in folder_files.values() for paths in classes.values() for p in paths]
-    fingerprint = _fingerprint(sources)
+    key = _cache_key(root, layout, sources, content_hash)
     cache = root / f"dropstudy-cifar10-{layout}.pt"
     if cache.is_file():
         try:
             cached = torch.load(cache, weights_only=True)
-            if cached.get("version") == CACHE_VERSION and cached.get("fingerprint") == fingerprint:
+            if cached.get("key") == key:
                 return cached["tensors"], f"CIFAR-10 ({layout} layout, cached in {cache})"
         except Exception:
             pass  # unreadable or stale cache: decode again and overwrite it
     log(f"decoding CIFAR-10 from {root} ({layout} layout) once; caching the tensors in {cache}")
     tensors = _decode_torchvision(root, verify) if layout == "torchvision" else _decode_image_folder(folder_files)
-    tmp = cache.with_suffix(".tmp")
-    try:
-        torch.save({"version": CACHE_VERSION, "fingerprint": fingerprint, "tensors": tensors}, tmp)
-        os.replace(tmp, cache)
-    except OSError as exc:  # a read-only data directory still trains, only slower next time
-        log(f"could not write the cache {cache}: {exc}")
+    write_cache(cache, {"key": key, "tensors": tensors})
     return tensors, f"CIFAR-10 ({layout} layout, {root})"
+
+
+def write_cache(cache: Path, entry: dict) -> None:
+    """Write the cache atomically, or warn in one line and go on: a read-only or full data
+    directory still trains, only the next run decodes again. The temporary file is per process
+    (concurrent runs never write one file) and is removed when the write fails."""
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        # Opened here, so a directory that refuses the file fails as an OSError naming it
+        # (torch.save with a path raises a RuntimeError instead).
+        with open(tmp, "wb") as f:
+            torch.save(entry, f)
+        os.replace(tmp, cache)
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = " ".join(str(exc).split())
+        logging.getLogger("dropstudy").warning(f"could not write the cache {cache}: {reason}; training goes on")
+
+
+def stratified_subset(candidates: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """n of `candidates` (indices in random order; `labels` theirs), each class in proportion to
+    its share of them: floor(n * share) per class, then one more for the classes with the largest
+    remainders (ties to the lower label) until the total is exactly n. The first of each class in
+    the random order are taken, so within a class it is a uniform random sample."""
+    n = min(n, len(candidates))
+    classes, counts = torch.unique(labels, return_counts=True)
+    classes, counts = classes.tolist(), counts.tolist()
+    quotas = [n * k // len(candidates) for k in counts]
+    remainders = [n * k % len(candidates) for k in counts]
+    for i in sorted(range(len(classes)), key=lambda i: (-remainders[i], classes[i]))[: n - sum(quotas)]:
+        quotas[i] += 1
+    return torch.cat([candidates[labels == c][:q] for c, q in zip(classes, quotas)])
 
 
 def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:
     """Train/val/test CIFAR-10 on `device`. The validation images are drawn from the training
-    set with data.seed, before data.subset limits the remaining training images."""
+    set with data.seed; data.subset then draws a class-stratified random sample of the remaining
+    training images with the same seed, so the order of the files on disk never matters."""
     root = Path(os.path.expanduser(str(cfg.root)))
     if cfg.synthetic:
         n_train = 50_000 if cfg.subset is None else max(int(cfg.subset) + int(cfg.val_size), 2)
         tensors = synthetic_cifar10(n_train, 10_000 if cfg.subset is None else max(cfg.subset // 5, 100), cfg.seed)
         source = "SYNTHETIC CIFAR-shaped random data (not CIFAR-10)"
     else:
-        tensors, source = read_cifar10(root, cfg.download, cfg.verify, log)
+        tensors, source = read_cifar10(root, cfg.download, cfg.verify, log, bool(cfg.get("cache_hash", False)))
 
     images, labels = tensors["train_images"], tensors["train_labels"]
     n = len(labels)
@@ -385,13 +465,14 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(cfg.seed)))
     val_idx = order[: cfg.val_size]
-    train_idx = order[cfg.val_size :].sort().values  # file order, so data.subset keeps the first N
+    train_idx = order[cfg.val_size :]
     if cfg.subset is not None:
-        train_idx = train_idx[: int(cfg.subset)]
+        train_idx = stratified_subset(train_idx, labels[train_idx], int(cfg.subset))
+    train_idx = train_idx.sort().values  # in file order: the batches are shuffled anyway
     train = Split(images[train_idx], labels[train_idx]).to(device)
     val = Split(images[val_idx], labels[val_idx]).to(device)
     test = Split(tensors["test_images"], tensors["test_labels"]).to(device)
-    return Dataset(
+    data = Dataset(
         "classification",
         train,
         val,
@@ -402,6 +483,8 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
         prepare=_normalizer(device),
         augment=bool(cfg.get("augment", False)),
     )
+    log(data.describe_class_counts())
+    return data
 
 
 def load_dataset(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:

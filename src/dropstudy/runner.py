@@ -235,7 +235,8 @@ def make_run_tracker(
         tags=list(dict.fromkeys(tags)),
         name=f"{cfg.experiment}-{label}-seed{cfg.seed}",
         config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "data.synthetic": data.synthetic,
-                "model.dropout_sites": dropout_sites, **flatten({"provenance": provenance})},
+                "model.dropout_sites": dropout_sites, **flatten({"provenance": provenance}),
+                **flatten({"data": {"class_counts": data.class_counts()}})},
         resume_id=resume_id,
         shared_process=shared_process,
     )
@@ -321,6 +322,8 @@ def conclude_run(
         summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
     if calibration_errors:
         summary["calibration"] = calibration_errors
+    if data.class_counts():  # regression data has no classes
+        summary["class_counts"] = data.class_counts()
     tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
     rd.write_summary(summary)
     rd.update_provenance(ended=now_iso())
