@@ -98,19 +98,30 @@ def swap_folders(a: Path, b: Path) -> None:
 
 
 def test_relabelled_folders_rebuild_the_cache(tmp_path):
-    arrays = write_image_folder(tmp_path, n_train=40, n_test=20)
+    # The hard case for a key made of file metadata: every class folder holds the same names, every
+    # file has one size (uncompressed PNGs) and one mtime (as unpacked from an archive), so swapping
+    # two folders' names leaves each file's relative path, size and mtime as they were.
+    rng = np.random.default_rng(0)
+    written: dict[tuple[str, str], set[bytes]] = {}
+    for split in ("train", "test"):
+        for c in CLASSES:
+            folder = tmp_path / split / c
+            folder.mkdir(parents=True)
+            images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+            for i, img in enumerate(images):
+                Image.fromarray(img).save(folder / f"{i:04d}.png", compress_level=0)
+                os.utime(folder / f"{i:04d}.png", ns=(1_700_000_000 * 10**9,) * 2)
+            written[split, c] = {img.tobytes() for img in images}
     read_cifar10(tmp_path, download=False, verify=False, log=quiet)
     for split in ("train", "test"):  # mv cat t; mv dog cat; mv t dog
         swap_folders(tmp_path / split / "cat", tmp_path / split / "dog")
     tensors, source = read_cifar10(tmp_path, download=False, verify=False, log=quiet)
     assert "cached" not in source
-    cat, dog = CLASSES.index("cat"), CLASSES.index("dog")
     for split in ("train", "test"):
         images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
-        now_dog = {x.permute(1, 2, 0).numpy().tobytes() for x in images[labels == dog]}
-        written_as_cat = {img.tobytes() for img, y in zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])
-                          if y == cat}
-        assert now_dog == written_as_cat
+        for now, was in (("dog", "cat"), ("cat", "dog")):
+            decoded = {x.permute(1, 2, 0).numpy().tobytes() for x in images[labels == CLASSES.index(now)]}
+            assert decoded == written[split, was]
 
 
 def test_cache_hash_notices_an_edit_that_keeps_size_and_mtime(tmp_path):
