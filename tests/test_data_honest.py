@@ -12,20 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cifar_files import CLASSES, write_image_folder
+from conftest import QUICK_CIFAR
 from omegaconf import OmegaConf
 from PIL import Image
 from typer.testing import CliRunner
-
-from cifar_files import CLASSES, write_image_folder
-from conftest import QUICK_CIFAR
-from dropstudy.cli import app
-from dropstudy.data import DataError, check_cifar10_available, load_cifar10, load_dataset, read_cifar10
 from wandb_offline import load_run
+
+from dropstudy.cli import app
+from dropstudy.data import (
+    DataError,
+    check_cifar10_available,
+    load_cifar10,
+    load_dataset,
+    read_cifar10,
+)
 
 
 def data_cfg(root: Path, **overrides) -> OmegaConf:
-    base = dict(name="cifar10", root=str(root), download=False, subset=None, synthetic=False,
-                val_size=40, verify=False, seed=0)
+    base = {"name": "cifar10", "root": str(root), "download": False, "subset": None, "synthetic": False,
+            "val_size": 40, "verify": False, "seed": 0}
     base.update(overrides)
     return OmegaConf.create(base)
 
@@ -86,7 +92,8 @@ def test_run_records_class_counts_in_summary_wandb_config_and_log(dropstudy, tmp
 
 
 def test_regression_data_has_no_class_counts():
-    cfg = OmegaConf.create(dict(name="regression", n_points=10, slope=1.5, train_noise=0.5, test_noise=0.3, seed=0))
+    cfg = OmegaConf.create({"name": "regression", "n_points": 10, "slope": 1.5, "train_noise": 0.5,
+                            "test_noise": 0.3, "seed": 0})
     assert load_dataset(cfg, torch.device("cpu"), quiet).class_counts() == {}
 
 
