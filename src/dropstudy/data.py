@@ -19,6 +19,9 @@ from typing import Callable, Iterator
 import torch
 from omegaconf import DictConfig
 
+from dropstudy.failures import describe
+from dropstudy.rundir import save_torch_atomic
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the CIFAR-10 training set, the values the tutorials normalise with.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -357,12 +360,10 @@ def read_cifar10(root: Path, download: bool, verify: bool, log: Callable[[str], 
             pass  # unreadable or stale cache: decode again and overwrite it
     log(f"decoding CIFAR-10 from {root} ({layout} layout) once; caching the tensors in {cache}")
     tensors = _decode_torchvision(root, verify) if layout == "torchvision" else _decode_image_folder(folder_files)
-    tmp = cache.with_suffix(".tmp")
     try:
-        torch.save({"version": CACHE_VERSION, "fingerprint": fingerprint, "tensors": tensors}, tmp)
-        os.replace(tmp, cache)
-    except OSError as exc:  # a read-only data directory still trains, only slower next time
-        log(f"could not write the cache {cache}: {exc}")
+        save_torch_atomic({"version": CACHE_VERSION, "fingerprint": fingerprint, "tensors": tensors}, cache)
+    except OSError as exc:  # a read-only or full data directory still trains, only slower next time
+        log(f"warning: {describe(exc)} Training goes on without the cache (it decodes again next time).")
     return tensors, f"CIFAR-10 ({layout} layout, {root})"
 
 
