@@ -25,7 +25,7 @@ from rich.console import Console
 
 from dropstudy.console import stderr
 from dropstudy.data import DataError, check_cifar10_available
-from dropstudy.failures import EXIT_IO_ERROR, describe
+from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -121,8 +121,11 @@ def handle_run_errors(fn: Callable[[], Any]) -> Any:
         return fn()
     except (ConfigError, _DataError) as exc:
         raise fail(str(exc))
-    except OSError as exc:
-        raise fail(describe(exc), EXIT_IO_ERROR)
+    except Exception as exc:
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        raise fail(describe(cause), EXIT_IO_ERROR)
     except KeyboardInterrupt:
         raise fail("interrupted outside the training loop; summary.json in the run directory says where.",
                    EXIT_INTERRUPTED)
@@ -606,5 +609,8 @@ def main() -> None:
     logging.raiseExceptions = False
     try:
         app(prog_name="dropstudy")
-    except OSError as exc:  # a write outside a run's own error handling (a command's log file)
-        sys.exit(fail(describe(exc), EXIT_IO_ERROR).exit_code)
+    except Exception as exc:  # a write outside a run's own error handling (a command's log file)
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        sys.exit(fail(describe(cause), EXIT_IO_ERROR).exit_code)

@@ -19,10 +19,25 @@ EXIT_IO_ERROR = 74
 
 _HINTS = {
     errno.EFBIG: "a file size limit, ulimit -f, is in force",
-    errno.EROFS: "the file system is mounted read-only; choose another directory (hydra.run.dir=...)",
-    errno.EACCES: "this user may not write there; choose another directory (hydra.run.dir=...)",
-    errno.EPERM: "this user may not write there; choose another directory (hydra.run.dir=...)",
+    errno.EROFS: "the file system is mounted read-only",
+    errno.EACCES: "this user may not write there",
+    errno.EPERM: "this user may not write there",
 }
+
+
+# Errors only a write gives, so a bare OSError with one of them is a failed write.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, or an explicit cause (logging.config, for one, reports
+    a log file it cannot open as a ValueError raised from the OSError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 class WriteError(OSError):
@@ -97,7 +112,8 @@ def describe(exc: OSError) -> str:
         path = exc.path
     else:
         path = Path(exc.filename) if exc.filename else None
-        message = f"{path}: {exc.strerror or exc}" if path is not None else f"{exc.strerror or exc}"
+        verb = "write" if exc.errno in _WRITE_ERRNOS else "access"
+        message = f"cannot {verb} {path}: {exc.strerror or exc}" if path is not None else f"{exc.strerror or exc}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT) and path is not None:
         message += f" ({free_space(path)})"
     elif exc.errno in _HINTS:
