@@ -175,7 +175,9 @@ class WandbTracker:
             # The members of a vectorized sweep are alive together (shared_process): each is its
             # own non-global run, which cannot `watch` and logs its histograms with log_histograms.
             reinit="create_new" if shared_process else "finish_previous",
-            settings=wandb.Settings(silent=True, console="off", init_timeout=init_timeout),
+            # init_timeout bounds the wait for the server; offline, wandb's own default stays.
+            settings=wandb.Settings(silent=True, console="off",
+                                    **({"init_timeout": init_timeout} if mode == "online" else {})),
         )
         self.run_id = self.run.id
         self.url = self.run.url if mode == "online" else None
