@@ -58,6 +58,15 @@ def tmp_files(root: Path) -> list[Path]:
     return sorted(root.rglob("*.tmp"))
 
 
+def test_help_documents_the_write_failure_exit_code():
+    from typer.testing import CliRunner
+
+    from dropstudy.cli import app
+
+    result = CliRunner().invoke(app, ["--help"], prog_name="dropstudy")
+    assert result.exit_code == 0 and "74 a write failed" in " ".join(result.output.split()), result.output
+
+
 def test_a_file_size_limit_fails_the_run_with_one_message(clean_env, tmp_path):
     proc = run_limited(tmp_path, clean_env, "train", *QUICK_REGRESSION, "tracker.mode=disabled", "hydra.run.dir=run")
     run = tmp_path / "run"

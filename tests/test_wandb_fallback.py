@@ -106,3 +106,16 @@ def test_when_offline_wandb_fails_too_the_run_trains_without_it(clean_env, tmp_p
     tracker = start(tmp_path, "run")
     assert isinstance(tracker.inner, tracking.NullTracker)
     assert any("W&B could not start offline either" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_a_bad_init_timeout_is_one_message_and_exit_2(clean_env, tmp_path, value):
+    from typer.testing import CliRunner
+
+    from dropstudy.cli import app
+
+    result = CliRunner().invoke(app, ["train", f"tracker.init_timeout={value}"], prog_name="dropstudy")
+    assert result.exit_code == 2, result.output
+    assert "tracker.init_timeout" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
