@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import QUICK_REGRESSION, clean_environment
 
 EXIT_IO_ERROR = 74
@@ -40,7 +39,7 @@ def limit_file_size() -> None:
 
 
 def run_limited(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(dropstudy_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run(dropstudy_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, check=False,
                           timeout=300, preexec_fn=limit_file_size)
 
 
@@ -137,7 +136,7 @@ def mount_namespace_reason() -> str | None:
         return "no `unshare` command"
     with tempfile.TemporaryDirectory() as target:
         probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", target],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         return f"cannot mount in a private mount namespace ({probe.stderr.strip() or probe.returncode})"
     return None
@@ -147,7 +146,7 @@ def in_namespace(setup: str, *cmd: str, **kwargs) -> subprocess.CompletedProcess
     """`setup` (sh, with mount) and then `cmd`, in a private mount namespace: the mounts vanish
     with the process and nothing outside the test sees them."""
     script = f"{setup} && exec \"$@\""
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *cmd], capture_output=True, text=True, check=False,
                           timeout=300, **kwargs)
 
 
@@ -161,7 +160,7 @@ def read_only_reason() -> str | None:
 def run_in_read_only(directory: Path, cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     if os.geteuid() != 0:
         directory.chmod(0o555)
-        return subprocess.run(dropstudy_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(dropstudy_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=300)
     return in_namespace(f"mount --bind -o ro '{directory}' '{directory}'", *dropstudy_cmd(*args), cwd=cwd, env=env)
 
 
@@ -204,9 +203,25 @@ def test_a_full_disk_names_the_file_and_the_free_space(clean_env, tmp_path):
               f"{' '.join(dropstudy_cmd())} train {' '.join(QUICK_REGRESSION)} tracker.mode=disabled "
               f"hydra.run.dir='{disk}/run'; code=$?; cp -a '{disk}/run' '{out}'; exit $code")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=clean_env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, check=False, timeout=300)
     assert_one_message(proc, f"cannot write checkpoints/last.pt in {disk / 'run'}", "No space left on device",
                        f"free on {disk}")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and "No space left on device" in summary["reason"], summary
     assert tmp_files(out) == [], "the half-written checkpoint is removed, giving its space back"
+
+
+def test_a_data_cache_that_cannot_be_written_is_a_warning_and_leaves_no_tmp(tmp_path):
+    from cifar_files import write_torchvision_layout
+
+    write_torchvision_layout(tmp_path, n_train=120, n_test=30)  # ~460 KB of decoded tensors to cache
+    script = ("import sys; from pathlib import Path; from dropstudy.data import read_cifar10; "
+              "tensors, source = read_cifar10(Path(sys.argv[1]), download=False, verify=False, log=print); "
+              "print('decoded', len(tensors['train_labels']))")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          check=False, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cache = tmp_path / "dropstudy-cifar10-torchvision.pt"
+    assert f"warning: cannot write {cache}: File too large" in proc.stdout, proc.stdout
+    assert "decoded 120" in proc.stdout and "Traceback" not in proc.stderr
+    assert not cache.exists() and tmp_files(tmp_path) == []

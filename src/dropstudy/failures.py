@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 # sysexits.h EX_IOERR: "an error occurred while doing I/O on some file". Distinct from 1 (a run
 # that diverged or a job that failed) and 2 (bad input), so scripts can tell a full disk apart.

@@ -344,7 +344,7 @@ def make_tracker(
         log.info(f"W&B: connecting to {wandb_server()} (tracker.init_timeout={timeout:g}s) ...")
         try:
             return GuardedTracker(start("online"))
-        except Exception as exc:
+        except Exception as exc:  # a timeout, a refused connection, a bad key: all mean "go offline"
             _online_failed = f"{type(exc).__name__}: {first_line(exc)}"
             fallback = f"could not start online ({_online_failed})"
         mode = "offline"
