@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -24,6 +25,7 @@ from rich.console import Console
 
 from dropstudy.console import stderr
 from dropstudy.data import DataError, check_cifar10_available
+from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -34,7 +36,10 @@ app = typer.Typer(
         "Overfitting studies in PyTorch: train the same network with and without dropout, track every "
         "metric and gradient histogram in Weights & Biases, and compare.\n\n"
         "Every command takes Hydra overrides (key=value, +key=value, ~key). Runs go to "
-        "runs/<experiment>/<time>-<command>/ unless hydra.run.dir=... says otherwise."
+        "runs/<experiment>/<time>-<command>/ unless hydra.run.dir=... says otherwise.\n\n"
+        "Exit codes: 0 done; 1 a run diverged or failed (or a rerun differs); 2 bad input; "
+        f"{EXIT_IO_ERROR} a write failed (disk full, read-only directory, permission denied, file size "
+        "limit), named in one message; 130 / 143 interrupted by Ctrl-C / SIGTERM."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -91,12 +96,19 @@ def run_hydra_task(command: str, overrides: list[str], task: Callable[[DictConfi
         except BaseException as exc:  # re-raised below, outside Hydra's own error reporting
             outcome["error"] = exc
 
-    saved_argv = sys.argv
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [saved_argv[0], *overrides, f"hydra.job.name={command}"]
+    # Hydra prints its own failures (writing .hydra/ into a read-only run dir) as a traceback and
+    # exits 1; with HYDRA_FULL_ERROR it raises them, so they are reported like any other.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_task()
     finally:
         sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -109,6 +121,11 @@ def handle_run_errors(fn: Callable[[], Any]) -> Any:
         return fn()
     except (ConfigError, _DataError) as exc:
         raise fail(str(exc))
+    except Exception as exc:
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        raise fail(describe(cause), EXIT_IO_ERROR)
     except KeyboardInterrupt:
         raise fail("interrupted outside the training loop; summary.json in the run directory says where.",
                    EXIT_INTERRUPTED)
@@ -406,7 +423,7 @@ def resume(
         raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
                    f"To train it again use: dropstudy rerun {run_dir}")
     check_runnable(cfg)
-    setup_logging(run_dir / "resume.log")
+    handle_run_errors(lambda: setup_logging(run_dir / "resume.log"))
     try:
         result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
     except RunDirError as exc:
@@ -587,4 +604,13 @@ def root(
 
 
 def main() -> None:
-    app(prog_name="dropstudy")
+    # A log file on a full disk must not print a traceback between the lines: the failure that
+    # matters is reported once, by the write that stops the run.
+    logging.raiseExceptions = False
+    try:
+        app(prog_name="dropstudy")
+    except Exception as exc:  # a write outside a run's own error handling (a command's log file)
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        sys.exit(fail(describe(cause), EXIT_IO_ERROR).exit_code)

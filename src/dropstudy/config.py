@@ -9,6 +9,7 @@ raises `ConfigError` with a message that names the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,8 @@ class TrackerConfig:
     watch: str = "all"
     # Histogram cadence in optimizer steps; null = once per evaluation (eval_every epochs).
     log_freq: Optional[int] = None
+    # Seconds to wait for the W&B server when online; then the run logs to offline W&B instead.
+    init_timeout: float = 30.0
 
 
 @dataclass
@@ -363,6 +366,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tracker.log_freq is not None and cfg.tracker.log_freq < 1:
         raise ConfigError(
             f"tracker.log_freq={cfg.tracker.log_freq}: a positive number of steps, or null for once per evaluation."
+        )
+    init_timeout = cfg.tracker.get("init_timeout", TrackerConfig.init_timeout)
+    if not isinstance(init_timeout, (int, float)) or not math.isfinite(init_timeout) or init_timeout <= 0:
+        raise ConfigError(
+            f"tracker.init_timeout={init_timeout}: seconds to wait for the W&B server, a positive number "
+            f"(default {TrackerConfig.init_timeout:g})."
         )
     data = cfg.data
     if data.name == "regression":

@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dropstudy.failures import writing
+
 log = logging.getLogger("dropstudy")
 stderr = Console(stderr=True)
 
@@ -17,10 +19,11 @@ stderr = Console(stderr=True)
 def setup_logging(log_file: Path) -> None:
     """What Hydra's job logging (conf/hydra/job_logging/dropstudy.yaml) sets up, for the
     commands that do not run inside Hydra (rerun, resume): plain console, timestamped file."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with writing(log_file, base=log_file.parent):
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_file)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
-    file = logging.FileHandler(log_file)
     file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [console, file]

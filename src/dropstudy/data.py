@@ -10,7 +10,6 @@ DataLoader, no per-image transform and no host-to-device copy in the loop.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +19,8 @@ from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
+
+from dropstudy.failures import describe, writing
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the CIFAR-10 training set, the values the tutorials normalise with.
@@ -428,16 +429,15 @@ def write_cache(cache: Path, entry: dict) -> None:
     (concurrent runs never write one file) and is removed when the write fails."""
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
-        # Opened here, so a directory that refuses the file fails as an OSError naming it
-        # (torch.save with a path raises a RuntimeError instead).
-        with open(tmp, "wb") as f:
-            torch.save(entry, f)
-        os.replace(tmp, cache)
-    except (OSError, RuntimeError) as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = " ".join(str(exc).split())
-        logging.getLogger("dropstudy").warning(f"could not write the cache {cache}: {reason}; training goes on")
+        with writing(cache, tmp=tmp):
+            # Opened here, so a full disk or a size limit fails as an OSError that says why
+            # (torch.save with a path raises a RuntimeError without errno instead).
+            with open(tmp, "wb") as f:
+                torch.save(entry, f)
+            os.replace(tmp, cache)
+    except OSError as exc:
+        logging.getLogger("dropstudy").warning(
+            f"could not write the cache {cache}: {describe(exc)} Training goes on; the next run decodes again.")
 
 
 def stratified_subset(candidates: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:

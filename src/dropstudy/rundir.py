@@ -3,16 +3,19 @@
     .hydra/config.yaml .hydra/overrides.yaml   resolved config (Hydra writes these for `train`)
     provenance.json                            command line, git state, versions, device, host
     metrics.jsonl                              one JSON object per logged step
-    summary.json                               final/best metrics and status (written last)
+    summary.json                               status (`running` from the start), final/best metrics
     checkpoints/last.pt                        model, optimizer, RNG states, epoch (atomic)
     plots/*.png                                figures, also logged to W&B
     wandb/                                     W&B's own files
 
-Files a reader may see half-written are written to a temporary name and renamed.
+Files a reader may see half-written are written to a temporary name and renamed. Every write
+goes through `failures.writing`: a failed one (disk full, read-only) leaves no temporary file
+and raises a WriteError naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,7 +32,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-STATUSES = ("finished", "diverged", "interrupted", "failed")
+from dropstudy.failures import writing
+
+STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
 
 
 def _json_default(value: Any) -> Any:
@@ -47,16 +52,32 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_bytes_atomic(path: Path, data: bytes | memoryview, base: Path | None = None) -> None:
+    """`path` holds either its old content or all of `data`, never a part of it."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    with writing(path, tmp=tmp, base=base):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict, base: Path | None = None) -> None:
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode(), base)
+
+
+def save_torch_atomic(obj: Any, path: Path, base: Path | None = None) -> None:
+    """torch.save through memory: torch's own file writer reports a full disk as a RuntimeError
+    without errno, and Python's write gives the OSError that says why."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getbuffer(), base)
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path, operation="create the run directory"):
+            self.path.mkdir(parents=True, exist_ok=True)
         self.plots = self.path / "plots"
         self.checkpoints = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -68,20 +89,24 @@ class RunDir:
         """The `.hydra/` files Hydra writes for a run, for runs it does not launch itself
         (the arms of a study)."""
         hydra_dir = self.path / ".hydra"
-        hydra_dir.mkdir(exist_ok=True)
-        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        with writing(hydra_dir, base=self.path, operation="create"):
+            hydra_dir.mkdir(exist_ok=True)
+        write_bytes_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode(), self.path)
+        write_bytes_atomic(hydra_dir / "overrides.yaml",
+                           OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode(), self.path)
 
     # -- metrics ------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
-        if self._metrics is None:
-            self._metrics = self.metrics_path.open("a", buffering=1)  # line-buffered: a line is a step
-        self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n")
+        with writing(self.metrics_path, base=self.path):
+            if self._metrics is None:
+                self._metrics = self.metrics_path.open("a", buffering=1)  # line-buffered: a line is a step
+            self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n")
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            metrics, self._metrics = self._metrics, None
+            with writing(self.metrics_path, base=self.path):
+                metrics.close()
 
     def read_metrics(self) -> list[dict]:
         """The rows as logged; NaN/inf, written as strings, come back as floats."""
@@ -93,39 +118,39 @@ class RunDir:
     # -- summary, provenance, checkpoints -------------------------------------------------
     def write_summary(self, summary: dict) -> None:
         assert summary.get("status") in STATUSES, summary.get("status")
-        write_json_atomic(self.summary_path, {k: _clean(v) for k, v in summary.items()})
+        write_json_atomic(self.summary_path, {k: _clean(v) for k, v in summary.items()}, self.path)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary_path.read_text())
 
     def write_provenance(self, provenance: dict) -> None:
-        write_json_atomic(self.path / "provenance.json", provenance)
+        write_json_atomic(self.path / "provenance.json", provenance, self.path)
 
     def read_provenance(self) -> dict:
         path = self.path / "provenance.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def update_provenance(self, **fields: Any) -> None:
-        write_json_atomic(self.path / "provenance.json", {**self.read_provenance(), **fields})
+        write_json_atomic(self.path / "provenance.json", {**self.read_provenance(), **fields}, self.path)
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         """Keep only `rows` (a resumed run drops what was logged after its checkpoint)."""
         self.close()
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path)
+        write_bytes_atomic(self.metrics_path,
+                           "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode(), self.path)
 
     def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
-        """Write to a temporary file and rename, so `last.pt` is always a complete checkpoint."""
-        self.checkpoints.mkdir(exist_ok=True)
+        """Write to a temporary file and rename, so `last.pt` is always a complete checkpoint: a
+        write that fails leaves the previous one as it was."""
+        with writing(self.checkpoints, base=self.path, operation="create"):
+            self.checkpoints.mkdir(exist_ok=True)
         target = self.checkpoints / name
-        tmp = target.with_name(target.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+        save_torch_atomic(state, target, self.path)
         return target
 
     def plot_path(self, name: str) -> Path:
-        self.plots.mkdir(exist_ok=True)
+        with writing(self.plots, base=self.path, operation="create"):
+            self.plots.mkdir(exist_ok=True)
         return self.plots / name
 
 
@@ -169,7 +194,8 @@ def collect_provenance(device: str, overrides: list[str], data_source: str, data
     """Everything needed to say what produced a run; a dirty tree's diff goes to git.diff."""
     git, diff = git_state()
     if diff:
-        (run.path / "git.diff").write_text(diff + "\n")
+        with writing(run.path / "git.diff", base=run.path):
+            (run.path / "git.diff").write_text(diff + "\n")
         git["diff_file"] = "git.diff"
     return {
         # orig_argv: the command as typed, before the CLI hands Hydra its own argv.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shlex
 import sys
 import time
@@ -24,6 +25,7 @@ from dropstudy.data import Dataset, load_dataset
 from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
 from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
+from dropstudy.failures import describe
 from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
 from dropstudy.tracking import flatten, make_tracker
@@ -94,23 +96,47 @@ def train_run(
     resume: bool = False,
 ) -> RunResult:
     """Train one model into run_dir (or, with resume, continue the one there from its
-    checkpoint). Whatever stops it, summary.json says how it ended."""
+    checkpoint). summary.json says `running` from the start and, whatever stops the run, how it
+    ended (as long as the file system still takes a write)."""
     rd = RunDir(run_dir)
+    previous = read_summary_or_none(rd)
+    # Before data loading: every run that ever started has a status. The W&B placement of a
+    # resumed run is kept, since the resume reads it from here.
+    rd.write_summary({"status": "running", "started": now_iso(), "pid": os.getpid(),
+                      **({"wandb": previous["wandb"]} if previous and "wandb" in previous else {})})
     try:
         return _train_run(cfg, rd, overrides, group=group, job_type=job_type, extra_tags=extra_tags, resume=resume)
     except BaseException as exc:
         if resume and isinstance(exc, RunDirError):
-            raise  # the run directory is as it was: nothing was resumed
-        if not rd.summary_path.exists() or resume:
-            rd.write_summary(
-                {
-                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt)
-                    else "diverged" if isinstance(exc, NonFiniteLoss) else "failed",
-                    "reason": f"{type(exc).__name__}: {exc}",
-                    "epoch": (rd.read_metrics() or [{"epoch": 0}])[-1].get("epoch", 0),
-                }
-            )
+            # The run directory is left as it was: nothing was resumed.
+            if previous is not None:
+                write_json_atomic(rd.summary_path, previous, rd.path)
+            else:
+                rd.summary_path.unlink(missing_ok=True)
+            raise
+        current = read_summary_or_none(rd) or {}
+        if current.get("status") == "running":  # not when the run concluded and only a later step failed
+            reason = describe(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            try:
+                rd.write_summary(
+                    {
+                        "status": "interrupted" if isinstance(exc, KeyboardInterrupt)
+                        else "diverged" if isinstance(exc, NonFiniteLoss) else "failed",
+                        "reason": reason,
+                        "epoch": (rd.read_metrics() or [{"epoch": 0}])[-1].get("epoch", 0),
+                        **({"wandb": current["wandb"]} if "wandb" in current else {}),
+                    }
+                )
+            except OSError as summary_exc:  # the disk that stopped the run may refuse this too
+                exc.add_note(f"summary.json still says running: {describe(summary_exc)}")
         raise
+
+
+def read_summary_or_none(rd: RunDir) -> dict | None:
+    try:
+        return rd.read_summary()
+    except (OSError, ValueError):
+        return None
 
 
 def _train_run(

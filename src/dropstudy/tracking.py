@@ -5,6 +5,11 @@ The loop only ever calls `watch`, `log`, `log_histograms`, `log_images`, `set_su
 run; `NullTracker` does nothing; `GuardedTracker` wraps a tracker so that a W&B failure
 (network down, service refused, a bug in a hook) is reported once and then
 ignored: training goes on, and the local metrics.jsonl/summary.json never depend on W&B.
+
+`make_tracker` owns W&B's start-up: online, it says at once that it contacts the server and
+waits at most `tracker.init_timeout` seconds; when online W&B cannot start, the run is logged
+by offline W&B instead (so `wandb sync` uploads it later), and every later run of the same
+process goes offline directly.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -143,6 +149,7 @@ class WandbTracker:
         config: dict[str, Any],
         resume_id: str | None = None,
         shared_process: bool = False,
+        init_timeout: float = 30.0,
     ):
         import wandb
 
@@ -168,11 +175,15 @@ class WandbTracker:
             # The members of a vectorized sweep are alive together (shared_process): each is its
             # own non-global run, which cannot `watch` and logs its histograms with log_histograms.
             reinit="create_new" if shared_process else "finish_previous",
-            settings=wandb.Settings(silent=True, console="off"),
+            # init_timeout bounds the wait for the server; offline, wandb's own default stays.
+            settings=wandb.Settings(silent=True, console="off",
+                                    **({"init_timeout": init_timeout} if mode == "online" else {})),
         )
         self.run_id = self.run.id
         self.url = self.run.url if mode == "online" else None
-        self.sync_command = f"wandb sync {run_dir}/wandb/offline-run-*-{self.run_id}" if mode == "offline" else None
+        # The glob also takes the second folder an offline resume writes with the same id.
+        self.sync_command = (f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{self.run_id}"
+                             if mode == "offline" else None)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         self.run.define_metric("val/loss", step_metric="epoch", summary="min")
@@ -283,6 +294,15 @@ class GuardedTracker:
         self._call("finish", exit_code=exit_code)
 
 
+# Why online W&B failed to start in this process, once it has: the later runs of a study or a
+# sweep go offline at once instead of each waiting tracker.init_timeout again.
+_online_failed: str | None = None
+
+
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
 def make_tracker(
     tracker_cfg: Any,
     *,
@@ -295,11 +315,17 @@ def make_tracker(
     resume_id: str | None = None,
     shared_process: bool = False,
 ) -> GuardedTracker:
+    global _online_failed
+    from dropstudy.config import TrackerConfig
+
     mode = resolve_mode(tracker_cfg.mode)
     if mode == "disabled":
         return GuardedTracker(NullTracker())
-    try:
-        inner: Tracker = WandbTracker(
+    # Configs saved before tracker.init_timeout existed (resume, rerun) take its default.
+    timeout = tracker_cfg.get("init_timeout") or TrackerConfig.init_timeout
+
+    def start(mode: str) -> Tracker:
+        return WandbTracker(
             run_dir=run_dir,
             mode=mode,
             project=tracker_cfg.project,
@@ -311,12 +337,38 @@ def make_tracker(
             config=config,
             resume_id=resume_id,
             shared_process=shared_process,
+            init_timeout=timeout,
         )
+
+    if mode == "online" and _online_failed is None:
+        log.info(f"W&B: connecting to {wandb_server()} (tracker.init_timeout={timeout:g}s) ...")
+        try:
+            return GuardedTracker(start("online"))
+        except Exception as exc:  # a timeout, a refused connection, a bad key: all mean "go offline"
+            _online_failed = f"{type(exc).__name__}: {first_line(exc)}"
+            fallback = f"could not start online ({_online_failed})"
+        mode = "offline"
+    elif mode == "online":
+        mode, fallback = "offline", None  # said once already, for the first run of this process
+    else:
+        fallback = None
+    try:
+        inner = start(mode)
     except Exception as exc:
         log.warning(
-            "W&B could not start (%s: %s); training without it. Metrics go to metrics.jsonl as always.",
+            "W&B could not start%s (%s: %s); training without it. Metrics go to metrics.jsonl as always.",
+            " offline either" if fallback else "",
             type(exc).__name__,
-            exc,
+            first_line(exc),
         )
         return GuardedTracker(NullTracker())
+    if fallback:
+        log.warning(f"W&B: {fallback}; logging offline instead (this process's later runs too). "
+                    f"To upload later: {inner.sync_command}")
     return GuardedTracker(inner)
+
+
+def first_line(exc: BaseException) -> str:
+    """W&B's errors run to several lines of advice; the first says what happened."""
+    text = str(exc).strip() or "no message"
+    return text.splitlines()[0][:300]

@@ -229,14 +229,11 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Write the last epoch-boundary state to checkpoints/last.pt. A failed write (disk
-        full) leaves the previous checkpoint as it was and training goes on."""
+        full) leaves the previous checkpoint as it was and ends the run as failed: training on
+        without checkpoints would make an interruption cost the whole run."""
         start = time.perf_counter()
         state = {**self._boundary, "tracker_run_id": self.tracker.run_id, **self.checkpoint_extra}
-        try:
-            self.run_dir.save_checkpoint(state)
-        except OSError as exc:
-            log.warning(f"could not write checkpoint {self.run_dir.checkpoints / 'last.pt'} ({exc}); "
-                        "the previous checkpoint is unchanged and training goes on")
+        self.run_dir.save_checkpoint(state)
         self.timings["checkpoint"] += time.perf_counter() - start
 
     def load_state(self, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
