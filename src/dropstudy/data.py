@@ -11,6 +11,7 @@ DataLoader, no per-image transform and no host-to-device copy in the loop.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -428,12 +429,14 @@ def write_cache(cache: Path, entry: dict) -> None:
     directory still trains, only the next run decodes again. The temporary file is per process
     (concurrent runs never write one file) and is removed when the write fails."""
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    # Serialised in memory first: torch's own file writer reports a full disk or a size limit as
+    # a RuntimeError without errno, Python's write as the OSError that says why.
+    buffer = io.BytesIO()
+    torch.save(entry, buffer)
     try:
         with writing(cache, tmp=tmp):
-            # Opened here, so a full disk or a size limit fails as an OSError that says why
-            # (torch.save with a path raises a RuntimeError without errno instead).
             with open(tmp, "wb") as f:
-                torch.save(entry, f)
+                f.write(buffer.getbuffer())
             os.replace(tmp, cache)
     except OSError as exc:
         logging.getLogger("dropstudy").warning(
