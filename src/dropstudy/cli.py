@@ -415,8 +415,9 @@ def resume(
 
 
 class ResumeLog:
-    """resume.log in `directory`, taken back if the resume is refused after all (a run dir whose
-    checkpoint turns out not to fit): a refused resume leaves the directory as it was."""
+    """resume.log in `directory`, taken back if the run refuses the resume once it is under way
+    (an unreadable checkpoint, one that does not fit, changed data): a refused resume leaves the
+    directory as it was."""
 
     def __init__(self, directory: Path):
         from dropstudy.console import setup_logging
@@ -428,8 +429,10 @@ class ResumeLog:
     def take_back(self) -> None:
         import os
 
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):  # removed too: a closed one reopens to log
+                root.removeHandler(handler)
                 handler.close()
         if self.size is None:
             self.path.unlink(missing_ok=True)
@@ -438,7 +441,7 @@ class ResumeLog:
 
 
 def resume_run_dir(run_dir: Path) -> None:
-    from dropstudy.checkpoint import RunDirError, load_checkpoint
+    from dropstudy.checkpoint import RunDirError
     from dropstudy.runner import train_run
 
     cfg, saved_overrides = load_saved_run(run_dir)
@@ -447,10 +450,6 @@ def resume_run_dir(run_dir: Path) -> None:
         raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
                    f"To train it again use: dropstudy rerun {run_dir}")
     check_runnable(cfg)
-    try:
-        load_checkpoint(run_dir, cfg)  # refused before anything is written
-    except RunDirError as exc:
-        raise fail(str(exc))
     resume_log = ResumeLog(run_dir)
     try:
         result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
@@ -537,11 +536,11 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     stderr.print(f"sweep: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} kept -> {plan.sweep_dir}  "
                  f"W&B group {plan.group}", highlight=False)
     for step in todo:
-        stderr.print(f"  {step.describe()}", highlight=False)
+        stderr.print(f"  {step.describe()}", highlight=False, soft_wrap=True)
     if todo:
         was = "" if resumption.mode == "basic" else f"; the sweep first ran {resumption.mode}"
         stderr.print(f"running {len(todo)} job(s) one after another in this process (basic launcher{was})",
-                     highlight=False)
+                     highlight=False, soft_wrap=True)
     resume_sweep(resumption)
     outcomes = collect_outcomes(plan)
     print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)

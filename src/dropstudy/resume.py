@@ -67,8 +67,11 @@ class Step:
     result: RunResult | None = None
 
     def describe(self) -> str:
-        what = {"keep": "kept", "resume": "resumes", "start": "starts"}[self.action]
-        return f"{self.name}: {self.status}, {what}" + (f" {self.note}" if self.note else "")
+        """e.g. `dropout-0.5: interrupted, resumes after epoch 400`."""
+        verb = {"keep": "kept", "resume": "resumes", "start": "starts"}[self.action]
+        if self.action == "start" and self.status != "not run":
+            verb = "restarts"
+        return f"{self.name}: {self.status}, {verb}" + (f" {self.note}" if self.note else "")
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
@@ -282,12 +285,15 @@ def plan_sweep_resume(sweep_dir: Path) -> SweepResume:
     mode = record.get("mode", plan.launcher)
     no_checkpoint = ("the batched sweep wrote no checkpoint" if mode == "vectorized"
                      else "it stopped before its first checkpoint")
+    varying = set(plan.varying)
     steps = []
     for job in plan.jobs:
+        setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
+        name = f"member {job.num} ({setting})" if mode == "vectorized" else f"#{job.num} ({setting})"
         if (job.run_dir / ".hydra" / "overrides.yaml").is_file() and saved_overrides(job.run_dir) != job.overrides:
             raise ResumeError(f"{job.run_dir / '.hydra' / 'overrides.yaml'}: not the overrides the sweep plans "
                               f"for job {job.num} ({job.label}), so the sweep cannot be resumed.")
-        steps.append(plan_step(f"#{job.num} {job.label}", job.run_dir, job.cfg, job.overrides, no_checkpoint,
+        steps.append(plan_step(name, job.run_dir, job.cfg, job.overrides, no_checkpoint,
                                check_drift=True))
     return SweepResume(plan, mode, record, steps)
 
