@@ -199,6 +199,7 @@ def study(
         print_run(arm, indent="  ")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
+    typer.echo(f"study status: {result.status} (study.json)")
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
 
