@@ -470,7 +470,9 @@ def update_study_of_arm(result: Any) -> None:
     try:
         updated = update_study(study_dir, result)
     except ResumeError as exc:
-        stderr.print(f"[yellow]warning:[/] the study's record was not updated: {exc}", highlight=False)
+        from rich.markup import escape
+
+        stderr.print(f"[yellow]warning:[/] the study's record was not updated: {escape(str(exc))}", highlight=False)
         return
     if updated is not None:
         figures, status = updated
