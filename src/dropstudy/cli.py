@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -215,6 +216,7 @@ def study(
         print_run(arm, indent="  ")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
+    typer.echo(f"study status: {result.status} (study.json)")
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
 
@@ -401,20 +403,63 @@ def check_runnable(cfg: DictConfig) -> None:
 
 @app.command()
 def resume(
-    run_dir: Path = typer.Argument(..., help="The run directory to continue (one with checkpoints/last.pt).",
-                                   show_default=False),
+    directory: Path = typer.Argument(..., metavar="DIR", help="A run (one with checkpoints/last.pt), a study "
+                                     "(study.json) or a sweep (sweep.json) directory.", show_default=False),
 ) -> None:
-    """Continue an interrupted run from its last checkpoint, in the same directory and the same
-    W&B run; the result equals an uninterrupted run's (exactly, on CPU).
+    """Continue what was interrupted, in the same directories and the same W&B runs; finished runs
+    are kept. A run continues from its last checkpoint and ends with exactly the metrics of an
+    uninterrupted run (on CPU). A study or a sweep resumes each unfinished run from its checkpoint
+    and starts those that never started, one after another in this process, then redraws the
+    study's comparison (study.json) or prints the sweep's table again (sweep.json). Resuming one
+    arm of a study also updates the study's record and figures.
 
     Examples:
 
         dropstudy resume runs/cifar10/2026-11-22_09-00-00-train
 
+        dropstudy resume runs/regression/2026-11-22_09-00-00-study
+
         dropstudy resume runs/regression/2026-11-22_09-00-00-study/dropout-0.5
+
+        dropstudy resume runs/regression/2026-11-22_09-00-00-sweep
     """
+    from dropstudy.resume import directory_kind
+
+    if not directory.exists():
+        raise fail(f"{directory}: no such directory.")
+    if not directory.is_dir():
+        raise fail(f"{directory}: not a directory; give a run, study or sweep directory.")
+    {"sweep": resume_sweep_dir, "study": resume_study_dir, "run": resume_run_dir}[directory_kind(directory)](directory)
+
+
+class ResumeLog:
+    """resume.log in `directory`, taken back if the run refuses the resume once it is under way
+    (an unreadable checkpoint, one that does not fit, changed data): a refused resume leaves the
+    directory as it was."""
+
+    def __init__(self, directory: Path):
+        from dropstudy.console import setup_logging
+
+        self.path = directory / "resume.log"
+        self.size = self.path.stat().st_size if self.path.is_file() else None
+        setup_logging(self.path)
+
+    def take_back(self) -> None:
+        import os
+
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):  # removed too: a closed one reopens to log
+                root.removeHandler(handler)
+                handler.close()
+        if self.size is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.is_file():
+            os.truncate(self.path, self.size)
+
+
+def resume_run_dir(run_dir: Path) -> None:
     from dropstudy.checkpoint import RunDirError
-    from dropstudy.console import setup_logging
     from dropstudy.runner import train_run
 
     cfg, saved_overrides = load_saved_run(run_dir)
@@ -423,13 +468,116 @@ def resume(
         raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
                    f"To train it again use: dropstudy rerun {run_dir}")
     check_runnable(cfg)
-    handle_run_errors(lambda: setup_logging(run_dir / "resume.log"))
+    resume_log = handle_run_errors(lambda: ResumeLog(run_dir))
     try:
         result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
     except RunDirError as exc:
+        resume_log.take_back()
         raise fail(str(exc))
     print_run(result)
+    update_study_of_arm(result)
     raise typer.Exit(result.exit_code)
+
+
+def update_study_of_arm(result: Any) -> None:
+    """An arm resumed by hand: its study's record and comparison, when its parent is a study."""
+    from dropstudy.resume import ResumeError, update_study
+
+    study_dir = result.run_dir.parent
+    try:
+        updated = update_study(study_dir, result)
+    except ResumeError as exc:
+        from rich.markup import escape
+
+        stderr.print(f"[yellow]warning:[/] the study's record was not updated: {escape(str(exc))}", highlight=False)
+        return
+    if updated is not None:
+        figures, status = updated
+        typer.echo(f"study {study_dir}: {status} (study.json rewritten)")
+        for path in figures.values():
+            typer.echo(f"comparison figure: {path}")
+
+
+def resume_study_dir(study_dir: Path) -> None:
+    from dropstudy.checkpoint import RunDirError
+    from dropstudy.resume import ResumeError, plan_study_resume, resume_study
+
+    try:
+        plan = plan_study_resume(study_dir)
+    except (ResumeError, RunDirError) as exc:
+        raise fail(str(exc))
+    for step in plan.steps:
+        if step.action != "keep":
+            check_runnable(step.cfg)
+    handle_run_errors(lambda: ResumeLog(study_dir))
+    todo = [s for s in plan.steps if s.action != "keep"]
+    typer.echo(f"study dir: {study_dir}  (W&B group {plan.group})")
+    for step in plan.steps:
+        typer.echo(f"  {step.describe()}")
+    if todo:
+        typer.echo(f"training {len(todo)} arm(s) one after another in this process")
+    result = handle_run_errors(lambda: resume_study(plan))
+    for step in result.steps:
+        if step.result is not None:
+            print_run(step.result, indent="  ")
+        else:
+            typer.echo(f"  run dir: {step.run_dir}  [{read_status_of(step.run_dir)}]")
+    for path in result.figures.values():
+        typer.echo(f"comparison figure: {path}")
+    typer.echo(f"study status: {result.status} (study.json rewritten)")
+    raise typer.Exit(0 if result.status == "finished" else EXIT_INTERRUPTED if result.interrupted else 1)
+
+
+def read_status_of(run_dir: Path) -> str:
+    from dropstudy.sweep import read_status
+
+    return read_status(run_dir)[0]
+
+
+def resume_sweep_dir(sweep_dir: Path) -> None:
+    from datetime import datetime, timezone
+
+    from dropstudy.checkpoint import RunDirError
+    from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
+    from dropstudy.sweep import collect_outcomes, write_sweep_json
+
+    try:
+        resumption = plan_sweep_resume(sweep_dir)
+    except (ResumeError, RunDirError) as exc:
+        raise fail(str(exc))
+    plan, todo = resumption.plan, [s for s in resumption.steps if s.action != "keep"]
+    seen_data: set[str] = set()
+    for step in todo:  # device and data once per distinct setting
+        key = json.dumps([step.cfg.device, OmegaConf.to_container(step.cfg.data)], sort_keys=True, default=str)
+        if key not in seen_data:
+            seen_data.add(key)
+            check_runnable(step.cfg)
+    handle_run_errors(lambda: ResumeLog(sweep_dir))
+    stderr.print(f"sweep: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} kept -> {plan.sweep_dir}  "
+                 f"W&B group {plan.group}", highlight=False)
+    for step in todo:
+        stderr.print(f"  {step.describe()}", highlight=False, soft_wrap=True)
+    if todo:
+        was = "" if resumption.mode == "basic" else f"; the sweep first ran {resumption.mode}"
+        stderr.print(f"running {len(todo)} job(s) one after another in this process (basic launcher{was})",
+                     highlight=False, soft_wrap=True)
+    resume_sweep(resumption)
+    outcomes = collect_outcomes(plan)
+    print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
+    resumes = [*resumption.record.get("resumed", []),
+               {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "jobs": [job.num for job, s in zip(plan.jobs, resumption.steps) if s.action != "keep"],
+                "interrupted": resumption.interrupted}]
+    summary = write_sweep_json(plan, outcomes, resumption.interrupted, resumption.mode, {"resumed": resumes})
+    typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
+    bad = [o for o in outcomes if not o.ok]
+    if resumption.interrupted:
+        raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; "
+                   f"continue with: dropstudy resume {shlex.quote(str(sweep_dir))}", EXIT_INTERRUPTED)
+    if bad:
+        names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
+                          + (f": {o.reason}" if o.reason else "") for o in bad)
+        raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
 
 
 @app.command()

@@ -8,6 +8,7 @@ trains every arm of `study.arms` that way on the same data and seed and draws th
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shlex
@@ -361,40 +362,111 @@ class StudyResult:
     arms: list[RunResult]
     figures: dict[str, Path]
     group: str
+    status: str = "finished"
 
 
-def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyResult:
-    """Every arm of study.arms on the same data and seed, one W&B group, then the comparison."""
-    group = cfg.tracker.group or f"{cfg.experiment}-study-{study_dir.name}"
-    results: list[RunResult] = []
+@dataclass
+class ArmRecord:
+    """What the study's record and comparison figures need of one arm, whether it was just
+    trained (`from_result`) or read back from its run directory by `dropstudy resume`."""
+
+    label: str
+    run_dir: Path
+    status: str  # a run status, or "not run" for an arm the study never reached
+    final: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    fit: plots.FitCurve | None = None
+
+    @classmethod
+    def from_result(cls, result: RunResult) -> "ArmRecord":
+        outcome = result.outcome
+        return cls(result.label, result.run_dir, result.status, outcome.final if outcome else {},
+                   outcome.rows if outcome else [], result.fit)
+
+
+@dataclass
+class StudyArm:
+    label: str
+    cfg: DictConfig
+    run_dir: Path
+    overrides: list[str]  # what the arm's .hydra/overrides.yaml holds
+
+
+def study_arms(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> list[StudyArm]:
+    """Each arm of study.arms: the study's config with its dropout, in study_dir/<label>."""
+    arms = []
     for arm in cfg.study.arms:
         arm_cfg = copy.deepcopy(cfg)
         with open_dict(arm_cfg):
             arm_cfg.model.dropout = arm
         label = arm_label(arm, cfg.model.dropout_kind)
-        arm_dir = study_dir / label
-        RunDir(arm_dir).write_config(arm_cfg, [*overrides, f"model.dropout={OmegaConf.to_container(arm_cfg.model)['dropout']}"])
-        log.info(f"study arm {len(results) + 1}/{len(cfg.study.arms)}: {label} -> {arm_dir}")
-        result = train_run(arm_cfg, arm_dir, overrides, group=group, job_type=label, extra_tags=("study",))
+        dropout = OmegaConf.to_container(arm_cfg.model)["dropout"]
+        arms.append(StudyArm(label, arm_cfg, study_dir / label, [*overrides, f"model.dropout={dropout}"]))
+    return arms
+
+
+def study_group(cfg: DictConfig, study_dir: Path) -> str:
+    return cfg.tracker.group or f"{cfg.experiment}-study-{study_dir.name}"
+
+
+def study_status(statuses: list[str]) -> str:
+    """finished only when every arm finished; interrupted while an arm is left to train or to
+    resume; else failed, or diverged when that is all that went wrong."""
+    if all(s == "finished" for s in statuses):
+        return "finished"
+    if any(s in ("interrupted", "not run", "running") for s in statuses):
+        return "interrupted"
+    return "diverged" if all(s in ("finished", "diverged") for s in statuses) else "failed"
+
+
+def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyResult:
+    """Every arm of study.arms on the same data and seed, one W&B group, then the comparison."""
+    group = study_group(cfg, study_dir)
+    arms = study_arms(cfg, study_dir, overrides)
+    # The record exists from the start, so a study stopped in any way is found by `resume`.
+    write_study_record(study_dir, cfg, group, "running", [ArmRecord(a.label, a.run_dir, "not run") for a in arms])
+    results: list[RunResult] = []
+    for arm in arms:
+        RunDir(arm.run_dir).write_config(arm.cfg, arm.overrides)
+        log.info(f"study arm {len(results) + 1}/{len(arms)}: {arm.label} -> {arm.run_dir}")
+        result = train_run(arm.cfg, arm.run_dir, overrides, group=group, job_type=arm.label, extra_tags=("study",))
         results.append(result)
         if result.status == "interrupted":
             break
+    records = [ArmRecord.from_result(r) for r in results]
+    records += [ArmRecord(arm.label, arm.run_dir, "not run") for arm in arms[len(results):]]
+    figures, status = conclude_study(cfg, study_dir, group, records)
+    return StudyResult(study_dir, results, figures, group, status)
 
+
+def conclude_study(
+    cfg: DictConfig, study_dir: Path, group: str, arms: list[ArmRecord], data: Dataset | None = None
+) -> tuple[dict[str, Path], str]:
+    """The study's comparison figures (also to the W&B comparison run) and study.json, from
+    its arms as they stand; run at the end of `study` and again by every `resume` that changes
+    an arm. Returns the figures and the study's status."""
     out = RunDir(study_dir)
-    title = f"{cfg.experiment}: " + " vs ".join(r.label for r in results) + f", seed {cfg.seed}"
+    started = [a for a in arms if a.status != "not run"]
+    title = f"{cfg.experiment}: " + " vs ".join(a.label for a in started) + f", seed {cfg.seed}"
     if cfg.data.get("synthetic"):
         title += " (SYNTHETIC data)"
-    arm_rows = {r.label: r.outcome.rows for r in results if r.outcome}
+    arm_rows = {a.label: a.rows for a in started if a.rows}
     figures = {"study_curves": plots.study_curves(arm_rows, out.plot_path("study_curves.png"), title)}
     if plots.has_weight_norms(arm_rows):
         figures["weight_norms"] = plots.weight_norms(arm_rows, out.plot_path("weight_norms.png"), title)
-    fits = [r.fit for r in results if r.fit is not None]
+    fits = [a.fit for a in started if a.fit is not None]
     if fits:
-        seed_everything(cfg.seed)
-        data = load_dataset(cfg.data, torch.device("cpu"), log.info)
+        if data is None:
+            seed_everything(cfg.seed)
+            data = load_dataset(cfg.data, torch.device("cpu"), log.info)
         figures["regression_fit"] = plots.regression_fit(
             _points(data.train), _points(data.test), fits, out.plot_path("regression_fit.png"), title
         )
+    record_path = study_dir / "study.json"
+    previous = json_or_empty(record_path).get("wandb", {})
+    # A redrawn study logs into the same comparison run, one step further on (W&B drops a
+    # step it has already seen).
+    step = previous.get("step", -1) + 1 if previous.get("run_id") else 0
     comparison = make_tracker(
         cfg.tracker,
         run_dir=study_dir,
@@ -402,21 +474,42 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
         job_type="comparison",
         tags=[cfg.experiment, "study", "comparison"],
         name=f"{group}-comparison",
-        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(r.run_dir) for r in results]},
+        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(a.run_dir) for a in arms]},
+        resume_id=previous.get("run_id"),
     )
-    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0, step=0)
+    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0, step=step)
     comparison.finish()
+    status = study_status([a.status for a in arms])
+    write_study_record(study_dir, cfg, group, status, arms, figures,
+                       {"run_id": comparison.run_id, "step": step, "sync": comparison.sync_command})
+    return figures, status
+
+
+def write_study_record(
+    study_dir: Path,
+    cfg: DictConfig,
+    group: str,
+    status: str,
+    arms: list[ArmRecord],
+    figures: dict[str, Path] | None = None,
+    comparison: dict[str, Any] | None = None,
+) -> None:
     write_json_atomic(
         study_dir / "study.json",
         {
             "experiment": cfg.experiment,
             "group": group,
-            "arms": [
-                {"label": r.label, "run_dir": str(r.run_dir), "status": r.status,
-                 "final": r.outcome.final if r.outcome else {}}
-                for r in results
-            ],
-            "figures": {k: str(v) for k, v in figures.items()},
+            "status": status,
+            "arms": [{"label": a.label, "run_dir": str(a.run_dir), "status": a.status, "final": a.final}
+                     for a in arms],
+            "figures": {k: str(v) for k, v in (figures or {}).items()},
+            "wandb": comparison or {},
         },
     )
-    return StudyResult(study_dir, results, figures, group)
+
+
+def json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -109,6 +109,11 @@ def _is_hydra_override(arg: str) -> bool:
     return arg.lstrip("+~").startswith(("hydra/", "hydra."))
 
 
+def sweep_dir_override(sweep_dir: str) -> str:
+    """hydra.sweep.dir=DIR as Hydra's override parser reads it back (quoted unless plain)."""
+    return f"hydra.sweep.dir={sweep_dir}" if SAFE_PATH.match(sweep_dir) else f"hydra.sweep.dir='{sweep_dir}'"
+
+
 def plan_sweep(overrides: list[str]) -> SweepPlan:
     """Every job of the multirun `overrides` describe, composed and validated, with its run dir."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -129,7 +134,7 @@ def plan_sweep(overrides: list[str]) -> SweepPlan:
         master = hydra.config_loader.load_configuration(config_name="config", overrides=args, run_mode=RunMode.MULTIRUN)
         # Fix the sweep dir once (it holds ${now:...}): the plan and the launched jobs must agree.
         sweep_dir = str(master.hydra.sweep.dir)
-        args.append(f"hydra.sweep.dir={sweep_dir}" if SAFE_PATH.match(sweep_dir) else f"hydra.sweep.dir='{sweep_dir}'")
+        args.append(sweep_dir_override(sweep_dir))
         master = hydra.config_loader.load_configuration(config_name="config", overrides=args, run_mode=RunMode.MULTIRUN)
         parser = OverridesParser.create(config_loader=hydra.config_loader)
         batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
@@ -348,7 +353,9 @@ def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
     return "val/loss", None
 
 
-def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: bool, mode: str) -> Path:
+def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: bool, mode: str,
+                     extra: dict[str, Any] | None = None) -> Path:
+    """The sweep's table as sweep.json; `extra` adds keys (`resume` records its resumes)."""
     from dropstudy.rundir import write_json_atomic
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -368,6 +375,7 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
                  "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final}
                 for o in outcomes
             ],
+            **(extra or {}),
         },
     )
     return path

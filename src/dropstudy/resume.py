@@ -1,0 +1,305 @@
+"""Resuming a study or a sweep: what `dropstudy resume STUDY_DIR|SWEEP_DIR` does beyond one run.
+
+Each run of the directory is taken as its files say it stands: a finished (or diverged) run is
+kept untouched; an interrupted or failed one that has `checkpoints/last.pt` continues from it
+(the single-run resume, `runner.train_run(..., resume=True)`); one that never started, or
+stopped before its first checkpoint, is trained from the start with its saved or planned
+config. Everything is checked first (`plan_study_resume`, `plan_sweep_resume`), so a refused
+resume changes nothing; the runs are then trained one after another in this process. A study
+ends by redrawing its comparison and rewriting study.json (`runner.conclude_study`), a sweep
+by rewriting its table (sweep.json); `update_study` does the former after one arm was resumed
+by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dropstudy.checkpoint import RunDirError, computation_differences, load_checkpoint, load_run_config
+from dropstudy.config import ConfigError, validate, validate_study
+from dropstudy.runner import (ArmRecord, RunResult, conclude_study, json_or_empty, regression_fit_curve,
+                              study_arms, study_group, train_run)
+from dropstudy.rundir import RunDir
+from dropstudy.sweep import SweepPlan, plan_sweep, read_status, sweep_dir_override
+
+log = logging.getLogger("dropstudy")
+
+# Statuses resume leaves as they are: training the same config again ends the same way.
+KEPT = ("finished", "diverged")
+
+
+class ResumeError(Exception):
+    """The directory cannot be resumed as it is; the message names the file and why."""
+
+
+def directory_kind(path: Path) -> str:
+    """`sweep`, `study` or `run`: what `dropstudy resume DIR` continues."""
+    if (path / "sweep.json").is_file() or (path / "multirun.yaml").is_file():
+        return "sweep"
+    if (path / "study.json").is_file():
+        return "study"
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file() and OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.name") == "study":
+        return "study"  # stopped before it wrote study.json
+    return "run"
+
+
+# --------------------------------------------------------------------------- one run of many
+
+
+@dataclass
+class Step:
+    """What resume does with one run: keep it, resume it from its checkpoint, or start it."""
+
+    name: str  # how the output names it: the arm's label, or the sweep job's "#N overrides"
+    run_dir: Path
+    status: str  # before this resume
+    action: str  # keep | resume | start
+    cfg: DictConfig
+    overrides: list[str]
+    note: str = ""  # why it starts from scratch, or the epoch it resumes after
+    result: RunResult | None = None
+
+    def describe(self) -> str:
+        """e.g. `dropout-0.5: interrupted, resumes after epoch 400`."""
+        verb = {"keep": "kept", "resume": "resumes", "start": "starts"}[self.action]
+        if self.action == "start" and self.status != "not run":
+            verb = "restarts"
+        return f"{self.name}: {self.status}, {verb}" + (f" {self.note}" if self.note else "")
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def plan_step(name: str, run_dir: Path, planned: DictConfig, overrides: list[str], no_checkpoint: str,
+              check_drift: bool = False) -> Step:
+    """The step for one run dir, checked: a run to resume has a readable checkpoint written by
+    its own config. With check_drift (a sweep, whose plan is composed again from the config
+    files), a saved config must still compute what the plan does."""
+    status, _ = read_status(run_dir)
+    if status in KEPT:
+        return Step(name, run_dir, status, "keep", planned, overrides)
+    cfg = planned
+    if (run_dir / ".hydra" / "config.yaml").is_file():
+        cfg, overrides = load_run_config(run_dir), saved_overrides(run_dir) or overrides
+        differences = computation_differences(OmegaConf.to_container(cfg, resolve=True),
+                                              OmegaConf.to_container(planned, resolve=True))
+        if check_drift and differences:
+            raise ResumeError(
+                f"{run_dir / '.hydra' / 'config.yaml'} no longer matches what the configs plan for {name} "
+                f"({'; '.join(differences[:3])}): the configs changed since it started, so the runs left "
+                "would not be comparable with it. Restore the configs, or start a new directory.")
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        state = load_checkpoint(run_dir, cfg)
+        return Step(name, run_dir, status, "resume", cfg, overrides, f"after epoch {state['epoch']}")
+    note = "(never started)" if status == "not run" else f"from scratch: {no_checkpoint}"
+    return Step(name, run_dir, status, "start", cfg, overrides, note)
+
+
+def run_step(step: Step, *, group: str, job_type: str | None, extra_tags: tuple[str, ...]) -> RunResult:
+    """Resume or start one run in its own directory."""
+    if step.action == "resume":
+        return train_run(step.cfg, step.run_dir, step.overrides, group=group, job_type=job_type,
+                         extra_tags=extra_tags, resume=True)
+    # A start from scratch drops the rows and status of the attempt that never reached a
+    # checkpoint: metrics.jsonl is appended to, and must hold this run's rows only.
+    for name in ("metrics.jsonl", "summary.json"):
+        (step.run_dir / name).unlink(missing_ok=True)
+    rd = RunDir(step.run_dir)
+    if not (step.run_dir / ".hydra" / "config.yaml").is_file():
+        rd.write_config(step.cfg, step.overrides)
+    return train_run(step.cfg, step.run_dir, step.overrides, group=group, job_type=job_type, extra_tags=extra_tags)
+
+
+def run_steps(steps: list[Step], train: Callable[[Step], RunResult]) -> bool:
+    """Train every step that is not kept, in order; stop at an interruption (returns True).
+    A run that fails is logged and the next one starts, as in a sweep."""
+    for step in steps:
+        if step.action == "keep":
+            continue
+        log.info(f"{step.describe()} -> {step.run_dir}")
+        try:
+            step.result = train(step)
+        except KeyboardInterrupt:
+            return True
+        except Exception as exc:  # its summary.json says failed; the others still run
+            log.exception(f"{step.name} failed: {type(exc).__name__}: {exc}")
+            continue
+        if step.result.status == "interrupted":
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- studies
+
+
+@dataclass
+class StudyResume:
+    study_dir: Path
+    cfg: DictConfig
+    group: str
+    steps: list[Step]
+    status: str = ""
+    interrupted: bool = False
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def load_study(study_dir: Path) -> tuple[DictConfig, list[str], str]:
+    """The study's own config (what `dropstudy study` composed), its overrides and W&B group."""
+    path = study_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ResumeError(f"{path}: missing, so the arms {study_dir} never reached cannot be rebuilt.")
+    try:
+        cfg = OmegaConf.load(path)
+        validate(cfg)
+        validate_study(cfg)
+    except ConfigError as exc:
+        raise ResumeError(f"{path}: {exc}") from exc
+    except Exception as exc:
+        raise ResumeError(f"{path}: not a readable dropstudy config ({type(exc).__name__}: {exc}).") from exc
+    group = json_or_empty(study_dir / "study.json").get("group") or study_group(cfg, study_dir)
+    return cfg, saved_overrides(study_dir), group
+
+
+def plan_study_resume(study_dir: Path) -> StudyResume:
+    cfg, overrides, group = load_study(study_dir)
+    steps = [plan_step(arm.label, arm.run_dir, arm.cfg, arm.overrides, "it stopped before its first checkpoint")
+             for arm in study_arms(cfg, study_dir, overrides)]
+    return StudyResume(study_dir, cfg, group, steps)
+
+
+def resume_study(plan: StudyResume) -> StudyResume:
+    """Train what is left of the study, then redraw its comparison and rewrite study.json."""
+    plan.interrupted = run_steps(
+        plan.steps, lambda s: run_step(s, group=plan.group, job_type=s.name, extra_tags=("study",)))
+    plan.figures, plan.status = conclude_from_disk(plan.study_dir, plan.cfg, plan.group, plan.steps)
+    return plan
+
+
+def update_study(study_dir: Path, arm: RunResult) -> tuple[dict[str, Path], str] | None:
+    """After one arm was resumed by hand: its study's record and figures, when study_dir holds a
+    study.json that lists the arm; None otherwise."""
+    record = json_or_empty(study_dir / "study.json")
+    if not any(Path(a.get("run_dir", "")).name == arm.run_dir.name for a in record.get("arms", [])):
+        return None
+    cfg, overrides, group = load_study(study_dir)
+    steps = []
+    for planned in study_arms(cfg, study_dir, overrides):
+        status, _ = read_status(planned.run_dir)
+        step = Step(planned.label, planned.run_dir, status, "keep", planned.cfg, planned.overrides)
+        if planned.run_dir.name == arm.run_dir.name:
+            step.result = arm
+        steps.append(step)
+    return conclude_from_disk(study_dir, cfg, group, steps)
+
+
+def conclude_from_disk(study_dir: Path, cfg: DictConfig, group: str, steps: list[Step]) -> tuple[dict[str, Path], str]:
+    """runner.conclude_study over every arm as its run dir now stands (an arm trained in this
+    process brings its own record)."""
+    from dropstudy.data import load_dataset
+    from dropstudy.runtime import seed_everything
+
+    data = None
+    if cfg.data.name == "regression":  # the fit figure needs the points; nothing else does
+        seed_everything(cfg.seed)
+        data = load_dataset(cfg.data, torch.device("cpu"), log.info)
+    records = [ArmRecord.from_result(s.result) if s.result is not None and s.result.outcome is not None
+               else arm_record(s.name, s.run_dir, data) for s in steps]
+    return conclude_study(cfg, study_dir, group, records, data)
+
+
+def arm_record(label: str, run_dir: Path, data: Any) -> ArmRecord:
+    """An arm's record read back from its run dir; the regression fit is recomputed from the
+    final checkpoint, since a figure cannot be read back into a curve."""
+    status, summary = read_status(run_dir)
+    if status == "not run":
+        return ArmRecord(label, run_dir, status)
+    record = ArmRecord(label, run_dir, status, summary.get("final", {}), RunDir(run_dir).read_metrics())
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if data is not None and checkpoint.is_file():
+        try:
+            record.fit = fit_from_checkpoint(load_run_config(run_dir), checkpoint, label, data)
+        except (RunDirError, RuntimeError, KeyError, OSError) as exc:
+            log.warning(f"{checkpoint}: not drawn in the comparison ({type(exc).__name__}: {exc})")
+    return record
+
+
+def fit_from_checkpoint(cfg: DictConfig, checkpoint: Path, label: str, data: Any):
+    from dropstudy.models import build_model
+    from dropstudy.runtime import seed_everything
+
+    model = build_model(cfg.model)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    seed_everything(cfg.seed)  # the MC-dropout band's draws
+    return regression_fit_curve(model, data, label, cfg.eval.mc_samples)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepResume:
+    plan: SweepPlan
+    mode: str  # how the sweep first ran: basic, joblib, ..., vectorized
+    record: dict[str, Any]
+    steps: list[Step]
+    interrupted: bool = False
+
+
+def sweep_argv(sweep_dir: Path, record: dict[str, Any]) -> list[str]:
+    """The overrides the sweep was planned from (sweep.json, else Hydra's multirun.yaml), with
+    the sweep dir named as given here, so the jobs map onto the directories that exist."""
+    argv = record.get("overrides")
+    if argv is None:
+        master = OmegaConf.load(sweep_dir / "multirun.yaml")
+        argv = [*master.hydra.overrides.hydra, *master.hydra.overrides.task]
+    own = ("hydra.sweep.dir=", "hydra.job.name=", "hydra.mode=")
+    return [str(a) for a in argv if not str(a).startswith(own)] + [sweep_dir_override(str(sweep_dir))]
+
+
+def plan_sweep_resume(sweep_dir: Path) -> SweepResume:
+    record = json_or_empty(sweep_dir / "sweep.json")
+    try:
+        plan = plan_sweep(sweep_argv(sweep_dir, record))
+    except ConfigError as exc:
+        raise ResumeError(f"{sweep_dir}: its sweep cannot be planned again from its overrides: {exc}") from exc
+    except Exception as exc:
+        raise ResumeError(f"{sweep_dir}/multirun.yaml: not a readable Hydra multirun record "
+                          f"({type(exc).__name__}: {exc}).") from exc
+    recorded = record.get("jobs", [])
+    if recorded and (len(recorded) != len(plan.jobs) or any(
+            r["overrides"] != job.overrides
+            or Path(r["run_dir"]).relative_to(record["sweep_dir"]) != job.run_dir.relative_to(plan.sweep_dir)
+            for r, job in zip(recorded, plan.jobs))):
+        raise ResumeError(f"{sweep_dir / 'sweep.json'}: its jobs are not those its overrides plan today "
+                          "(the configs changed?), so the sweep cannot be resumed.")
+    plan.group = record.get("group") or plan.group
+    mode = record.get("mode", plan.launcher)
+    no_checkpoint = ("the batched sweep wrote no checkpoint" if mode == "vectorized"
+                     else "it stopped before its first checkpoint")
+    varying = set(plan.varying)
+    steps = []
+    for job in plan.jobs:
+        setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
+        name = f"member {job.num} ({setting})" if mode == "vectorized" else f"#{job.num} ({setting})"
+        if (job.run_dir / ".hydra" / "overrides.yaml").is_file() and saved_overrides(job.run_dir) != job.overrides:
+            raise ResumeError(f"{job.run_dir / '.hydra' / 'overrides.yaml'}: not the overrides the sweep plans "
+                              f"for job {job.num} ({job.label}), so the sweep cannot be resumed.")
+        steps.append(plan_step(name, job.run_dir, job.cfg, job.overrides, no_checkpoint,
+                               check_drift=True))
+    return SweepResume(plan, mode, record, steps)
+
+
+def resume_sweep(resumption: SweepResume) -> SweepResume:
+    group = resumption.plan.group
+    resumption.interrupted = run_steps(
+        resumption.steps, lambda s: run_step(s, group=group, job_type=None, extra_tags=("sweep",)))
+    return resumption
