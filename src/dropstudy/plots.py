@@ -112,6 +112,7 @@ def _save(fig: plt.Figure, path: Path, margins: dict[str, float] | None = None,
         fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     if vector:
+        fig.set_layout_engine("none")  # laid out once for the PNG: the copies keep that layout
         for suffix, metadata in _NO_DATE.items():
             fig.savefig(path.with_suffix(suffix), metadata=metadata)
     plt.close(fig)
@@ -334,6 +335,9 @@ def _legend_above(ax: plt.Axes, ncols: int, title: str | None = None) -> None:
     """The legend in a band above the panel, where it hides no data (a column is too narrow for
     a legend beside it)."""
     handles, labels = ax.get_legend_handles_labels()
+    # As many columns as the longest label leaves room for (about 76 characters fit across).
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=1)
+    ncols = max(1, min(ncols, 76 // (longest + 6)))
     # Row-major order: matplotlib fills legend columns first, which would split pairs apart.
     rows = math.ceil(len(handles) / ncols)
     order = [i * ncols + j for j in range(ncols) for i in range(rows) if i * ncols + j < len(handles)]
