@@ -250,7 +250,7 @@ def test_latex_markdown_and_csv_carry_the_same_numbers(base_config, tmp_path):
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex is not installed: report.tex was parsed but not compiled")
     doc = tmp_path / "paper.tex"
-    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
                    f"\\input{{{out / 'report.tex'}}}\n\\end{{document}}\n")
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

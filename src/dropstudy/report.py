@@ -455,16 +455,19 @@ def _tex(cell: Cell) -> str:
 
 
 def latex(tables: list[ExperimentTable], root: Path) -> str:
-    """One booktabs `table` per experiment, to `\\input` in a paper (needs \\usepackage{booktabs})."""
+    """One booktabs `table*` per experiment, to `\\input` in a paper that loads booktabs and
+    graphicx. A table wider than the text (it has up to a dozen columns) is scaled down to fit;
+    a narrower one keeps its size."""
     out = io.StringIO()
-    out.write(f"% dropstudy report {tex_escape(str(root))}: \\usepackage{{booktabs}} in the preamble.\n")
+    out.write(f"% dropstudy report {tex_escape(str(root))}: needs \\usepackage{{booktabs,graphicx}}.\n"
+              "\\ifdefined\\dropstudybox\\else\\newsavebox{\\dropstudybox}\\fi\n")
     for table in tables:
         cols = _columns(table)
         align = "".join("l" if c == "metric" or c in table.setting_keys or c == "test" else "r" for c in cols)
-        out.write("\\begin{table}[t]\n\\centering\n\\small\n\\setlength{\\tabcolsep}{3pt}\n")
+        out.write("\\begin{table*}[t]\n\\centering\n\\small\n\\setlength{\\tabcolsep}{3pt}\n")
         out.write(f"\\caption{{{tex_escape(caption(table))}}}\n")
         out.write(f"\\label{{tab:dropstudy-{re.sub(r'[^A-Za-z0-9-]', '-', table.experiment)}}}\n")
-        out.write(f"\\begin{{tabular}}{{{align}}}\n\\toprule\n")
+        out.write(f"\\sbox{{\\dropstudybox}}{{%\n\\begin{{tabular}}{{{align}}}\n\\toprule\n")
         out.write(" & ".join(tex_escape(c) for c in cols) + " \\\\\n\\midrule\n")
         previous = None
         for metric, row in table_rows(table):
@@ -472,7 +475,9 @@ def latex(tables: list[ExperimentTable], root: Path) -> str:
                 out.write("\\addlinespace\n")
             previous = metric
             out.write(" & ".join(_tex(c) for c in _cells(table, metric, row)) + " \\\\\n")
-        out.write("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+        out.write("\\bottomrule\n\\end{tabular}}%\n"
+                  "\\ifdim\\wd\\dropstudybox>\\linewidth\\resizebox{\\linewidth}{!}{\\usebox{\\dropstudybox}}"
+                  "\\else\\usebox{\\dropstudybox}\\fi\n\\end{table*}\n")
     return out.getvalue()
 
 
