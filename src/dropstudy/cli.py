@@ -494,7 +494,7 @@ def report(
                                      show_default=False),
     baseline: List[str] = typer.Option(
         [], "--baseline", metavar="KEY=VALUE", show_default=False,
-        help="The setting every other is compared with, e.g. model.dropout=0.5 or dropout_kind=standard "
+        help="The setting every other is compared with, e.g. model.dropout=0.5 or dropout_kind=inverted "
              "(repeat for several keys) [default: no dropout, model.dropout=0]."),
 ) -> None:
     """Tables, statistics and figures over every finished run under DIR (found recursively by

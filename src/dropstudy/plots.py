@@ -347,9 +347,9 @@ def _legend_above(ax: plt.Axes, ncols: int, title: str | None = None) -> None:
 
 def _log_if_positive(ax: plt.Axes, lines: Sequence[SeedStats], ylabel: str) -> None:
     # Losses span decades (a train MSE near 0 without dropout, ~0.1 with it): log scale, where it can.
-    if "loss" in ylabel or "MSE" in ylabel or "entropy" in ylabel:
-        if all(m > 0 for line in lines for m in line.mean):
-            ax.set_yscale("log")
+    losses = "loss" in ylabel or "MSE" in ylabel or "entropy" in ylabel
+    if losses and all(m > 0 for line in lines for m in line.mean):
+        ax.set_yscale("log")
 
 
 def metric_vs_setting(panels: dict[str, Sequence[SeedStats]], xlabel: str, path: Path, legend_title: str,

@@ -23,7 +23,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -490,7 +491,7 @@ def write_csv(tables: list[ExperimentTable], path: Path) -> None:
     """The same rows as the tables, unrounded: one line per experiment, metric and setting."""
     setting_cols = list(dict.fromkeys(k for t in tables for k in t.setting_keys))
 
-    def number(value: float | int | None) -> str:
+    def number(value: float | None) -> str:
         return "" if value is None or math.isnan(value) else repr(value)
 
     with path.open("w", newline="") as fh:
