@@ -53,20 +53,23 @@ def test_report_on_a_sweep_matches_numbers_computed_from_the_runs(regression_swe
     expected = expected_rows(sweep_dir)
     with (out / "report.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["experiment"], float(r["model.dropout"]), r["n_seeds"]) for r in rows] == [
-        ("regression", 0.0, "2"), ("regression", 0.5, "2")]
+    assert [(r["experiment"], r["metric"], float(r["model.dropout"]), r["n"]) for r in rows[:2]] == [
+        ("regression", "train/loss", 0.0, "2"), ("regression", "train/loss", 0.5, "2")]
     assert "seed" not in rows[0], "the seed is what a row averages over, not a setting"
+    assert {(r["metric"], float(r["model.dropout"])) for r in rows} == {
+        (m, p) for p, values in expected.items() for m in values}
     for row in rows:
-        for key, (mean, std) in expected[float(row["model.dropout"])].items():
-            assert float(row[f"{key}_mean"]) == pytest.approx(mean, rel=1e-9), key
-            assert float(row[f"{key}_std"]) == pytest.approx(std, rel=1e-9), key
+        mean, std = expected[float(row["model.dropout"])][row["metric"]]
+        assert float(row["mean"]) == pytest.approx(mean, rel=1e-9), row["metric"]
+        assert float(row["std"]) == pytest.approx(std, rel=1e-9), row["metric"]
 
     table = (out / "report.md").read_text()
     mean, std = expected[0.5]["val/loss"]
-    assert f"| 0.5 | 2 |" in table and f"{mean:.4g} ± {std:.2g}" in table
-    assert f"{mean:.4g} ± {std:.2g}" in " ".join(result.output.split())
-    for name in ("regression_vs_dropout.png", "regression_learning_curves.png", "regression_fit.png"):
-        assert (out / name).stat().st_size > 10_000, name
+    assert f"| val/loss | 0.5 | 2 | {mean:.3g} ± {std:.3g} |" in table
+    assert f"{mean:.3g} ± {std:.3g}" in " ".join(result.output.split())
+    for name in ("regression_vs_dropout", "regression_learning_curves", "regression_fit"):
+        for suffix in (".png", ".pdf", ".svg"):
+            assert (out / name).with_suffix(suffix).stat().st_size > 10_000, name + suffix
 
     # The runs were tracked (offline): one report run in the sweep's group, tables and figures.
     wb = load_run(out)

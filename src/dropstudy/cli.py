@@ -657,38 +657,49 @@ def rerun(
 def report(
     directory: Path = typer.Argument(..., metavar="DIR", help="A directory of runs: a sweep, a study, runs/.",
                                      show_default=False),
+    baseline: List[str] = typer.Option(
+        [], "--baseline", metavar="KEY=VALUE", show_default=False,
+        help="The setting every other is compared with, e.g. model.dropout=0.5 or dropout_kind=inverted "
+             "(repeat for several keys) [default: no dropout, model.dropout=0]."),
 ) -> None:
-    """Tables and figures over every finished run under DIR (found recursively by summary.json and
-    .hydra/config.yaml): per experiment, one row per setting (the config keys that vary, other
-    than the seed) with mean ± std over seeds of the final train/val/test loss (and accuracy),
-    gap/loss and best epoch. Writes DIR/report/report.md, report.csv and the figures (metric vs
-    dropout rate, learning curves with bands, the regression fit of one seed per setting); when
-    the runs were tracked, logs them to one W&B run (job_type report) in their group.
+    """Tables, statistics and figures over every finished run under DIR (found recursively by
+    summary.json and .hydra/config.yaml): per experiment, one row per setting (the config keys that
+    vary, other than the seed) and final metric (train/val/test loss and accuracy, gap/loss, best
+    epoch) with n, mean ± std and the 95% t interval over seeds; and each setting against the
+    baseline: the difference of means with its 95% interval, paired by seed (paired t-test,
+    Wilcoxon signed-rank, Cohen's d_z, seeds won) where both ran the same seeds, Welch's t-test and
+    Hedges' g otherwise. Writes DIR/report/report.md, report.csv, report.tex (booktabs) and the
+    figures as PNG, PDF and SVG, one column wide (metric vs dropout rate, learning curves with 95%
+    bands, the regression fit of one seed per setting); when the runs were tracked, logs them to
+    one W&B run (job_type report) in their group.
 
     Examples:
 
         dropstudy report runs/regression/2026-11-22_09-00-00-sweep
 
-        dropstudy report runs/
+        dropstudy report runs/ --baseline model.dropout=0.5
     """
     from dropstudy.console import setup_logging
-    from dropstudy.report import ReportError, cells, header, make_report
+    from dropstudy.report import ReportError, caption, cells, header, make_report, table_rows
 
     if directory.is_dir():
         setup_logging(directory / "report" / "report.log")
     try:
-        result = make_report(directory)
+        result = make_report(directory, baseline)
     except ReportError as exc:
         raise fail(str(exc))
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 160))
+    console = Console(width=max(Console().width, 200))  # cells unwrapped: a number is never split
     for table in result.tables:
-        shown = Table(title=f"{table.experiment} (mean ± std over seeds)", title_justify="left")
+        shown = Table(title=table.experiment, title_justify="left", caption=caption(table), caption_justify="left")
         for column in header(table):
-            shown.add_column(column, justify="left" if column in table.setting_keys else "right")
-        for row in table.rows:
-            shown.add_row(*cells(table, row))
+            shown.add_column(column, justify="left" if column in ("metric", "test", *table.setting_keys) else "right",
+                             no_wrap=True)
+        rows = table_rows(table)
+        for i, (metric, row) in enumerate(rows):
+            # A rule under each metric's block of settings, as the LaTeX table leaves a space.
+            shown.add_row(*cells(table, metric, row), end_section=i + 1 < len(rows) and rows[i + 1][0] != metric)
         console.print(shown)
     for path, status in result.skipped:
         stderr.print(f"skipped {path}: {status}, not finished", highlight=False)

@@ -7,6 +7,8 @@ about runs, W&B or configs.
 
 from __future__ import annotations
 
+import logging
+import math
 import multiprocessing
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -20,6 +22,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# Embedding fonts in a PDF runs fontTools, which logs every glyph it subsets at INFO level.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray")
 
@@ -91,15 +96,25 @@ def _has(rows: Sequence[dict], key: str) -> bool:
     return any(key in row for row in rows)
 
 
-def _save(fig: plt.Figure, path: Path, margins: dict[str, float] | None = None) -> Path:
-    """Write the PNG. `margins` (subplots_adjust fractions) lay out figures whose labels have a
-    known size; that skips tight_layout, which measures every label and costs about as much as
-    drawing the figure (this matters for a sweep's members, which each draw their own)."""
-    if margins is None:
-        fig.tight_layout()
-    else:
+# Vector copies carry no creation date, so drawing the same numbers twice writes the same file.
+_NO_DATE = {".pdf": {"CreationDate": None}, ".svg": {"Date": None}}
+
+
+def _save(fig: plt.Figure, path: Path, margins: dict[str, float] | None = None,
+          vector: bool = False, dpi: int = 110) -> Path:
+    """Write the PNG (and, with `vector`, the same figure as PDF and SVG beside it, for a paper).
+    `margins` (subplots_adjust fractions) lay out figures whose labels have a known size; that
+    skips tight_layout, which measures every label and costs about as much as drawing the figure
+    (this matters for a sweep's members, which each draw their own)."""
+    if margins is not None:
         fig.subplots_adjust(**margins)
-    fig.savefig(path, dpi=110)
+    elif fig.get_layout_engine() is None:  # a constrained layout places itself
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    if vector:
+        fig.set_layout_engine("none")  # laid out once for the PNG: the copies keep that layout
+        for suffix, metadata in _NO_DATE.items():
+            fig.savefig(path.with_suffix(suffix), metadata=metadata)
     plt.close(fig)
     return path
 
@@ -147,19 +162,30 @@ def regression_fit(
     curves: Sequence[FitCurve],
     path: Path,
     title: str,
+    column: bool = False,
 ) -> Path:
     """The classic demo: train points, test points, and each arm's fitted curve over x; with MC
-    dropout, each arm's band of ±2 predictive standard deviations around its MC mean."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    ax.scatter(*train_xy, s=40, c="magenta", alpha=0.8, label="train", zorder=3)
-    ax.scatter(*test_xy, s=40, c="cyan", edgecolors="k", linewidths=0.5, alpha=0.8, label="test", zorder=3)
+    dropout, each arm's band of ±2 predictive standard deviations around its MC mean. `column`:
+    the paper version, one column wide, untitled, also as PDF and SVG."""
+    if column:
+        with plt.rc_context(PAPER_RC):
+            return _regression_fit(train_xy, test_xy, curves, path, None, (COLUMN_WIDTH, 2.8), 12, True)
+    return _regression_fit(train_xy, test_xy, curves, path, title, (6.4, 4.6), 40, False)
+
+
+def _regression_fit(train_xy: tuple, test_xy: tuple, curves: Sequence[FitCurve], path: Path, title: str | None,
+                    size: tuple[float, float], marker: float, column: bool) -> Path:
+    fig, ax = plt.subplots(figsize=size, layout="constrained" if column else None)
+    ax.scatter(*train_xy, s=marker, c="magenta", alpha=0.8, label="train", zorder=3)
+    ax.scatter(*test_xy, s=marker, c="cyan", edgecolors="k", linewidths=0.5, alpha=0.8, label="test", zorder=3)
     for color, curve in zip(COLORS, curves):
         ax.plot(
             curve.x,
             curve.y,
             color=color,
-            lw=2,
-            label=f"{curve.label}: train MSE {curve.train_mse:.3g}, test MSE {curve.test_mse:.3g}",
+            lw=1.4 if column else 2,
+            label=(f"{curve.label}\nMSE: train {curve.train_mse:.3g}, test {curve.test_mse:.3g}" if column
+                   else f"{curve.label}: train MSE {curve.train_mse:.3g}, test MSE {curve.test_mse:.3g}"),
         )
         # An arm that drops nothing has no spread: no band, and no legend entry for one.
         if curve.mc_mean is not None and curve.mc_std is not None and max(curve.mc_std) > 0:
@@ -167,9 +193,12 @@ def regression_fit(
             high = [m + 2 * s for m, s in zip(curve.mc_mean, curve.mc_std)]
             ax.fill_between(curve.x, low, high, color=color, alpha=0.18, lw=0,
                             label=f"{curve.label}: MC mean ± 2σ (T={curve.mc_samples})")
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
+    ax.set_xlabel("x (input, unitless)" if column else "x")
+    ax.set_ylabel("y (target, unitless)" if column else "y")
     ax.grid(alpha=0.3)
+    if column:
+        _legend_above(ax, ncols=2)
+        return _save(fig, path, vector=True, dpi=PAPER_DPI)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)
     return _save(fig, path, margins={"left": 0.11, "right": 0.97, "bottom": 0.11, "top": 0.93})
@@ -272,45 +301,95 @@ def weight_norms(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Pat
 
 # --------------------------------------------------------------------------- reports over seeds
 
+# The report's figures are made for a paper: one column wide (3.4 in, the column of most
+# two-column templates), fonts that stay legible at that size, no title (the caption is the
+# paper's), PNG for a quick look and W&B, PDF and SVG for the manuscript.
+COLUMN_WIDTH = 3.4
+PANEL_HEIGHT = 2.3
+PAPER_DPI = 200
+PAPER_RC = {"font.size": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+            "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "lines.linewidth": 1.2,
+            "lines.markersize": 3.5, "svg.fonttype": "none", "pdf.fonttype": 42}
+
 
 @dataclass
 class SeedStats:
-    """One setting's metric over seeds: x positions (epochs or dropout rates), mean and std."""
+    """One line of a report figure: x positions (epochs or dropout rates), the mean over seeds
+    and the half-width of its 95% interval (0 where one seed ran: no bar, no band)."""
 
     label: str
     x: Sequence[float]
     mean: Sequence[float]
-    std: Sequence[float]
+    err: Sequence[float]
+    style: str = "-"
+    color: str | None = None
 
 
-def metric_vs_setting(panels: dict[str, Sequence[SeedStats]], xlabel: str, path: Path, title: str,
+def _column_panels(count: int) -> tuple[plt.Figure, Sequence[plt.Axes]]:
+    fig, axes = plt.subplots(count, 1, figsize=(COLUMN_WIDTH, 0.6 + PANEL_HEIGHT * count), squeeze=False,
+                             sharex=True, layout="constrained")
+    return fig, axes[:, 0]
+
+
+def _legend_above(ax: plt.Axes, ncols: int, title: str | None = None) -> None:
+    """The legend in a band above the panel, where it hides no data (a column is too narrow for
+    a legend beside it)."""
+    handles, labels = ax.get_legend_handles_labels()
+    # As many columns as the longest label leaves room for (about 76 characters fit across).
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=1)
+    ncols = max(1, min(ncols, 76 // (longest + 6)))
+    # Row-major order: matplotlib fills legend columns first, which would split pairs apart.
+    rows = math.ceil(len(handles) / ncols)
+    order = [i * ncols + j for j in range(ncols) for i in range(rows) if i * ncols + j < len(handles)]
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center",
+              bbox_to_anchor=(0.5, 1.01), ncols=ncols, title=title, frameon=False, borderaxespad=0.2)
+
+
+def _log_if_positive(ax: plt.Axes, lines: Sequence[SeedStats], ylabel: str) -> None:
+    # Losses span decades (a train MSE near 0 without dropout, ~0.1 with it): log scale, where it can.
+    losses = "loss" in ylabel or "MSE" in ylabel or "entropy" in ylabel
+    if losses and all(m > 0 for line in lines for m in line.mean):
+        ax.set_yscale("log")
+
+
+def metric_vs_setting(panels: dict[str, Sequence[SeedStats]], xlabel: str, path: Path, legend_title: str,
                       xticks: Sequence[str] | None = None) -> Path:
-    """One panel per metric (e.g. train/val/test loss): the mean over seeds against the dropout
-    rate, error bars of ±1 std, one line per remaining setting (e.g. dropout kind)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, (metric, lines) in zip(axes[0], panels.items()):
-        for color, line in zip(COLORS, lines):
-            ax.errorbar(line.x, line.mean, yerr=line.std, color=color, marker="o", ms=4, capsize=4, label=line.label)
+    """One panel per quantity (its key is the y-axis label, with units), stacked in one column:
+    the mean over seeds of each line (e.g. train, val and test loss) against the dropout rate,
+    with error bars of its 95% interval."""
+    with plt.rc_context(PAPER_RC):
+        fig, axes = _column_panels(len(panels))
+        for ax, (ylabel, lines) in zip(axes, panels.items()):
+            for i, line in enumerate(lines):
+                ax.errorbar(line.x, line.mean, yerr=line.err, fmt=line.style, marker="o", capsize=2.5,
+                            color=line.color or COLORS[i % len(COLORS)], label=line.label)
+            _log_if_positive(ax, lines, ylabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            _legend_above(ax, ncols=3, title=legend_title)
         if xticks is not None:
-            ax.set_xticks(range(len(xticks)), xticks, rotation=20, fontsize=8)
-        _label(ax, xlabel, f"{metric} (mean ± std over seeds)", metric)
-    fig.suptitle(title)
-    return _save(fig, path)
+            axes[-1].set_xticks(range(len(xticks)), xticks, rotation=20)
+        axes[-1].set_xlabel(xlabel)
+        return _save(fig, path, vector=True, dpi=PAPER_DPI)
 
 
-def mean_learning_curves(panels: dict[str, Sequence[SeedStats]], path: Path, title: str) -> Path:
-    """One panel per metric: each setting's mean curve over seeds against epoch, with a ±1 std
-    band (no band where only one seed ran)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
-    for ax, (metric, curves) in zip(axes[0], panels.items()):
-        for color, curve in zip(COLORS, curves):
-            ax.plot(curve.x, curve.mean, color=color, lw=1.6, label=curve.label)
-            if any(s > 0 for s in curve.std):
-                ax.fill_between(curve.x, [m - s for m, s in zip(curve.mean, curve.std)],
-                                [m + s for m, s in zip(curve.mean, curve.std)], color=color, alpha=0.2, lw=0)
-        if metric.endswith("loss") and all(m > 0 for c in curves for m in c.mean):
-            ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _label(ax, "epoch", metric, metric)
-    fig.suptitle(title)
-    return _save(fig, path)
+def mean_learning_curves(panels: dict[str, Sequence[SeedStats]], xlabel: str, path: Path,
+                         legend_title: str) -> Path:
+    """One panel per quantity (key: the y-axis label, with units), stacked in one column: each
+    line's mean over seeds against epoch, with a band of its 95% interval."""
+    with plt.rc_context(PAPER_RC):
+        fig, axes = _column_panels(len(panels))
+        for ax, (ylabel, curves) in zip(axes, panels.items()):
+            for i, curve in enumerate(curves):
+                color = curve.color or COLORS[i % len(COLORS)]
+                ax.plot(curve.x, curve.mean, curve.style, color=color, label=curve.label)
+                if any(e > 0 for e in curve.err):
+                    ax.fill_between(curve.x, [m - e for m, e in zip(curve.mean, curve.err)],
+                                    [m + e for m, e in zip(curve.mean, curve.err)], color=color, alpha=0.2, lw=0)
+            _log_if_positive(ax, curves, ylabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            _legend_above(ax, ncols=2, title=legend_title)
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[-1].set_xlabel(xlabel)
+        return _save(fig, path, vector=True, dpi=PAPER_DPI)

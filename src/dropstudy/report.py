@@ -1,12 +1,15 @@
-"""`dropstudy report DIR`: the paper table and figures over every run under a directory.
+"""`dropstudy report DIR`: the paper table, its statistics and figures over every run under a directory.
 
 A run is any folder with summary.json and .hydra/config.yaml (a sweep's jobs, a study's arms,
 single runs), found recursively; runs that did not finish are skipped and named. Runs are
 grouped per experiment, and within it per *setting*: the values of the config keys that vary
-between the runs, other than the seed (and what only places a run, tracker.*). Each setting's
-row holds mean ± std over its seeds of the final metrics in summary.json, the numbers a paper
-table shows. The figures read metrics.jsonl (learning curves) and, for the regression fit, the
-model in checkpoints/last.pt.
+between the runs, other than the seed (and what only places a run, tracker.*). For each final
+metric in summary.json a setting's row holds n, mean, std and the 95% interval over its seeds,
+and how it differs from the baseline setting (no dropout unless `--baseline` says otherwise):
+the difference of means with its interval, p-values, effect size and wins, paired by seed where
+both ran the same seeds (the statistics are in `stats`). The same numbers go to report.md,
+report.csv and report.tex (booktabs). The figures read metrics.jsonl (learning curves) and, for
+the regression fit, the model in checkpoints/last.pt; each is written as PNG, PDF and SVG.
 """
 
 from __future__ import annotations
@@ -16,32 +19,36 @@ import io
 import json
 import logging
 import math
-import statistics
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
 
 from dropstudy import plots
 from dropstudy.rundir import RunDir
+from dropstudy.stats import PAIRED, WELCH, Comparison, Stat, describe, paired, welch
 from dropstudy.tracking import flatten
 
 log = logging.getLogger("dropstudy")
 
-# Final metrics of the table, in column order; a column appears when some run has it.
+# Final metrics of the table, in row order; a metric appears when some run has it.
 METRICS = ("train/loss", "val/loss", "test/loss", "train/acc", "val/acc", "test/acc", "gap/loss")
-BEST_EPOCH = "val/loss_epoch"
+BEST_EPOCH = "val/loss_epoch"  # from summary.json's "best": the epoch of the lowest val/loss
 # Keys that never make a setting: the seed (and what it seeds) is what the table averages over,
 # tracker.* and sweep.* only say where a run is tracked or how it was launched.
 NOT_SETTINGS = ("seed", "data.seed")
 NOT_SETTING_PREFIXES = ("tracker.", "sweep.")
-CURVE_METRICS = ("train/loss", "val/loss", "val/acc")
+CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
+DROPOUT = "model.dropout"
+NA = "n/a"
 
 
 class ReportError(Exception):
-    """Nothing to report on; the message says why."""
+    """Nothing to report on, or a baseline that names no setting; the message says why."""
 
 
 @dataclass
@@ -58,27 +65,14 @@ class Run:
     def seed(self) -> Any:
         return self.config.get("seed")
 
+    def value(self, metric: str) -> float | None:
+        """The run's final value of `metric` (the best epoch from summary.json's "best")."""
+        value = (self.summary.get("best" if metric == BEST_EPOCH else "final") or {}).get(metric)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
     def rows(self) -> list[dict]:
         return RunDir(self.path).read_metrics()
-
-
-@dataclass
-class Stat:
-    mean: float
-    std: float  # sample standard deviation over seeds; nan with one seed
-    n: int
-
-    def text(self, digits: int = 4) -> str:
-        if math.isnan(self.mean):
-            return "-"
-        return f"{self.mean:.{digits}g} ± {self.std:.2g}" if not math.isnan(self.std) else f"{self.mean:.{digits}g}"
-
-
-def stat(values: list[float]) -> Stat:
-    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not values:
-        return Stat(math.nan, math.nan, 0)
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
 
 
 @dataclass
@@ -86,7 +80,9 @@ class SettingRow:
     setting: dict[str, Any]  # key -> value, for the setting keys of its experiment
     runs: list[Run]
     metrics: dict[str, Stat]
-    best_epoch: Stat
+    is_baseline: bool = False
+    baseline: SettingRow | None = None
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -97,8 +93,15 @@ class SettingRow:
 class ExperimentTable:
     experiment: str
     setting_keys: list[str]
-    metric_keys: list[str]
+    metric_keys: list[str]  # the final metrics, then BEST_EPOCH
     rows: list[SettingRow]
+    loss: str  # what the loss is: "MSE" or "cross-entropy"
+    baseline: str | None = None  # the baseline setting, in words; None: no comparisons
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def designs(self) -> list[str]:
+        return sorted({c.design for row in self.rows for c in row.comparisons.values()})
 
 
 @dataclass
@@ -155,15 +158,18 @@ def experiment_table(experiment: str, runs: list[Run]) -> ExperimentTable:
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(json.dumps([_text(run.config.get(k)) for k in keys]), []).append(run)
-    present = [m for m in METRICS if any(m in r.summary.get("final", {}) for r in runs)]
+    present = [m for m in (*METRICS, BEST_EPOCH) if any(r.value(m) is not None for r in runs)]
     rows = []
     for members in groups.values():
         setting = {k: members[0].config.get(k) for k in keys}
-        metrics = {m: stat([r.summary.get("final", {}).get(m) for r in members]) for m in present}
-        best = stat([r.summary.get("best", {}).get(BEST_EPOCH) for r in members])
-        rows.append(SettingRow(setting, sorted(members, key=lambda r: (str(r.seed), str(r.path))), metrics, best))
+        metrics = {m: describe([r.value(m) for r in members]) for m in present}
+        rows.append(SettingRow(setting, sorted(members, key=lambda r: (str(r.seed), str(r.path))), metrics))
     rows.sort(key=lambda row: _sort_key(row.setting))
-    return ExperimentTable(experiment, keys, present, rows)
+    loss = "cross-entropy" if runs[0].config.get("data.name") == "cifar10" else "MSE"
+    table = ExperimentTable(experiment, keys, present, rows, loss)
+    if any(s.n == 1 for row in rows for s in row.metrics.values()):
+        table.notes.append("a setting with one seed has no std or interval (n/a)")
+    return table
 
 
 def build_tables(runs: list[Run]) -> list[ExperimentTable]:
@@ -173,84 +179,402 @@ def build_tables(runs: list[Run]) -> list[ExperimentTable]:
     return [experiment_table(name, members) for name, members in sorted(by_experiment.items())]
 
 
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- the baseline and comparisons
+
+
+def parse_baseline(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """`--baseline KEY=VALUE` options as (key, value); the value is read as YAML, as Hydra reads
+    an override, so `0`, `0.0`, `[0,0]` and `standard` mean what they say."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ReportError(f"--baseline {item!r}: expected KEY=VALUE, e.g. --baseline model.dropout=0.")
+        try:
+            pairs.append((key.strip(), yaml.safe_load(value)))
+        except yaml.YAMLError:
+            pairs.append((key.strip(), value))
+    return pairs
+
+
+def _resolve_key(key: str, keys: Sequence[str]) -> str | None:
+    """The setting key `key` names: itself, or the one key ending in `.key` (`dropout`)."""
+    if key in keys:
+        return key
+    ends = [k for k in keys if k.endswith("." + key)]
+    return ends[0] if len(ends) == 1 else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or _text(a) == _text(b)
+
+
+def _no_dropout(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and v == 0 for v in values)
+
+
+def check_baseline(tables: list[ExperimentTable], pairs: list[tuple[str, Any]]) -> None:
+    """A baseline the user named must be a setting of some experiment; else exit 2 saying which
+    keys vary and which values they take."""
+    for key, _ in pairs:
+        if not any(_resolve_key(key, t.setting_keys) for t in tables):
+            varying = sorted({k for t in tables for k in t.setting_keys})
+            raise ReportError(f"--baseline {key}: not a key that varies between the runs; the settings differ in: "
+                              f"{', '.join(varying) or 'nothing (one setting only)'}.")
+    if not any(_baseline_rows(t, pairs) for t in tables):
+        values = {}
+        for key, _ in pairs:
+            for t in tables:
+                full = _resolve_key(key, t.setting_keys)
+                if full:
+                    values.setdefault(full, []).extend(_text(r.setting[full]) for r in t.rows)
+        allowed = "; ".join(f"{k} takes {', '.join(dict.fromkeys(v))}" for k, v in values.items())
+        wanted = " ".join(f"{k}={_text(v)}" for k, v in pairs)
+        raise ReportError(f"--baseline {wanted} matches no setting: {allowed}.")
+
+
+def _baseline_rows(table: ExperimentTable, pairs: list[tuple[str, Any]]) -> list[SettingRow]:
+    if not pairs:
+        if DROPOUT not in table.setting_keys:
+            return []
+        return [r for r in table.rows if _no_dropout(r.setting[DROPOUT])]
+    keys = [_resolve_key(k, table.setting_keys) for k, _ in pairs]
+    if None in keys:
+        return []
+    return [r for r in table.rows if all(_same(r.setting[k], v) for k, (_, v) in zip(keys, pairs))]
+
+
+def better_is_higher(metric: str) -> bool | None:
+    """Which way a metric wins: accuracy up, losses (and the train-val gap) down; the best epoch
+    has no better side."""
+    if metric == BEST_EPOCH:
+        return None
+    return True if metric.endswith("acc") else False if "loss" in metric else None
+
+
+def compare(row: SettingRow, base: SettingRow, metric: str) -> Comparison | None:
+    """`row` against `base` on one metric: by seed when both ran the same seeds once each."""
+    seeds, base_seeds = [_text(r.seed) for r in row.runs], [_text(r.seed) for r in base.runs]
+    if len(set(seeds)) == len(seeds) and len(set(base_seeds)) == len(base_seeds) and set(seeds) == set(base_seeds):
+        by_seed = {_text(r.seed): r.value(metric) for r in base.runs}
+        pairs = [(r.value(metric), by_seed[_text(r.seed)]) for r in row.runs]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            return paired([a for a, _ in pairs], [b for _, b in pairs], better_is_higher(metric))
+    xs = [v for r in row.runs if (v := r.value(metric)) is not None]
+    ys = [v for r in base.runs if (v := r.value(metric)) is not None]
+    return welch(xs, ys) if xs and ys else None
+
+
+def add_comparisons(table: ExperimentTable, pairs: list[tuple[str, Any]]) -> None:
+    """Mark the baseline rows and compare every other row, on every metric, with the baseline
+    that shares the most of its other setting values (with dropout kinds, the same kind)."""
+    bases = _baseline_rows(table, pairs)
+    if not bases:
+        wanted = " ".join(f"{k}={_text(v)}" for k, v in pairs) if pairs else "no dropout (model.dropout=0)"
+        if len(table.rows) > 1:
+            table.notes.append(f"no comparisons: no setting has {wanted}; pick the baseline with --baseline KEY=VALUE")
+        return
+    keys = [_resolve_key(k, table.setting_keys) for k, _ in pairs] if pairs else [DROPOUT]
+    others = [k for k in table.setting_keys if k not in keys]
+    for base in bases:
+        base.is_baseline = True
+    for row in table.rows:
+        if row.is_baseline:
+            continue
+        row.baseline = max(bases, key=lambda b: sum(_same(b.setting[k], row.setting[k]) for k in others))
+        for metric in table.metric_keys:
+            comparison = compare(row, row.baseline, metric)
+            if comparison is not None:
+                row.comparisons[metric] = comparison
+                table.notes.extend(n for n in comparison.notes if n not in table.notes)
+    shared = ", ".join(f"{k.split('.')[-1]}={_text(bases[0].setting[k])}" for k in keys)
+    table.baseline = bases[0].label if len(bases) == 1 else f"{shared}, with the same other settings"
+
+
+# --------------------------------------------------------------------------- table cells
+# A cell is a list of pieces: text, or a number with its format, so that the plain table
+# (console, report.md) and the LaTeX one print the same rounded numbers.
+
+Cell = list  # of str | tuple[float, str]
+MEAN, P, EFFECT = ".3g", ".2g", ".2f"
+
+
+def _num(value: float, spec: str = MEAN) -> tuple[float, str]:
+    return (value, spec)
+
+
+def _format(value: float, spec: str) -> str:
+    # Three significant digits, but whole numbers of 1000 and more in full (epoch 1460, not 1.46e+03).
+    if spec == MEAN and 1e3 <= abs(value) < 1e6:
+        return f"{value:.0f}"
+    return format(value, spec)
+
+
+def _interval(low: float, high: float) -> Cell:
+    if math.isnan(low) or math.isnan(high):
+        return [NA]
+    return ["[", _num(low), ", ", _num(high), "]"]
+
+
+def _mean_std(s: Stat) -> Cell:
+    if s.n == 0:
+        return [NA]
+    return [_num(s.mean)] if math.isnan(s.std) else [_num(s.mean), " ± ", _num(s.std)]
+
+
+def _columns(table: ExperimentTable) -> list[str]:
+    cols = ["metric", *table.setting_keys, "n", "mean ± std", "95% CI"]
+    if table.baseline is None:
+        return cols
+    cols += ["Δ vs baseline", "95% CI of Δ"]
+    designs = table.designs
+    if designs == [PAIRED]:
+        return cols + ["p (paired t)", "p (Wilcoxon)", "d_z", "wins"]
+    if designs == [WELCH]:
+        return cols + ["p (Welch t)", "Hedges' g"]
+    return cols + ["test", "p (t)", "p (Wilcoxon)", "effect", "wins"]
+
+
+def _metric_name(metric: str) -> str:
+    return "best epoch (val/loss)" if metric == BEST_EPOCH else metric
+
+
+def _cells(table: ExperimentTable, metric: str, row: SettingRow) -> list[Cell]:
+    s = row.metrics[metric]
+    out = [[_metric_name(metric)], *([_text(row.setting[k])] for k in table.setting_keys), [str(s.n)],
+           _mean_std(s), _interval(s.low, s.high)]
+    if table.baseline is None:
+        return out
+    designs = table.designs
+    extra = len(_columns(table)) - len(out)
+    c = row.comparisons.get(metric)
+    if row.is_baseline or c is None:
+        return out + [["baseline" if row.is_baseline else NA]] + [[""] if row.is_baseline else [NA]] * (extra - 1)
+    wins = [f"{c.wins}/{c.n}"] if c.wins is not None else [NA]
+    stats = [[_num(c.diff)], _interval(c.low, c.high)]
+    if designs == [PAIRED]:
+        return out + stats + [[_num(c.p_t, P)], [_num(c.p_wilcoxon, P)], [_num(c.effect, EFFECT)], wins]
+    if designs == [WELCH]:
+        return out + stats + [[_num(c.p_t, P)], [_num(c.effect, EFFECT)]]
+    return out + stats + [[c.design], [_num(c.p_t, P)], [_num(c.p_wilcoxon, P)] if c.design == PAIRED else [NA],
+                          [_num(c.effect, EFFECT), f" ({c.effect_name})"], wins]
+
+
+def table_rows(table: ExperimentTable) -> list[tuple[str, SettingRow]]:
+    """The table's rows in print order: metric by metric, every setting under each."""
+    return [(metric, row) for metric in table.metric_keys for row in table.rows]
+
+
+def _plain(cell: Cell) -> str:
+    out = []
+    for piece in cell:
+        if isinstance(piece, tuple):
+            value, spec = piece
+            out.append(NA if math.isnan(value) else _format(value, spec))
+        else:
+            out.append(piece)
+    return "".join(out)
+
+
+def caption(table: ExperimentTable) -> str:
+    """What the table shows, which test made its p-values, and what each n/a means."""
+    loss = f"{table.loss} (nats)" if table.loss == "cross-entropy" else table.loss
+    text = (f"{table.experiment}: final metrics over seeds (each run's summary.json; the loss is {loss}). "
+            "n: seeds; mean ± sample std; 95% CI: t interval of the mean.")
+    designs = table.designs
+    if table.baseline is not None:
+        text += f" Δ: setting − baseline ({table.baseline}), with its 95% interval; "
+        paired_text = ("paired by seed: paired t-test and Wilcoxon signed-rank test (two-sided), effect size "
+                       "Cohen's d_z (mean over std of the per-seed differences)")
+        welch_text = ("unpaired (different seeds): Welch's t-test (two-sided), effect size Hedges' g "
+                      "(pooled std, small-sample corrected)")
+        if designs == [PAIRED]:
+            text += paired_text + "."
+        elif designs == [WELCH]:
+            text += welch_text + "."
+        else:
+            text += f"test 'paired': {paired_text}; test 'Welch': {welch_text}."
+        if PAIRED in designs:
+            text += (" wins: seeds on which the setting beats the baseline's run of the same seed "
+                     "(lower loss, higher accuracy).")
+    notes = list(table.notes)
+    if WELCH in designs and PAIRED in designs:
+        notes.append("unpaired rows have no Wilcoxon test or wins")
+    if notes:
+        text += " n/a: " + "; ".join(notes) + "."
+    return text
 
 
 def header(table: ExperimentTable) -> list[str]:
-    return [*table.setting_keys, "n seeds", *table.metric_keys, "best epoch (val/loss)"]
+    return _columns(table)
 
 
-def cells(table: ExperimentTable, row: SettingRow) -> list[str]:
-    return [*(_text(row.setting[k]) for k in table.setting_keys), str(len(row.runs)),
-            *(row.metrics[m].text() for m in table.metric_keys), row.best_epoch.text(digits=5)]
+def cells(table: ExperimentTable, metric: str, row: SettingRow) -> list[str]:
+    return [_plain(c) for c in _cells(table, metric, row)]
+
+
+# --------------------------------------------------------------------------- files
 
 
 def markdown(tables: list[ExperimentTable], root: Path, skipped: list[tuple[Path, str]]) -> str:
     out = io.StringIO()
-    out.write(f"# Report: {root}\n\nMean ± sample standard deviation over seeds of the final metrics "
-              "(summary.json of each run).\n")
+    out.write(f"# Report: {root}\n")
     for table in tables:
         cols = header(table)
-        out.write(f"\n## {table.experiment}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-        for row in table.rows:
-            out.write("| " + " | ".join(cells(table, row)) + " |\n")
+        out.write(f"\n## {table.experiment}\n\n{caption(table)}\n\n| " + " | ".join(cols) + " |\n|"
+                  + "---|" * len(cols) + "\n")
+        for metric, row in table_rows(table):
+            out.write("| " + " | ".join(c.replace("|", "\\|") for c in cells(table, metric, row)) + " |\n")
     if skipped:
         out.write("\nSkipped (not finished): " + ", ".join(f"{p} ({s})" for p, s in skipped) + "\n")
     return out.getvalue()
 
 
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX_WORDS = {"±": r"$\pm$", "Δ": r"$\Delta$", "−": "$-$", "d_z": "$d_z$"}
+
+
+def tex_escape(text: str) -> str:
+    """`text` as LaTeX prints it literally: specials escaped, ±, Δ and − in math."""
+    pattern = "|".join(re.escape(w) for w in (*_TEX_WORDS, *_TEX_SPECIALS))
+    return re.sub(pattern, lambda m: _TEX_WORDS.get(m.group(0)) or _TEX_SPECIALS[m.group(0)], text)
+
+
+def _tex_number(value: float, spec: str) -> str:
+    if math.isnan(value):
+        return NA
+    text = _format(value, spec)
+    mantissa, _, exponent = text.partition("e")
+    return f"${mantissa}\\times10^{{{int(exponent)}}}$" if exponent else f"${text}$"
+
+
+def _tex(cell: Cell) -> str:
+    return "".join(_tex_number(*p) if isinstance(p, tuple) else tex_escape(p) for p in cell)
+
+
+def latex(tables: list[ExperimentTable], root: Path) -> str:
+    """One booktabs `table*` per experiment, to `\\input` in a paper that loads booktabs and
+    graphicx. A table wider than the text (it has up to a dozen columns) is scaled down to fit;
+    a narrower one keeps its size."""
+    out = io.StringIO()
+    out.write(f"% dropstudy report {tex_escape(str(root))}: needs \\usepackage{{booktabs,graphicx}}.\n"
+              "\\ifdefined\\dropstudybox\\else\\newsavebox{\\dropstudybox}\\fi\n")
+    for table in tables:
+        cols = _columns(table)
+        align = "".join("l" if c == "metric" or c in table.setting_keys or c == "test" else "r" for c in cols)
+        out.write("\\begin{table*}[t]\n\\centering\n\\small\n\\setlength{\\tabcolsep}{3pt}\n")
+        out.write(f"\\caption{{{tex_escape(caption(table))}}}\n")
+        out.write(f"\\label{{tab:dropstudy-{re.sub(r'[^A-Za-z0-9-]', '-', table.experiment)}}}\n")
+        out.write(f"\\sbox{{\\dropstudybox}}{{%\n\\begin{{tabular}}{{{align}}}\n\\toprule\n")
+        out.write(" & ".join(tex_escape(c) for c in cols) + " \\\\\n\\midrule\n")
+        previous = None
+        for metric, row in table_rows(table):
+            if previous is not None and metric != previous:
+                out.write("\\addlinespace\n")
+            previous = metric
+            out.write(" & ".join(_tex(c) for c in _cells(table, metric, row)) + " \\\\\n")
+        out.write("\\bottomrule\n\\end{tabular}}%\n"
+                  "\\ifdim\\wd\\dropstudybox>\\linewidth\\resizebox{\\linewidth}{!}{\\usebox{\\dropstudybox}}"
+                  "\\else\\usebox{\\dropstudybox}\\fi\n\\end{table*}\n")
+    return out.getvalue()
+
+
+CSV_STATS = ("n", "mean", "std", "ci_low", "ci_high")
+CSV_COMPARISON = ("baseline", "test", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "p_t", "p_wilcoxon",
+                  "effect_size", "effect", "wins")
+
+
 def write_csv(tables: list[ExperimentTable], path: Path) -> None:
+    """The same rows as the tables, unrounded: one line per experiment, metric and setting."""
     setting_cols = list(dict.fromkeys(k for t in tables for k in t.setting_keys))
-    metric_cols = [m for m in (*METRICS, BEST_EPOCH) if any(m in t.metric_keys for t in tables) or m == BEST_EPOCH]
+
+    def number(value: float | None) -> str:
+        return "" if value is None or math.isnan(value) else repr(value)
+
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["experiment", *setting_cols, "n_seeds",
-                         *(f"{m}_{s}" for m in metric_cols for s in ("mean", "std"))])
+        writer.writerow(["experiment", *setting_cols, "metric", *CSV_STATS, *CSV_COMPARISON])
         for table in tables:
-            for row in table.rows:
-                stats = {**row.metrics, BEST_EPOCH: row.best_epoch}
-                values = []
-                for m in metric_cols:
-                    s = stats.get(m, Stat(math.nan, math.nan, 0))
-                    values += ["" if math.isnan(s.mean) else repr(s.mean), "" if math.isnan(s.std) else repr(s.std)]
-                writer.writerow([table.experiment, *(_text(row.setting.get(k, "")) for k in setting_cols),
-                                 len(row.runs), *values])
+            for metric, row in table_rows(table):
+                s = row.metrics[metric]
+                line = [table.experiment, *(_text(row.setting[k]) if k in row.setting else "" for k in setting_cols),
+                        metric, s.n, *(number(v) for v in (s.mean, s.std, s.low, s.high))]
+                c = row.comparisons.get(metric)
+                if row.is_baseline:
+                    line += ["self"] + [""] * (len(CSV_COMPARISON) - 1)
+                elif c is None:
+                    line += [row.baseline.label if row.baseline else ""] + [""] * (len(CSV_COMPARISON) - 1)
+                else:
+                    line += [row.baseline.label, c.test, c.n if c.design == PAIRED else "",
+                             *(number(v) for v in (c.diff, c.low, c.high, c.p_t, c.p_wilcoxon)),
+                             c.effect_name, number(c.effect), number(c.wins)]
+                writer.writerow(line)
 
 
 # --------------------------------------------------------------------------- figures
 
 
-def _std0(s: Stat) -> float:
-    return 0.0 if math.isnan(s.std) else s.std
+def _half_width(s: Stat) -> float:
+    """The error bar of a mean: half its 95% interval (0 where one seed ran, so no bar)."""
+    return 0.0 if math.isnan(s.low) else (s.high - s.low) / 2
+
+
+def _units(table: ExperimentTable) -> tuple[str, str]:
+    """The loss and accuracy axis labels, with units."""
+    loss = "cross-entropy (nats)" if table.loss == "cross-entropy" else "MSE (unitless targets)"
+    return loss, "accuracy (fraction correct)"
+
+
+def _epoch_label(table: ExperimentTable) -> str:
+    run = table.rows[0].runs[0]
+    if run.config.get("data.name") == "regression" and run.config.get("trainer.batch_size") is None:
+        return "epoch (one full-batch SGD step)"
+    return "epoch (one pass over the training set)"
+
+
+def _seed_range(table: ExperimentTable) -> str:
+    counts = sorted({len(r.runs) for r in table.rows})
+    return f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} seeds"
+
+
+SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
+STYLES = ("-", "--", ":", "-.")
 
 
 def figure_vs_dropout(table: ExperimentTable, out: Path) -> Path:
-    """Each loss (and accuracy) metric against the dropout rate, one line per other setting."""
-    numeric = "model.dropout" in table.setting_keys and all(
-        isinstance(r.setting["model.dropout"], (int, float)) for r in table.rows)
-    others = [k for k in table.setting_keys if k != "model.dropout"] if numeric else []
-    lines: dict[str, list[SettingRow]] = {}
+    """Each final loss (and accuracy) against the dropout rate: a panel per unit, a colour per
+    split, a line style per other setting (e.g. dropout kind), error bars of the 95% interval."""
+    numeric = DROPOUT in table.setting_keys and all(
+        isinstance(r.setting[DROPOUT], (int, float)) for r in table.rows)
+    others = [k for k in table.setting_keys if k != DROPOUT] if numeric else []
+    groups: dict[str, list[SettingRow]] = {}
     for row in table.rows:
-        lines.setdefault(", ".join(f"{k.split('.')[-1]}={_text(row.setting[k])}" for k in others) or "mean ± std",
-                         []).append(row)
-    panels = {}
-    for metric in (m for m in table.metric_keys if m != "gap/loss"):
-        series = []
-        for label, rows in lines.items():
-            xs = [float(r.setting["model.dropout"]) for r in rows] if numeric else list(range(len(rows)))
-            series.append(plots.SeedStats(label, xs, [r.metrics[metric].mean for r in rows],
-                                          [_std0(r.metrics[metric]) for r in rows]))
-        panels[metric] = series
+        groups.setdefault(", ".join(f"{k.split('.')[-1]}={_text(row.setting[k])}" for k in others), []).append(row)
+    loss_label, acc_label = _units(table)
+    panels: dict[str, list[plots.SeedStats]] = {}
+    for metric in (m for m in table.metric_keys if m in METRICS and m != "gap/loss"):
+        split = metric.split("/")[0]
+        ylabel = f"final {loss_label if metric.endswith('loss') else acc_label}"
+        for style, (group, rows) in zip(STYLES * 4, groups.items()):
+            xs = [float(r.setting[DROPOUT]) for r in rows] if numeric else list(range(len(rows)))
+            panels.setdefault(ylabel, []).append(plots.SeedStats(
+                f"{split}, {group}" if group else split, xs, [r.metrics[metric].mean for r in rows],
+                [_half_width(r.metrics[metric]) for r in rows], style, SPLIT_COLORS.get(split)))
     ticks = None if numeric else [r.label for r in table.rows]
-    return plots.metric_vs_setting(panels, "dropout rate p" if numeric else "setting",
-                                   out / f"{table.experiment}_vs_dropout.png",
-                                   f"{table.experiment}: final metrics over seeds", xticks=ticks)
+    xlabel = "dropout rate p (probability of dropping a unit)" if numeric else "setting"
+    return plots.metric_vs_setting(panels, xlabel, out / f"{table.experiment}_vs_dropout.png",
+                                   f"mean, 95% CI ({_seed_range(table)})", xticks=ticks)
 
 
 def figure_learning_curves(table: ExperimentTable, out: Path) -> Path:
-    """Mean ± std band over seeds per setting, at the epochs every seed logged."""
+    """Per setting, the mean over seeds of each curve with its 95% band, at the epochs every
+    seed logged: losses in one panel (train solid, val dashed), accuracies in another."""
+    loss_label, acc_label = _units(table)
     panels: dict[str, list[plots.SeedStats]] = {}
-    for row in table.rows:
+    for color, row in zip(plots.COLORS * 4, table.rows):
         per_run = [r.rows() for r in row.runs]
         for metric in CURVE_METRICS:
             series = [{x["epoch"]: x[metric] for x in rows if metric in x and isinstance(x[metric], (int, float))}
@@ -258,12 +582,13 @@ def figure_learning_curves(table: ExperimentTable, out: Path) -> Path:
             epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if not epochs:
                 continue
-            stats = [stat([s[e] for s in series]) for e in epochs]
-            panels.setdefault(metric, []).append(
-                plots.SeedStats(f"{row.label} (n={len(row.runs)})", epochs, [s.mean for s in stats],
-                                [_std0(s) for s in stats]))
-    return plots.mean_learning_curves(panels, out / f"{table.experiment}_learning_curves.png",
-                                      f"{table.experiment}: learning curves, mean ± std over seeds")
+            per_epoch = [describe([s[e] for s in series]) for e in epochs]
+            split = metric.split("/")[0]
+            panels.setdefault(loss_label if metric.endswith("loss") else acc_label, []).append(plots.SeedStats(
+                f"{row.label} {split}", epochs, [s.mean for s in per_epoch], [_half_width(s) for s in per_epoch],
+                "-" if split == "train" else "--", color))
+    return plots.mean_learning_curves(panels, _epoch_label(table), out / f"{table.experiment}_learning_curves.png",
+                                      f"mean, 95% CI ({_seed_range(table)})")
 
 
 def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
@@ -293,39 +618,51 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
         seed_everything(cfg.seed)
         run_data = load_dataset(cfg.data, torch.device("cpu"), lambda _: None)
         data = data or run_data
-        fits.append(regression_fit_curve(model, run_data, f"{row.label} (seed {cfg.seed})"))
+        fits.append(regression_fit_curve(model, run_data, f"{row.label}, seed {cfg.seed}"))
     if not fits:
         return None
-    seeds = f"seed {seed}" if seed is not None else "one seed per setting"
     return plots.regression_fit(_points(data.train), _points(data.test), fits,
-                                out / f"{table.experiment}_fit.png", f"{table.experiment}: fit, {seeds}")
+                                out / f"{table.experiment}_fit.png", f"{table.experiment}: fit", column=True)
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def make_report(root: Path) -> Report:
+def make_report(root: Path, baseline: Sequence[str] = ()) -> Report:
+    """Find the runs under root, tabulate and compare them (against `baseline`, KEY=VALUE items;
+    none: the setting without dropout), and write the tables and figures to root/report/."""
     if not root.is_dir():
         raise ReportError(f"{root}: no such directory; give a directory of runs (a sweep, a study, runs/).")
+    pairs = parse_baseline(baseline)
     runs, skipped = find_runs(root)
     if not runs:
         what = f"; {len(skipped)} did not finish" if skipped else ""
         raise ReportError(f"{root}: no finished runs found (a run is a folder with summary.json and "
                           f".hydra/config.yaml){what}.")
+    tables = build_tables(runs)
+    if pairs:
+        check_baseline(tables, pairs)  # before anything is written
+    for table in tables:
+        add_comparisons(table, pairs)
     out = root / "report"
     out.mkdir(exist_ok=True)
-    tables = build_tables(runs)
     report = Report(root, out, tables, skipped)
-    (out / "report.md").write_text(markdown(tables, root, skipped))
+    writers: dict[str, Callable[[], str]] = {"report.md": lambda: markdown(tables, root, skipped),
+                                              "report.tex": lambda: latex(tables, root)}
+    for name, text in writers.items():
+        (out / name).write_text(text())
+        report.files[name] = out / name
     write_csv(tables, out / "report.csv")
-    report.files.update({"report.md": out / "report.md", "report.csv": out / "report.csv"})
+    report.files["report.csv"] = out / "report.csv"
     for table in tables:
-        report.files[f"{table.experiment}_vs_dropout"] = figure_vs_dropout(table, out)
-        report.files[f"{table.experiment}_learning_curves"] = figure_learning_curves(table, out)
+        figures = {"vs_dropout": figure_vs_dropout(table, out), "learning_curves": figure_learning_curves(table, out)}
         if table.experiment == "regression":
-            fit = figure_regression_fit(table, out)
-            if fit is not None:
-                report.files[f"{table.experiment}_fit"] = fit
+            figures["fit"] = figure_regression_fit(table, out)
+        for name, png in figures.items():
+            if png is not None:
+                report.files[f"{table.experiment}_{name}"] = png
+                for suffix in (".pdf", ".svg"):
+                    report.files[f"{table.experiment}_{name}{suffix}"] = png.with_suffix(suffix)
     log_to_wandb(report, runs)
     return report
 
@@ -352,7 +689,8 @@ def log_to_wandb(report: Report, runs: list[Run]) -> None:
     try:
         tracker.log_images({f"report/{k}": v for k, v in report.files.items() if v.suffix == ".png"}, epoch=0, step=0)
         for table in report.tables:
-            tracker.log_table(f"report/{table.experiment}", header(table), [cells(table, r) for r in table.rows], 0)
+            tracker.log_table(f"report/{table.experiment}", header(table),
+                              [cells(table, metric, row) for metric, row in table_rows(table)], 0)
     finally:
         tracker.finish()
     report.tracker_sync = tracker.sync_command
