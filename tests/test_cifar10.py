@@ -34,8 +34,8 @@ def test_both_layouts_decode_to_what_was_written_and_cache(tmp_path, writer, lay
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
         expected = torch.from_numpy(arrays[f"{split}_images"]).permute(0, 3, 1, 2)
         if layout == "folder":  # files are read class by class: compare as a set of (image, label)
-            got = {(int(l), images[i].numpy().tobytes()) for i, l in enumerate(labels)}
-            want = {(int(l), expected[i].numpy().tobytes()) for i, l in enumerate(arrays[f"{split}_labels"])}
+            got = {(int(label), images[i].numpy().tobytes()) for i, label in enumerate(labels)}
+            want = {(int(label), expected[i].numpy().tobytes()) for i, label in enumerate(arrays[f"{split}_labels"])}
             assert got == want
         else:
             assert torch.equal(images, expected)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch

@@ -63,7 +63,7 @@ def test_report_on_a_sweep_matches_numbers_computed_from_the_runs(regression_swe
 
     table = (out / "report.md").read_text()
     mean, std = expected[0.5]["val/loss"]
-    assert f"| 0.5 | 2 |" in table and f"{mean:.4g} ± {std:.2g}" in table
+    assert "| 0.5 | 2 |" in table and f"{mean:.4g} ± {std:.2g}" in table
     assert f"{mean:.4g} ± {std:.2g}" in " ".join(result.output.split())
     for name in ("regression_vs_dropout.png", "regression_learning_curves.png", "regression_fit.png"):
         assert (out / name).stat().st_size > 10_000, name
