@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
+import dropstudy
+
 REPO = Path(__file__).resolve().parents[1]
+# The directory this process imports dropstudy from (src/ of the checkout under test). The CLI
+# subprocesses get it first on PYTHONPATH, so they run this same code and not whatever else is
+# installed (a relative PYTHONPATH=src would not hold in their temporary working directories).
+PACKAGE_ROOT = Path(dropstudy.__file__).resolve().parents[1]
+
+
+def python_path() -> str:
+    return os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @dataclass
@@ -38,6 +48,7 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("DROPSTUDY_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("MPLCONFIGDIR", str(home / ".mpl"))
+    monkeypatch.setenv("PYTHONPATH", python_path())
     monkeypatch.chdir(tmp_path)
     return dict(os.environ)
 
@@ -58,6 +69,36 @@ def dropstudy(clean_env: dict[str, str], tmp_path: Path):
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+def git_checkout_state(where: Path) -> tuple[dict, str] | None:
+    """What git itself says about the checkout `where` is in: its commit, whether a tracked file
+    differs from it, its top level, and that difference (`git diff HEAD`); None outside one."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    state = {"commit": head.stdout.strip(), "dirty": dirty, "root": git("rev-parse", "--show-toplevel").stdout.strip()}
+    return state, git("diff", "HEAD").stdout if dirty else ""
+
+
+def assert_provenance_matches_checkout(run: Path, where: Path) -> None:
+    """provenance.json's git block (and git.diff) say what git says about the checkout at `where`."""
+    recorded = json.loads((run / "provenance.json").read_text())["git"]
+    actual = git_checkout_state(where)
+    if actual is None:  # not run from a checkout, and the run's working directory is none either
+        assert recorded == {"commit": None, "dirty": None, "root": None}
+        return
+    state, diff = actual
+    assert {k: recorded.get(k) for k in state} == state
+    if state["dirty"]:
+        assert recorded["diff_file"] == "git.diff" and (run / "git.diff").read_text() == diff
+    else:
+        assert "diff_file" not in recorded and not (run / "git.diff").exists()
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -86,7 +127,8 @@ def clean_environment(tmp: Path) -> dict[str, str]:
     """What `clean_env` sets up, for fixtures wider than one test."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "DROPSTUDY_DATA")}
     (tmp / "home").mkdir(exist_ok=True)
-    env.update(HOME=str(tmp / "home"), DROPSTUDY_DATA=str(tmp / "data"), MPLCONFIGDIR=str(tmp / "home" / ".mpl"))
+    env.update(HOME=str(tmp / "home"), DROPSTUDY_DATA=str(tmp / "data"), MPLCONFIGDIR=str(tmp / "home" / ".mpl"),
+               PYTHONPATH=python_path())
     return env
 
 

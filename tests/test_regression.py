@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
+from conftest import (PACKAGE_ROOT, QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, assert_provenance_matches_checkout,
+                      read_jsonl)
 from wandb_offline import load_run
 
 METRICS = ("train/loss", "val/loss", "gap/loss", "lr", "perf/samples_per_s")
@@ -34,7 +35,7 @@ def test_train_writes_a_complete_run_directory(dropstudy, tmp_path):
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["versions"]["torch"] == metadata.version("torch")
     assert {"command", "git", "versions", "device", "host"} <= provenance.keys()
-    assert "commit" in provenance["git"] and "dirty" in provenance["git"]
+    assert_provenance_matches_checkout(run, PACKAGE_ROOT / "dropstudy")
 
     rows = read_jsonl(run / "metrics.jsonl")
     train_rows = [r for r in rows if "train/loss" in r]
