@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
 from dropstudy.cli import app
+from dropstudy.config import compose
 from dropstudy.tracking import flatten, has_wandb_credentials, resolve_mode
 
 runner = CliRunner()
@@ -87,21 +88,32 @@ def test_wandb_failing_to_start_does_not_stop_training(clean_env, tmp_path, monk
     assert "W&B could not start (CommError" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_wandb_lists_the_installed_packages_once_per_process():
-    """cache_installed_packages: wandb's scan of the installed packages (for each run's
-    requirements.txt) runs once, every later run start gets the same list."""
-    from types import SimpleNamespace
+def test_wandb_lists_the_installed_packages_once_per_process(clean_env, tmp_path, monkeypatch):
+    """cache_installed_packages with the real wandb: two offline runs started in one process (as a
+    study's arms are) each get a complete requirements.txt, and the installed packages, which
+    wandb lists at every run start, are listed once."""
+    import wandb.util
 
-    from dropstudy.tracking import cache_installed_packages
+    from dropstudy.tracking import WandbTracker, make_tracker
 
-    scans = []
+    listings = []
+    listed_by_wandb = wandb.util.working_set
 
-    def working_set():
-        scans.append(1)
-        yield from ("torch==2", "wandb==0.31")
+    def listing():
+        listings.append(1)
+        return listed_by_wandb()
 
-    fake = SimpleNamespace(util=SimpleNamespace(working_set=working_set))
-    cache_installed_packages(fake)
-    cache_installed_packages(fake)  # a second tracker in the same process: wrapped once
-    assert list(fake.util.working_set()) == list(fake.util.working_set()) == ["torch==2", "wandb==0.31"]
-    assert len(scans) == 1
+    monkeypatch.setattr(wandb.util, "working_set", listing)
+    installed = {f"{d.key}=={d.version}" for d in listed_by_wandb()}
+    assert {"torch", "wandb"} <= {line.split("==")[0] for line in installed}
+    tracker_cfg = compose(["tracker.mode=offline"]).tracker
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        tracker = make_tracker(tracker_cfg, run_dir=tmp_path / name, group="g", job_type=name, tags=[], name=name,
+                               config={})
+        assert isinstance(tracker.inner, WandbTracker), "a real W&B run, not the fallback"
+        tracker.finish()
+    assert len(listings) == 1
+    for name in ("first", "second"):
+        requirements = next((tmp_path / name).glob("wandb/offline-run-*/files/requirements.txt")).read_text()
+        assert set(requirements.splitlines()) == installed, name
