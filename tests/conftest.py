@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 
 import dropstudy
@@ -99,6 +101,37 @@ def assert_provenance_matches_checkout(run: Path, where: Path) -> None:
         assert recorded["diff_file"] == "git.diff" and (run / "git.diff").read_text() == diff
     else:
         assert "diff_file" not in recorded and not (run / "git.diff").exists()
+
+
+def read_figure(path: Path, min_width: int = 400, min_height: int = 300) -> np.ndarray:
+    """A PNG's pixels (height x width x channels), checked to be a drawn figure: a real image of a
+    figure's size with lines and text on it, not a blank canvas."""
+    pixels = matplotlib.image.imread(path)
+    height, width = pixels.shape[:2]
+    assert width >= min_width and height >= min_height, (path, pixels.shape)
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
+    assert len(colours) > 20, (path, f"{len(colours)} colours: a blank figure")
+    return pixels
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> dict[Path, list[dict[str, tuple[list, list]]]]:
+    """Every figure this process saves from now on, by path: for each of its axes, the lines
+    drawn on it by label, as (x, y). What a figure shows, read off the figure itself."""
+    import matplotlib.figure
+
+    figures: dict[Path, list[dict[str, tuple[list, list]]]] = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording(fig, path, *args, **kwargs):
+        figures[Path(path).resolve()] = [
+            {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+            for ax in fig.axes
+        ]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording)
+    return figures
 
 
 def read_jsonl(path: Path) -> list[dict]:
