@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import SWEEP_GRID, read_jsonl
+from conftest import SWEEP_GRID, read_figure, read_jsonl
 from dropstudy.cli import app
 from wandb_offline import load_run
 
@@ -38,6 +38,8 @@ def assert_complete_sweep(sweep_dir: Path, expected: dict[str, tuple[float, int]
         run = run if run.is_absolute() else sweep_dir.parent / run
         for name in RUN_FILES:
             assert (run / name).is_file(), (run, name)
+            if name.endswith(".png"):
+                read_figure(run / name)
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
         summary = json.loads((run / "summary.json").read_text())
         assert job["status"] == summary["status"] == "finished"
@@ -45,7 +47,7 @@ def assert_complete_sweep(sweep_dir: Path, expected: dict[str, tuple[float, int]
         assert summary["wandb"]["group"] == group
         wb = load_run(run)
         assert wb.group == group and wb.job_type == f"dropout-{config['model']['dropout']:g}"
-        assert "sweep" in wb.tags and wb.exit_code in (0, None)
+        assert "sweep" in wb.tags and wb.exit_code == 0, "the W&B run finished, and cleanly"
         assert wb.config["model.dropout"] == config["model"]["dropout"] and wb.config["seed"] == config["seed"]
         assert wb.scalars("val/loss")[-1] == [r["val/loss"] for r in read_jsonl(run / "metrics.jsonl")
                                                if "val/loss" in r][-1]

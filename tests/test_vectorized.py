@@ -14,7 +14,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, python_path, read_jsonl
+from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, python_path, read_figure, read_jsonl
 from dropstudy.config import compose
 from dropstudy.models import build_model
 from dropstudy.train import make_optimizer
@@ -90,6 +90,8 @@ def test_every_member_gets_a_complete_run_directory(sweep):
         assert summary["status"] == "finished" and summary["seed"] == member.cfg.seed
         assert summary["final"]["test/loss"] == rows[-1]["test/loss"]
         assert {p.name for p in (run / "plots").iterdir()} == {"learning_curves.png", "regression_fit.png"}
+        for figure in (run / "plots").iterdir():
+            read_figure(figure)
     # The two members trained on their own data (data.seed follows seed).
     sha = [json.loads((m.run_dir / "provenance.json").read_text())["data_sha256"] for m in members]
     assert sha[0] != sha[1]
