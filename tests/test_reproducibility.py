@@ -153,11 +153,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(dropstudy, clean_env, t
     assert len(provenance["resumed"]) == 1
 
 
-def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(clean_env, tmp_path):
+def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, clean_env, tmp_path):
     every = 25  # trainer.checkpoint_every
-    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", "trainer.eval_every=1000",
-                 f"trainer.checkpoint_every={every}", "trainer.log_every=1", "tracker.mode=disabled",
-                 "hydra.run.dir=run")
+    args = ["trainer.eval_every=1000", f"trainer.checkpoint_every={every}", "trainer.log_every=1", *QUIET]
+    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", *args, "hydra.run.dir=run")
     wait_for_rows(tmp_path / "run", 3 * every, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -181,7 +180,13 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(clean_env, tm
     expected = boundaries | {b // every * every for b in boundaries}
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] in expected and checkpoint["epoch"] >= every, (checkpoint["epoch"], last)
-    assert {"model", "optimizer", "rng", "config"} <= checkpoint.keys()
+    # And it is that epoch's state: the weights a run stopping there by itself ends with.
+    epoch = checkpoint["epoch"]
+    assert dropstudy("train", f"trainer.epochs={epoch}", *args, "hydra.run.dir=reference").code == 0
+    reference = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)
+    assert reference["epoch"] == epoch and checkpoint["model"].keys() == reference["model"].keys()
+    for name, weights in checkpoint["model"].items():
+        assert torch.equal(weights, reference["model"][name]), name
 
 
 # --------------------------------------------------------------------------- broken run directories
