@@ -134,6 +134,21 @@ def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> dict[Path, list[dict[str, 
     return figures
 
 
+def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> tuple[float, list[tuple[float, float]]]:
+    """Expected calibration error by hand (Guo et al. 2017): over equal-width confidence bins
+    (lo, hi], the share of examples in a bin times |its accuracy - its mean confidence|; and the
+    (mean confidence, accuracy) of each non-empty bin, the reliability diagram's points. Written
+    apart from dropstudy.uncertainty, to check it."""
+    confidence, correct = probs.max(1), probs.argmax(1) == targets
+    ece, points = 0.0, []
+    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+            points.append((confidence[inside].mean(), correct[inside].mean()))
+    return float(ece), points
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -14,13 +14,12 @@ import re
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import wandb
 from typer.testing import CliRunner
 
-from conftest import read_figure, read_jsonl
+from conftest import reliability, read_figure, read_jsonl
 from dropstudy.cli import app
 from dropstudy.config import compose
 from dropstudy.data import load_dataset
@@ -110,20 +109,6 @@ def test_schedule_max_norm_and_mc_dropout_in_a_tracked_run(clean_env, tmp_path):
     assert wb.config["model.dropout_sites"] == summary["dropout_sites"]
     assert wb.config["optim.max_norm"] == 1.0 and wb.config["eval.mc_samples"] == 20
     assert "plots/regression_fit" in wb.images()
-
-
-def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> tuple[float, list[tuple[float, float]]]:
-    """Expected calibration error by hand (Guo et al. 2017): over equal-width confidence bins
-    (lo, hi], the share of examples in a bin times |its accuracy - its mean confidence|; and the
-    (mean confidence, accuracy) of each non-empty bin, the reliability diagram's points."""
-    confidence, correct = probs.max(1), probs.argmax(1) == targets
-    ece, points = 0.0, []
-    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
-        inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-            points.append((confidence[inside].mean(), correct[inside].mean()))
-    return float(ece), points
 
 
 def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path, drawn_figures):
