@@ -10,9 +10,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 
+import dropstudy
+
 REPO = Path(__file__).resolve().parents[1]
+# The directory this process imports dropstudy from (src/ of the checkout under test). The CLI
+# subprocesses get it first on PYTHONPATH, so they run this same code and not whatever else is
+# installed (a relative PYTHONPATH=src would not hold in their temporary working directories).
+PACKAGE_ROOT = Path(dropstudy.__file__).resolve().parents[1]
+
+
+def python_path() -> str:
+    return os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @dataclass
@@ -38,6 +50,7 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("DROPSTUDY_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("MPLCONFIGDIR", str(home / ".mpl"))
+    monkeypatch.setenv("PYTHONPATH", python_path())
     monkeypatch.chdir(tmp_path)
     return dict(os.environ)
 
@@ -58,6 +71,82 @@ def dropstudy(clean_env: dict[str, str], tmp_path: Path):
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+def git_checkout_state(where: Path) -> tuple[dict, str] | None:
+    """What git itself says about the checkout `where` is in: its commit, whether a tracked file
+    differs from it, its top level, and that difference (`git diff HEAD`); None outside one."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    state = {"commit": head.stdout.strip(), "dirty": dirty, "root": git("rev-parse", "--show-toplevel").stdout.strip()}
+    return state, git("diff", "HEAD").stdout if dirty else ""
+
+
+def assert_provenance_matches_checkout(run: Path, where: Path) -> None:
+    """provenance.json's git block (and git.diff) say what git says about the checkout at `where`."""
+    recorded = json.loads((run / "provenance.json").read_text())["git"]
+    actual = git_checkout_state(where)
+    if actual is None:  # not run from a checkout, and the run's working directory is none either
+        assert recorded == {"commit": None, "dirty": None, "root": None}
+        return
+    state, diff = actual
+    assert {k: recorded.get(k) for k in state} == state
+    if state["dirty"]:
+        assert recorded["diff_file"] == "git.diff" and (run / "git.diff").read_text() == diff
+    else:
+        assert "diff_file" not in recorded and not (run / "git.diff").exists()
+
+
+def read_figure(path: Path, min_width: int = 400, min_height: int = 300) -> np.ndarray:
+    """A PNG's pixels (height x width x channels), checked to be a drawn figure: a real image of a
+    figure's size with lines and text on it, not a blank canvas."""
+    pixels = matplotlib.image.imread(path)
+    height, width = pixels.shape[:2]
+    assert width >= min_width and height >= min_height, (path, pixels.shape)
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
+    assert len(colours) > 20, (path, f"{len(colours)} colours: a blank figure")
+    return pixels
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> dict[Path, list[dict[str, tuple[list, list]]]]:
+    """Every figure this process saves from now on, by path: for each of its axes, the lines
+    drawn on it by label, as (x, y). What a figure shows, read off the figure itself."""
+    import matplotlib.figure
+
+    figures: dict[Path, list[dict[str, tuple[list, list]]]] = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording(fig, path, *args, **kwargs):
+        figures[Path(path).resolve()] = [
+            {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+            for ax in fig.axes
+        ]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording)
+    return figures
+
+
+def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> tuple[float, list[tuple[float, float]]]:
+    """Expected calibration error by hand (Guo et al. 2017): over equal-width confidence bins
+    (lo, hi], the share of examples in a bin times |its accuracy - its mean confidence|; and the
+    (mean confidence, accuracy) of each non-empty bin, the reliability diagram's points. Written
+    apart from dropstudy.uncertainty, to check it."""
+    confidence, correct = probs.max(1), probs.argmax(1) == targets
+    ece, points = 0.0, []
+    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+            points.append((confidence[inside].mean(), correct[inside].mean()))
+    return float(ece), points
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -86,7 +175,8 @@ def clean_environment(tmp: Path) -> dict[str, str]:
     """What `clean_env` sets up, for fixtures wider than one test."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "DROPSTUDY_DATA")}
     (tmp / "home").mkdir(exist_ok=True)
-    env.update(HOME=str(tmp / "home"), DROPSTUDY_DATA=str(tmp / "data"), MPLCONFIGDIR=str(tmp / "home" / ".mpl"))
+    env.update(HOME=str(tmp / "home"), DROPSTUDY_DATA=str(tmp / "data"), MPLCONFIGDIR=str(tmp / "home" / ".mpl"),
+               PYTHONPATH=python_path())
     return env
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import QUICK_CIFAR, read_jsonl
+from conftest import QUICK_CIFAR, read_figure, read_jsonl
 from cifar_files import write_image_folder, write_torchvision_layout
 from dropstudy.data import DataError, load_cifar10, read_cifar10
 
@@ -34,8 +34,8 @@ def test_both_layouts_decode_to_what_was_written_and_cache(tmp_path, writer, lay
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
         expected = torch.from_numpy(arrays[f"{split}_images"]).permute(0, 3, 1, 2)
         if layout == "folder":  # files are read class by class: compare as a set of (image, label)
-            got = {(int(l), images[i].numpy().tobytes()) for i, l in enumerate(labels)}
-            want = {(int(l), expected[i].numpy().tobytes()) for i, l in enumerate(arrays[f"{split}_labels"])}
+            got = {(int(label), images[i].numpy().tobytes()) for i, label in enumerate(labels)}
+            want = {(int(label), expected[i].numpy().tobytes()) for i, label in enumerate(arrays[f"{split}_labels"])}
             assert got == want
         else:
             assert torch.equal(images, expected)
@@ -99,7 +99,7 @@ def test_train_cifar10_end_to_end_on_real_formats(dropstudy, tmp_path, writer):
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows if "val/loss" in r] == [1, 2]
     assert 0.0 <= summary["final"]["test/acc"] <= 1.0
-    assert (run / "plots" / "learning_curves.png").is_file()
+    read_figure(run / "plots" / "learning_curves.png")
     assert "cpu" in result.output  # it says which device it uses
 
 

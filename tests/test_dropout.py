@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reliability
 from dropstudy.config import DROPOUT_KINDS, compose
 from dropstudy.dropout import (
     DropoutSchedule,
@@ -27,7 +28,7 @@ from dropstudy.dropout import (
 )
 from dropstudy.models import CNN, MLP, build_model, weight_layers, weight_norms
 from dropstudy.train import apply_max_norm
-from dropstudy.uncertainty import calibration, mc_forward, predictive_entropy
+from dropstudy.uncertainty import Predictions, calibration, mc_forward, mc_metrics, predictive_entropy
 
 Z = 4.5
 N = 200_000  # units per statistical check
@@ -308,3 +309,20 @@ def test_calibration_bins_and_ece():
     assert cal.ece == pytest.approx((0.05 + 0.75 + 0.73) / 4, abs=1e-6)
     entropy = predictive_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
     assert entropy.tolist() == pytest.approx([math.log(2), 0.0])
+
+
+def test_ece_over_every_bin_equals_a_hand_computation():
+    """Predictions from near-uniform to near-certain, right about 60% of the time: the ECE and the
+    reliability points (15 bins, the metric's default) agree with a plain per-bin computation."""
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    probs = (torch.randn(n, 10, generator=g) * torch.linspace(0.2, 8, n).unsqueeze(1)).softmax(-1)
+    right = torch.rand(n, generator=g) < 0.6
+    targets = torch.where(right, probs.argmax(1), torch.randint(0, 10, (n,), generator=g))
+    ece, points = reliability(probs.double().numpy(), targets.numpy())
+    assert len(points) >= 12, "the predictions fill most bins"
+    cal = calibration(probs, targets)
+    assert cal.ece == pytest.approx(ece, abs=1e-6)
+    drawn = [(c, a) for c, a, k in zip(cal.confidence, cal.accuracy, cal.count) if k]
+    assert drawn == [(pytest.approx(c, abs=1e-6), pytest.approx(a, abs=1e-9)) for c, a in points]
+    assert mc_metrics(Predictions(probs, None, targets, 5), "classification")["ece"] == cal.ece

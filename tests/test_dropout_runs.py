@@ -19,8 +19,12 @@ import torch
 import wandb
 from typer.testing import CliRunner
 
-from conftest import read_jsonl
+from conftest import read_figure, read_jsonl, reliability
 from dropstudy.cli import app
+from dropstudy.config import compose
+from dropstudy.data import load_dataset
+from dropstudy.models import build_model
+from dropstudy.runtime import seed_everything
 from test_reproducibility import results, start, wait_for_rows
 from wandb_offline import load_run
 
@@ -97,7 +101,7 @@ def test_schedule_max_norm_and_mc_dropout_in_a_tracked_run(clean_env, tmp_path):
     model = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
     weights = [v for k, v in model.items() if k.endswith(".weight")]
     assert len(weights) == 4 and all((w.norm(dim=1) <= 1.0 + 1e-6).all() for w in weights), "max-norm after the last step"
-    assert (run / "plots" / "regression_fit.png").is_file()
+    read_figure(run / "plots" / "regression_fit.png")
 
     wb = wandb_record(run)
     assert {"val_mc/loss", "test_mc/loss", "dropout/p/net.drop1", "weights/l2/net.fc1"} <= wb.history_keys()
@@ -107,14 +111,12 @@ def test_schedule_max_norm_and_mc_dropout_in_a_tracked_run(clean_env, tmp_path):
     assert "plots/regression_fit" in wb.images()
 
 
-def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path):
-    result = dropstudy(
-        "train", "experiment=cifar10", "data.synthetic=true", "data.subset=128", "data.val_size=32",
-        "trainer.epochs=1", "trainer.batch_size=32", "model.dropout_kind=spatial", "model.conv_dropout=0.2",
-        "eval.mc_samples=5", "tracker.mode=offline", "hydra.run.dir=run",
-    )
+def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path, drawn_figures):
+    args = ["experiment=cifar10", "data.synthetic=true", "data.subset=128", "data.val_size=32", "trainer.epochs=1",
+            "trainer.batch_size=32", "model.dropout_kind=spatial", "model.conv_dropout=0.2", "eval.mc_samples=5"]
+    result = dropstudy("train", *args, "tracker.mode=offline", "hydra.run.dir=run")
     assert result.exit_code == 0, result.output
-    run = tmp_path / "run"
+    run = (tmp_path / "run").resolve()
     summary, _ = run_files(run)
     assert summary["dropout_sites"][0] == "features.drop1 (after conv block 1): spatial p=0.2"
     assert summary["dropout_sites"][3:] == ["head.drop1 (before fc1): inverted p=0.25",
@@ -123,8 +125,25 @@ def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path):
     assert 0 <= final["val_mc/acc"] <= 1 and 0 <= final["val_mc/ece"] <= 1
     assert 0 < final["val_mc/entropy"] <= math.log(10) + 1e-6
     assert summary["calibration"]["test_mc/ece"] == pytest.approx(final["test_mc/ece"])
-    assert 0 <= summary["calibration"]["test/ece"] <= 1
-    assert (run / "plots" / "calibration.png").is_file()
+
+    # The deterministic ECE and reliability diagram, recomputed here from the trained model's
+    # predictions on the run's own test set (after one epoch they fill one bin; the binning over
+    # every bin is checked in test_dropout).
+    cfg = compose(args)
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.data, torch.device("cpu"), lambda message: None)
+    assert data.fingerprint() == json.loads((run / "provenance.json").read_text())["data_sha256"]
+    model = build_model(cfg.model)
+    model.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"])
+    model.eval()
+    with torch.no_grad():
+        probs = model(data.prepare(data.test.inputs)).softmax(-1).double().numpy()
+    ece, points = reliability(probs, data.test.targets.numpy())
+    assert summary["calibration"]["test/ece"] == pytest.approx(ece, abs=1e-6)
+    diagram, _ = drawn_figures[run / "plots" / "calibration.png"]
+    (deterministic,) = [line for label, line in diagram.items() if label.startswith("deterministic: ECE")]
+    assert deterministic == (pytest.approx([c for c, _ in points], abs=1e-6), pytest.approx([a for _, a in points]))
+    read_figure(run / "plots" / "calibration.png", min_width=800)
     assert {"plots/calibration", "plots/learning_curves"} <= wandb_record(run).images()
 
 
@@ -187,7 +206,8 @@ def test_demo_scaling_prints_the_expected_and_exact_outputs(clean_env, tmp_path)
         assert abs(draw[0] - expected) <= Z * sd
         assert numbers(line_with(text, "evaluation mode")) == [expected]
         assert "exactly" in line_with(text, "evaluation mode")
-    assert (tmp_path / "figs" / "scaling.png").is_file() and "figure: figs/scaling.png" in out
+    read_figure(tmp_path / "figs" / "scaling.png")
+    assert "figure: figs/scaling.png" in out
     assert dropstudy("demo", "scaling", "--out", "figs").output == out, "seeded: the same numbers every time"
     assert dropstudy("demo", "scaling", "--out", "figs", "--seed", "1").output != out
 
@@ -205,7 +225,7 @@ def test_demo_masks_shows_masks_and_rates_near_p(clean_env, tmp_path):
     assert [r[0] for r in rows] == [0.1, 0.2, 0.5, 0.8]
     for p, dropped, rate, sd, _z in rows:
         assert dropped == pytest.approx(rate * 120_000, abs=6) and abs(rate - p) <= Z * sd
-    assert (tmp_path / "runs" / "demo" / "masks" / "masks.png").is_file()
+    read_figure(tmp_path / "runs" / "demo" / "masks" / "masks.png")
 
 
 def test_demo_equivalence_gives_the_same_expectation(clean_env, tmp_path):
@@ -216,4 +236,4 @@ def test_demo_equivalence_gives_the_same_expectation(clean_env, tmp_path):
         mean, low, high, evaluation = numbers(line_with(result.output, name).split(name)[1])
         assert low <= exact <= high and evaluation == pytest.approx(exact, abs=1e-4)
     assert "contains 0: the same expected output" in result.output
-    assert (tmp_path / "runs" / "demo" / "equivalence" / "equivalence.png").is_file()
+    read_figure(tmp_path / "runs" / "demo" / "equivalence" / "equivalence.png")

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
+from conftest import (PACKAGE_ROOT, QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, assert_provenance_matches_checkout,
+                      read_figure, read_jsonl)
 from wandb_offline import load_run
 
 METRICS = ("train/loss", "val/loss", "gap/loss", "lr", "perf/samples_per_s")
@@ -35,7 +35,7 @@ def test_train_writes_a_complete_run_directory(dropstudy, tmp_path):
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["versions"]["torch"] == metadata.version("torch")
     assert {"command", "git", "versions", "device", "host"} <= provenance.keys()
-    assert "commit" in provenance["git"] and "dirty" in provenance["git"]
+    assert_provenance_matches_checkout(run, PACKAGE_ROOT / "dropstudy")
 
     rows = read_jsonl(run / "metrics.jsonl")
     train_rows = [r for r in rows if "train/loss" in r]
@@ -45,11 +45,17 @@ def test_train_writes_a_complete_run_directory(dropstudy, tmp_path):
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epoch"] == 40
-    assert summary["best"]["val/loss"] <= summary["final"]["val/loss"]
+    # best: the lowest logged val/loss and the epoch it was logged at; final: the last one.
+    val = [(r["val/loss"], r["epoch"]) for r in rows if "val/loss" in r]
+    best = min(val, key=lambda point: point[0])
+    assert (summary["best"]["val/loss"], summary["best"]["val/loss_epoch"]) == best
+    assert summary["final"]["val/loss"] == val[-1][0]
 
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 40 and {"model", "optimizer", "rng"} <= checkpoint.keys()
     assert {p.name for p in (run / "plots").iterdir()} == {"learning_curves.png", "regression_fit.png"}
+    for figure in (run / "plots").iterdir():
+        read_figure(figure)
 
 
 def test_wandb_offline_file_holds_metrics_histograms_images_and_config(dropstudy, tmp_path):
@@ -81,9 +87,11 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
     arms = {arm: study / arm for arm in ("dropout-0", "dropout-0.5")}
     for arm, run in arms.items():
         assert f"run dir: {run}" in result.stdout
-        assert (run / "summary.json").is_file() and (run / "plots" / "regression_fit.png").is_file()
+        assert (run / "summary.json").is_file()
+        read_figure(run / "plots" / "regression_fit.png")
     assert f"comparison figure: {study / 'plots' / 'regression_fit.png'}" in result.stdout
-    assert (study / "plots" / "study_curves.png").is_file() and (study / "plots" / "weight_norms.png").is_file()
+    for name in ("regression_fit.png", "study_curves.png", "weight_norms.png"):
+        read_figure(study / "plots" / name)
 
     configs = {arm: yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) for arm, run in arms.items()}
     assert configs["dropout-0"]["model"]["dropout"] == 0.0 and configs["dropout-0.5"]["model"]["dropout"] == 0.5

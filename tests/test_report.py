@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import read_jsonl
+from conftest import read_figure, read_jsonl
 from dropstudy.cli import app
 from wandb_offline import load_run
 
@@ -68,7 +68,8 @@ def test_report_on_a_sweep_matches_numbers_computed_from_the_runs(regression_swe
     assert f"| val/loss | 0.5 | 2 | {mean:.3g} ± {std:.3g} |" in table
     assert f"{mean:.3g} ± {std:.3g}" in " ".join(result.output.split())
     for name in ("regression_vs_dropout", "regression_learning_curves", "regression_fit"):
-        for suffix in (".png", ".pdf", ".svg"):
+        read_figure((out / name).with_suffix(".png"))
+        for suffix in (".pdf", ".svg"):
             assert (out / name).with_suffix(suffix).stat().st_size > 10_000, name + suffix
 
     # The runs were tracked (offline): one report run in the sweep's group, tables and figures.

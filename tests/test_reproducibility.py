@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK_REGRESSION, read_jsonl
-from dropstudy.config import compose
+from conftest import PACKAGE_ROOT, QUICK_REGRESSION, assert_provenance_matches_checkout, git_checkout_state, python_path, read_jsonl
+from dropstudy.config import compose, conf_dir
 from dropstudy.rundir import RunDir
 
 SYNTHETIC_CIFAR = ["experiment=cifar10", "data.synthetic=true", "data.subset=320", "data.val_size=64",
@@ -69,10 +69,40 @@ def test_provenance_has_what_a_rerun_needs(copy_of_run):
     assert p["overrides"][:1] == ["trainer.epochs=40"]
     for name in ("python", "dropstudy", "torch", "torchvision", "wandb", "cuda", "cudnn"):
         assert name in p["versions"]
-    assert {"commit", "dirty"} <= p["git"].keys() and len(p["data_sha256"]) == 64
+    assert len(p["data_sha256"]) == 64
     assert p["started"] <= p["ended"] and p["device"].startswith("cpu") and p["host"]
-    if p["git"]["dirty"]:
-        assert (copy_of_run / p["git"]["diff_file"]).is_file()
+    # The run imported dropstudy from PACKAGE_ROOT, so its git state is that checkout's.
+    assert_provenance_matches_checkout(copy_of_run, PACKAGE_ROOT / "dropstudy")
+
+
+def test_provenance_records_a_dirty_checkout_and_its_diff_then_a_clean_one(clean_env, tmp_path):
+    """dropstudy run from a copy of itself in a fresh git repository: with an uncommitted change
+    the run records that commit, dirty, and the change in git.diff; once committed, clean."""
+    repo = (tmp_path / "checkout").resolve()
+    shutil.copytree(PACKAGE_ROOT / "dropstudy", repo / "src" / "dropstudy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(conf_dir(), repo / "conf")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "a checkout")
+    changed = repo / "src" / "dropstudy" / "__init__.py"
+    changed.write_text(changed.read_text() + "# an uncommitted change\n")
+    env = {**clean_env, "PYTHONPATH": str(repo / "src")}
+    for name in ("dirty", "clean"):
+        if name == "clean":
+            git("commit", "-qam", "the change")
+        proc = subprocess.run([sys.executable, "-m", "dropstudy", "train", "trainer.epochs=2", "trainer.eval_every=1",
+                               *QUIET, f"hydra.run.dir={name}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        state, diff = git_checkout_state(repo)
+        assert state["dirty"] == (name == "dirty") and ("an uncommitted change" in diff) == (name == "dirty")
+        assert_provenance_matches_checkout(tmp_path / name, repo)
 
 
 # --------------------------------------------------------------------------- interruption and resume
@@ -123,17 +153,40 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(dropstudy, clean_env, t
     assert len(provenance["resumed"]) == 1
 
 
-def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(clean_env, tmp_path):
-    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", "trainer.eval_every=100",
-                 "tracker.mode=disabled", "hydra.run.dir=run")
-    wait_for_rows(tmp_path / "run", 300, proc)
+def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, clean_env, tmp_path):
+    every = 25  # trainer.checkpoint_every
+    args = ["trainer.eval_every=1000", f"trainer.checkpoint_every={every}", "trainer.log_every=1", *QUIET]
+    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", *args, "hydra.run.dir=run")
+    wait_for_rows(tmp_path / "run", 3 * every, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    rows_at_second_signal = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stdout + stderr
+    assert proc.returncode == 128 + signal.SIGINT, stdout + stderr
+    # The second Ctrl-C ended the process itself, from the interrupt's clean-up (figures, summary),
+    # without going back to training.
+    assert "SIGINT again: exiting now" in stderr, stderr
+    assert "Traceback" not in stderr
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == rows_at_second_signal
+    # A row is logged every epoch, so the last one is the last epoch trained (its boundary state
+    # may not have been taken yet when the first signal came). The checkpoint holds the boundary
+    # the first Ctrl-C saved, or, when the second one came before that write was done, the last
+    # one the cadence wrote; never anything in between or beyond.
+    last = rows[-1]["epoch"]
+    assert [r["epoch"] for r in rows] == list(range(1, last + 1))
+    boundaries = {last - 1, last}
+    expected = boundaries | {b // every * every for b in boundaries}
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    assert checkpoint["epoch"] >= 100 and checkpoint["epoch"] % 100 in (0, checkpoint["epoch"] % 100)
+    assert checkpoint["epoch"] in expected and checkpoint["epoch"] >= every, (checkpoint["epoch"], last)
+    # And it is that epoch's state: the weights a run stopping there by itself ends with.
+    epoch = checkpoint["epoch"]
+    assert dropstudy("train", f"trainer.epochs={epoch}", *args, "hydra.run.dir=reference").code == 0
+    reference = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)
+    assert reference["epoch"] == epoch and checkpoint["model"].keys() == reference["model"].keys()
+    for name, weights in checkpoint["model"].items():
+        assert torch.equal(weights, reference["model"][name]), name
 
 
 # --------------------------------------------------------------------------- broken run directories
@@ -145,7 +198,7 @@ def trained_run(tmp_path_factory) -> Path:
     where = tmp_path_factory.mktemp("trained")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     proc = subprocess.run([sys.executable, "-m", "dropstudy", "train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=run"],
-                          cwd=where, env={**env, "HOME": str(where)}, capture_output=True, text=True, timeout=240)
+                          cwd=where, env={**env, "HOME": str(where), "PYTHONPATH": python_path()}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return where / "run"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import SWEEP_GRID, read_jsonl
+from conftest import SWEEP_GRID, read_figure, read_jsonl
 from dropstudy.cli import app
 from wandb_offline import load_run
 
@@ -39,6 +38,8 @@ def assert_complete_sweep(sweep_dir: Path, expected: dict[str, tuple[float, int]
         run = run if run.is_absolute() else sweep_dir.parent / run
         for name in RUN_FILES:
             assert (run / name).is_file(), (run, name)
+            if name.endswith(".png"):
+                read_figure(run / name)
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
         summary = json.loads((run / "summary.json").read_text())
         assert job["status"] == summary["status"] == "finished"
@@ -46,7 +47,7 @@ def assert_complete_sweep(sweep_dir: Path, expected: dict[str, tuple[float, int]
         assert summary["wandb"]["group"] == group
         wb = load_run(run)
         assert wb.group == group and wb.job_type == f"dropout-{config['model']['dropout']:g}"
-        assert "sweep" in wb.tags and wb.exit_code in (0, None)
+        assert "sweep" in wb.tags and wb.exit_code == 0, "the W&B run finished, and cleanly"
         assert wb.config["model.dropout"] == config["model"]["dropout"] and wb.config["seed"] == config["seed"]
         assert wb.scalars("val/loss")[-1] == [r["val/loss"] for r in read_jsonl(run / "metrics.jsonl")
                                                if "val/loss" in r][-1]
@@ -110,12 +111,59 @@ def test_a_launcher_whose_plugin_is_missing_says_what_to_install(clean_env, monk
     assert "pip install 'dropstudy[cluster]'" in " ".join(result.output.split())
 
 
+# conf/hydra/launcher/slurm.yaml's defaults, as submitit_slurm's keys.
+SLURM_DEFAULTS = {"partition": None, "timeout_min": 60, "gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 16,
+                  "array_parallelism": 32}
+
+
 def test_dry_run_lists_jobs_and_the_slurm_launcher_config(clean_env, tmp_path):
-    result = invoke("sweep", "--dry-run", "model.dropout=0,0.5", "hydra/launcher=slurm",
-                    "hydra.launcher.partition=gpu", "hydra.sweep.dir=sw")
+    from dropstudy.sweep import plan_sweep
+
+    args = ["model.dropout=0,0.5", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+            "hydra.launcher.mem_gb=64", "hydra.sweep.dir=sw"]
+    result = invoke("sweep", "--dry-run", *args)
     assert result.exit_code == 0, result.output
     assert "launcher: slurm" in result.output and "#1 model.dropout=0.5 -> sw/1" in result.output
     assert not (tmp_path / "sw").exists()
+    # The launcher config the multirun hands Hydra: slurm.yaml's values, the overrides on top.
+    launcher = plan_sweep(args).master.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert {k: launcher[k] for k in SLURM_DEFAULTS} == {**SLURM_DEFAULTS, "partition": "gpu", "mem_gb": 64}
+
+
+def test_a_slurm_sweep_hands_submitit_the_launcher_config_and_its_jobs_run(clean_env, tmp_path, monkeypatch):
+    """`dropstudy sweep hydra/launcher=slurm` for real, with SLURM itself replaced at submitit's
+    door: the executor records what it is given and runs the job array here, as submitit's
+    debug executor does."""
+    import submitit
+
+    seen = {}
+    real_executor = submitit.AutoExecutor
+
+    class RecordingSlurm:
+        def __init__(self, cluster, folder, **params):
+            seen.update(cluster=cluster, folder=str(folder), init=params)
+            self.here = real_executor(cluster="debug", folder=folder)
+
+        def update_parameters(self, **params):
+            seen["params"] = params
+
+        def map_array(self, fn, *args):
+            seen["jobs"] = len(args[0])
+            return self.here.map_array(fn, *args)
+
+    monkeypatch.setattr(submitit, "AutoExecutor", RecordingSlurm)
+    result = invoke("sweep", "model.dropout=0,0.5", "trainer.epochs=3", "trainer.eval_every=3", "tracker.mode=disabled",
+                    "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
+                    "hydra.launcher.gpus_per_node=0", "hydra.sweep.dir=sw")
+    assert result.exit_code == 0, result.output
+    assert seen["cluster"] == "slurm" and seen["jobs"] == 2
+    assert seen["folder"] == str(Path("sw") / ".submitit" / "%j")
+    expected = {"slurm_partition": "gpu", "timeout_min": 30, "gpus_per_node": 0, "cpus_per_task": 4, "mem_gb": 16,
+                "slurm_array_parallelism": 32}
+    assert {k: seen["params"].get(k) for k in expected} == expected
+    table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert table["launcher"] == "slurm" and [j["status"] for j in table["jobs"]] == ["finished", "finished"]
 
 
 @pytest.mark.slow

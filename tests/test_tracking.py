@@ -1,18 +1,25 @@
 """Tracking modes and failures: auto goes offline without credentials, disabled touches nothing,
-and a W&B failure never stops training or loses a local metric."""
+and a W&B failure never stops training or loses a local metric. What a run sends its tracker
+(rows, steps, histograms, figures, summary, exit code), through a recording tracker in-process."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
 from typer.testing import CliRunner
 
 from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
 from dropstudy.cli import app
+from dropstudy.config import compose
+from dropstudy.models import build_model
+from dropstudy.runner import train_run
 from dropstudy.tracking import flatten, has_wandb_credentials, resolve_mode
+from recording_tracker import recording_trackers
 
 runner = CliRunner()
 
@@ -88,21 +95,139 @@ def test_wandb_failing_to_start_does_not_stop_training(clean_env, tmp_path, monk
     assert "W&B could not start (CommError" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_wandb_lists_the_installed_packages_once_per_process():
-    """cache_installed_packages: wandb's scan of the installed packages (for each run's
-    requirements.txt) runs once, every later run start gets the same list."""
-    from types import SimpleNamespace
+def test_wandb_lists_the_installed_packages_once_per_process(clean_env, tmp_path, monkeypatch):
+    """cache_installed_packages with the real wandb: two offline runs started in one process (as a
+    study's arms are) each get a complete requirements.txt, and the installed packages, which
+    wandb lists at every run start, are listed once."""
+    import wandb.util
 
-    from dropstudy.tracking import cache_installed_packages
+    from dropstudy.tracking import WandbTracker, make_tracker
 
-    scans = []
+    listings = []
+    listed_by_wandb = wandb.util.working_set
 
-    def working_set():
-        scans.append(1)
-        yield from ("torch==2", "wandb==0.31")
+    def listing():
+        listings.append(1)
+        return listed_by_wandb()
 
-    fake = SimpleNamespace(util=SimpleNamespace(working_set=working_set))
-    cache_installed_packages(fake)
-    cache_installed_packages(fake)  # a second tracker in the same process: wrapped once
-    assert list(fake.util.working_set()) == list(fake.util.working_set()) == ["torch==2", "wandb==0.31"]
-    assert len(scans) == 1
+    monkeypatch.setattr(wandb.util, "working_set", listing)
+    installed = {f"{d.key}=={d.version}" for d in listed_by_wandb()}
+    assert {"torch", "wandb"} <= {line.split("==")[0] for line in installed}
+    tracker_cfg = compose(["tracker.mode=offline"]).tracker
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        tracker = make_tracker(tracker_cfg, run_dir=tmp_path / name, group="g", job_type=name, tags=[], name=name,
+                               config={})
+        assert isinstance(tracker.inner, WandbTracker), "a real W&B run, not the fallback"
+        tracker.finish()
+    assert len(listings) == 1
+    for name in ("first", "second"):
+        requirements = next((tmp_path / name).glob("wandb/offline-run-*/files/requirements.txt")).read_text()
+        assert set(requirements.splitlines()) == installed, name
+
+
+# --------------------------------------------------------------------------- what a run sends its tracker
+
+
+def best_and_epoch(rows: list[dict], key: str, pick=min) -> tuple[float, int]:
+    """The best value of `key` over the logged rows and the epoch of its first occurrence."""
+    points = [(r[key], r["epoch"]) for r in rows if key in r]
+    return pick(points, key=lambda p: p[0])
+
+
+def test_a_run_sends_its_tracker_every_row_the_summary_and_the_figures(clean_env, tmp_path, monkeypatch, drawn_figures):
+    trackers = recording_trackers(monkeypatch)
+    cfg = compose(QUICK_REGRESSION)
+    result = train_run(cfg, tmp_path / "run", QUICK_REGRESSION)
+    assert result.status == "finished"
+    run = (tmp_path / "run").resolve()
+    rows, summary = read_jsonl(run / "metrics.jsonl"), json.loads((run / "summary.json").read_text())
+    provenance = json.loads((run / "provenance.json").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+
+    (tracker,) = trackers
+    made = tracker.created_with
+    assert made["name"] == "regression-dropout-0.5-seed0" and made["job_type"] == "dropout-0.5"
+    assert made["run_dir"] == tmp_path / "run" and {"regression", "dropout-0.5"} <= set(made["tags"])
+    assert made["config"]["model.dropout"] == 0.5 and made["config"]["trainer.epochs"] == 40
+    assert made["config"]["provenance.git.commit"] == provenance["git"]["commit"]
+    # A resumed run continues this tracker's run: its id is in the checkpoint and the summary.
+    assert checkpoint["tracker_run_id"] == summary["wandb"]["run_id"] == tracker.run_id
+
+    (watch,) = tracker.of("watch")
+    assert watch["what"] == "all" and watch["log_freq"] == 10 and "net.fc1.weight" in watch["parameters"]
+    assert tracker.rows == rows and tracker.steps == list(range(len(rows)))
+    assert tracker.of("log_images") == [{"images": {"plots/learning_curves": run / "plots" / "learning_curves.png",
+                                                    "plots/regression_fit": run / "plots" / "regression_fit.png"},
+                                         "epoch": 40, "step": len(rows)}]
+    best, epoch = best_and_epoch(rows, "val/loss")
+    assert tracker.summary["best/val/loss"] == summary["best"]["val/loss"] == best
+    assert tracker.summary["best/val/loss_epoch"] == summary["best"]["val/loss_epoch"] == epoch
+    assert tracker.summary == {"status": "finished", **{f"best/{k}": v for k, v in summary["best"].items()}}
+    assert tracker.calls[-1] == ("finish", {"exit_code": 0}) and len(tracker.of("finish")) == 1
+
+    # The figures show the run: its logged losses, and the trained model's curve over x.
+    (curves,) = drawn_figures[run / "plots" / "learning_curves.png"]
+    for split in ("train", "val"):
+        logged = [(r["epoch"], r[f"{split}/loss"]) for r in rows if f"{split}/loss" in r]
+        assert curves[split] == ([e for e, _ in logged], [v for _, v in logged]), split
+    (fit,) = drawn_figures[run / "plots" / "regression_fit.png"]
+    ((label, (xs, ys)),) = fit.items()
+    assert label.startswith("dropout-0.5: train MSE")
+    model = build_model(cfg.model)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.tensor(xs, dtype=torch.float32).unsqueeze(1)).squeeze(1)
+    assert xs == pytest.approx(torch.linspace(-1, 1, 200).tolist())
+    assert ys == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_a_diverged_run_tells_its_tracker_so_and_finishes_it_with_exit_code_1(clean_env, tmp_path, monkeypatch):
+    trackers = recording_trackers(monkeypatch)
+    result = train_run(compose(["optim.lr=1000", "trainer.epochs=200", "trainer.log_every=1"]), tmp_path / "run", [])
+    assert result.status == "diverged"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (tracker,) = trackers
+    # metrics.jsonl writes a non-finite value as text (JSON has no NaN); the tracker got the float.
+    sent = [{k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            for row in tracker.rows]
+    assert sent == read_jsonl(tmp_path / "run" / "metrics.jsonl") and sent[-1]["train/loss"] == "nan"
+    assert tracker.summary["status"] == "diverged" and tracker.summary["diverged/epoch"] == summary["epoch"]
+    assert tracker.summary["diverged/metric"] == "train/loss"
+    assert tracker.calls[-1] == ("finish", {"exit_code": 1})
+
+
+def test_every_member_of_a_vectorized_sweep_sends_its_own_tracker_its_rows_and_histograms(clean_env, tmp_path,
+                                                                                       monkeypatch):
+    trackers = recording_trackers(monkeypatch)
+    result = runner.invoke(app, ["sweep", "model.dropout=0,0.5", "seed=0,1", "trainer.epochs=20",
+                                 "trainer.eval_every=10", "tracker.log_freq=5", "hydra.sweep.dir=sw"],
+                           prog_name="dropstudy")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    assert [str(t.created_with["run_dir"]) for t in trackers] == ["sw/0", "sw/1", "sw/2", "sw/3"]
+    first_weights = []
+    for tracker, (rate, seed) in zip(trackers, [(0, 0), (0, 1), (0.5, 0), (0.5, 1)]):
+        run = tmp_path / tracker.created_with["run_dir"]
+        made = tracker.created_with
+        assert made["name"] == f"regression-dropout-{rate:g}-seed{seed}" and made["group"] == "regression-sw"
+        assert made["shared_process"] and "sweep" in made["tags"]
+        assert (made["config"]["model.dropout"], made["config"]["seed"]) == (rate, seed)
+        rows = read_jsonl(run / "metrics.jsonl")
+        assert tracker.rows == rows and tracker.steps == list(range(len(rows)))
+        # Alive together in one process, members cannot `watch`: each logs its own histograms,
+        # of its own weights (a member's slice, not the stacked tensor), joined to a logged row.
+        assert tracker.of("watch") in ([], [{"what": "all", "log_freq": 5, "parameters": []}])
+        histograms = tracker.of("log_histograms")
+        assert histograms and all(0 <= h["step"] < len(rows) for h in histograms)
+        assert {"gradients/net.fc1.weight", "parameters/net.fc1.weight"} <= histograms[0]["tensors"].keys()
+        # The last histograms come after the last epoch's step: the member's final weights.
+        final = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]["net.fc1.weight"]
+        weights = histograms[-1]["tensors"]["parameters/net.fc1.weight"]
+        assert torch.equal(weights.flatten().sort().values, final.flatten().sort().values)
+        first_weights.append(histograms[0]["tensors"]["parameters/net.fc1.weight"])
+        summary = json.loads((run / "summary.json").read_text())
+        assert tracker.summary["best/val/loss"] == summary["best"]["val/loss"] == best_and_epoch(rows, "val/loss")[0]
+        assert tracker.calls[-1] == ("finish", {"exit_code": 0})
+    assert not torch.equal(first_weights[0], first_weights[1]), "each seed its own initial weights"

@@ -14,7 +14,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
+from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, python_path, read_figure, read_jsonl
 from dropstudy.config import compose
 from dropstudy.models import build_model
 from dropstudy.train import make_optimizer
@@ -39,7 +39,8 @@ def sweep(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vectorized")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(root), MPLCONFIGDIR=str(root / ".mpl"), DROPSTUDY_DATA=str(root / "data"))
+    env.update(HOME=str(root), MPLCONFIGDIR=str(root / ".mpl"), DROPSTUDY_DATA=str(root / "data"),
+               PYTHONPATH=python_path())
     with pytest.MonkeyPatch.context() as mp:
         for key in [k for k in os.environ if k.startswith("WANDB_")]:
             mp.delenv(key)
@@ -89,6 +90,8 @@ def test_every_member_gets_a_complete_run_directory(sweep):
         assert summary["status"] == "finished" and summary["seed"] == member.cfg.seed
         assert summary["final"]["test/loss"] == rows[-1]["test/loss"]
         assert {p.name for p in (run / "plots").iterdir()} == {"learning_curves.png", "regression_fit.png"}
+        for figure in (run / "plots").iterdir():
+            read_figure(figure)
     # The two members trained on their own data (data.seed follows seed).
     sha = [json.loads((m.run_dir / "provenance.json").read_text())["data_sha256"] for m in members]
     assert sha[0] != sha[1]

@@ -8,7 +8,6 @@ knows nothing of W&B beyond the `Tracker` interface.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
