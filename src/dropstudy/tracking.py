@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -172,7 +173,9 @@ class WandbTracker:
         )
         self.run_id = self.run.id
         self.url = self.run.url if mode == "online" else None
-        self.sync_command = f"wandb sync {run_dir}/wandb/offline-run-*-{self.run_id}" if mode == "offline" else None
+        # The folder quoted for the shell, the glob left for it to expand (a resumed run has two).
+        self.sync_command = (f"wandb sync {shlex.quote(str(Path(run_dir) / 'wandb'))}/offline-run-*-{self.run_id}"
+                             if mode == "offline" else None)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         self.run.define_metric("val/loss", step_metric="epoch", summary="min")
