@@ -49,61 +49,73 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    """The CLI in this process: a refusal happens before any training, so no subprocess is needed."""
+    return runner.invoke(app, list(args), prog_name="dropstudy")
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], subprocess.CompletedProcess]:
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """A finished regression run in a directory whose name has spaces, W&B offline."""
     tmp = tmp_path_factory.mktemp("owned")
     env = clean_environment(tmp)
     result = cli(tmp, env, "train", *QUICK_REGRESSION, "tracker.mode=offline", f"hydra.run.dir={SPACED}")
     assert result.returncode == 0, result.stdout + result.stderr
-    return tmp, env, result
+    return tmp, result
 
 
 # --------------------------------------------------------------------------- refused reuse
 
 
-def test_train_into_a_finished_run_is_refused_and_changes_nothing(finished_run):
-    tmp, env, _ = finished_run
+def test_train_into_a_finished_run_is_refused_and_changes_nothing(finished_run, clean_env, monkeypatch):
+    tmp, _ = finished_run
+    monkeypatch.chdir(tmp)
     before = snapshot(tmp / SPACED)
-    result = cli(tmp, env, "train", *QUICK_REGRESSION, *QUIET, "seed=1", f"hydra.run.dir={SPACED}")
-    assert result.returncode == 2, result.stdout + result.stderr
-    message = one_line(result.stderr)
-    assert f"{SPACED} already holds a run" in message and "Traceback" not in result.stderr
+    result = invoke("train", *QUICK_REGRESSION, *QUIET, "seed=1", f"hydra.run.dir={SPACED}")
+    assert result.exit_code == 2, result.output
+    message = one_line(result.output)
+    assert f"{SPACED} already holds a run" in message
     assert f"To continue it: dropstudy resume '{SPACED}'" in message
     assert "pick another hydra.run.dir, or leave it out" in message
     assert snapshot(tmp / SPACED) == before
 
 
-def test_rerun_out_the_original_is_refused_and_changes_nothing(finished_run):
-    tmp, env, _ = finished_run
+def test_rerun_out_the_original_is_refused_and_changes_nothing(finished_run, clean_env, monkeypatch):
+    tmp, _ = finished_run
+    monkeypatch.chdir(tmp)
     before = snapshot(tmp / SPACED)
-    result = cli(tmp, env, "rerun", SPACED, "--out", SPACED)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{SPACED} already holds a run" in one_line(result.stderr)
-    assert "verdict" not in result.stdout
+    result = invoke("rerun", SPACED, "--out", SPACED)
+    assert result.exit_code == 2, result.output
+    assert f"{SPACED} already holds a run" in one_line(result.output)
+    assert "verdict" not in result.output
     assert snapshot(tmp / SPACED) == before
 
 
 def test_study_into_a_study_dir_is_refused_and_changes_nothing(dropstudy, tmp_path):
-    assert dropstudy("study", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=s").code == 0
+    one_arm = "study.arms=[0.5]"  # what is refused is the study's directory, not its arms' count
+    assert dropstudy("study", *QUICK_REGRESSION, *QUIET, one_arm, "hydra.run.dir=s").code == 0
     before = snapshot(tmp_path / "s")
-    result = dropstudy("study", *QUICK_REGRESSION, *QUIET, "seed=1", "hydra.run.dir=s")
-    assert result.code == 2, result.output
-    assert "s already holds a study (study.json)" in one_line(result.stderr)
+    result = invoke("study", *QUICK_REGRESSION, *QUIET, "seed=1", "hydra.run.dir=s")
+    assert result.exit_code == 2, result.output
+    assert "s already holds a study (study.json)" in one_line(result.output)
     # A run into a study dir, or into one of its arms, is refused too.
-    assert dropstudy("train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=s").code == 2
-    assert dropstudy("train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=s/dropout-0").code == 2
+    assert invoke("train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=s").exit_code == 2
+    result = invoke("train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=s/dropout-0.5")
+    assert result.exit_code == 2 and "s/dropout-0.5 already holds a run" in one_line(result.output)
     assert snapshot(tmp_path / "s") == before
 
 
-def test_sweep_into_a_sweep_dir_is_refused_and_changes_nothing(regression_sweep, clean_env, tmp_path):
+def test_sweep_into_a_sweep_dir_is_refused_and_changes_nothing(regression_sweep, clean_env):
     sweep_dir, first = regression_sweep
     assert first.code == 0, first.output
     before = snapshot(sweep_dir)
-    result = cli(tmp_path, clean_env, "sweep", *SWEEP_GRID, "sweep.vectorize=false", f"hydra.sweep.dir={sweep_dir}")
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{sweep_dir} already holds a sweep" in one_line(result.stderr)
-    assert "Traceback" not in result.stderr and "sweep dir:" not in result.stdout, "no table of the old sweep"
+    result = invoke("sweep", *SWEEP_GRID, "sweep.vectorize=false", f"hydra.sweep.dir={sweep_dir}")
+    assert result.exit_code == 2, result.output
+    assert f"{sweep_dir} already holds a sweep" in one_line(result.output)
+    assert "sweep dir:" not in result.output, "no table of the old sweep"
     assert snapshot(sweep_dir) == before
 
 
@@ -182,27 +194,25 @@ def test_default_dirs_of_processes_started_in_one_second_differ(clean_env, tmp_p
 
 # --------------------------------------------------------------------------- what the CLI prints
 
-runner = CliRunner()
-
-
 def test_help_shows_the_run_dir_format():
-    assert "runs/<experiment>/<date>_<time>-<command>-<id>/" in runner.invoke(app, ["--help"]).output
-    assert "runs/<experiment>/<date>_<time>-rerun-<id>" in one_line(runner.invoke(app, ["rerun", "--help"]).output)
+    assert "runs/<experiment>/<date>_<time>-<command>-<id>/" in invoke("--help").output
+    assert "runs/<experiment>/<date>_<time>-rerun-<id>" in one_line(invoke("rerun", "--help").output)
 
 
-def test_printed_sync_and_rerun_commands_paste_into_a_shell(finished_run):
-    tmp, env, result = finished_run
+def test_printed_sync_and_rerun_commands_paste_into_a_shell(finished_run, clean_env, monkeypatch):
+    tmp, result = finished_run
+    monkeypatch.chdir(tmp)
     (line,) = [ln for ln in result.stdout.splitlines() if "W&B (offline):" in ln]
     words = shlex.split(line.split("W&B (offline):", 1)[1])
     assert words[:2] == ["wandb", "sync"] and len(words) == 3
     assert [Path(p) for p in glob(words[2])] == sorted((tmp / SPACED / "wandb").glob("offline-run-*"))
-    resumed = cli(tmp, env, "resume", SPACED)
-    assert resumed.returncode == 2
-    assert shlex.split(one_line(resumed.stderr).split("use: ", 1)[1]) == ["dropstudy", "rerun", SPACED]
+    resumed = invoke("resume", SPACED)
+    assert resumed.exit_code == 2
+    assert shlex.split(one_line(resumed.output).split("use: ", 1)[1]) == ["dropstudy", "rerun", SPACED]
 
 
 def test_an_unquoted_value_with_spaces_gets_a_hint(clean_env):
-    result = runner.invoke(app, ["train", "trainer.epochs=2", "hydra.run.dir=my", "runs/x", "seed=1"])
+    result = invoke("train", "trainer.epochs=2", "hydra.run.dir=my", "runs/x", "seed=1")
     assert result.exit_code == 2
     assert "'runs/x' is not an override" in one_line(result.output)
     assert "quote the whole override: 'hydra.run.dir=my runs/x'" in one_line(result.output)
@@ -211,5 +221,5 @@ def test_an_unquoted_value_with_spaces_gets_a_hint(clean_env):
 def test_resume_or_rerun_of_a_file_says_it_is_not_a_directory(clean_env, tmp_path):
     (tmp_path / "notes.txt").write_text("a file\n")
     for command in ("resume", "rerun"):
-        result = runner.invoke(app, [command, str(tmp_path / "notes.txt")])
+        result = invoke(command, str(tmp_path / "notes.txt"))
         assert result.exit_code == 2 and "is a file, not a directory" in one_line(result.output)
