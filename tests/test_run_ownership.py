@@ -140,6 +140,8 @@ def test_of_two_writers_of_one_dir_one_exits_2_naming_the_other(clean_env, tmp_p
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"{run} is being written by pid {first.pid} (" in one_line(second.stderr)
         assert "on host" in second.stderr and "Traceback" not in second.stderr
+        resumed = invoke("resume", str(run))  # resume takes the same lock
+        assert resumed.exit_code == 2 and f"is being written by pid {first.pid} (" in one_line(resumed.output)
 
         while first.poll() is None and not (run / "metrics.jsonl").is_file():
             time.sleep(0.05)
