@@ -159,10 +159,9 @@ def test_of_two_writers_of_one_dir_one_exits_2_naming_the_other(clean_env, tmp_p
 
 def test_the_os_releases_the_lock_of_a_killed_writer(clean_env, tmp_path):
     run = tmp_path / "r"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dropstudy.rundir import claim_run_dir; "
-         "lock = claim_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(run)],
-        env=clean_env, stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from dropstudy.rundir import claim_run_dir; "
+            "lock = claim_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], env=clean_env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirClaimError, match=f"being written by pid {holder.pid} "):

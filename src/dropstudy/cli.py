@@ -77,10 +77,10 @@ def check_override_syntax(overrides: list[str], command: str) -> None:
         while start > 0 and "=" not in overrides[start]:
             start -= 1
         if "=" in overrides[start]:
-            end = i
-            while end + 1 < len(overrides) and "=" not in overrides[end + 1] and not overrides[end + 1].startswith(("-", "~")):
+            end = i + 1
+            while end < len(overrides) and "=" not in overrides[end] and not overrides[end].startswith(("-", "~")):
                 end += 1
-            whole = " ".join(overrides[start:end + 1])
+            whole = " ".join(overrides[start:end])
             raise fail(f"{arg!r} is not an override (key=value): if it is part of the value before it, "
                        f"which has spaces, quote the whole override: {shlex.quote(whole)}")
         raise fail(f"{arg!r} is not an override: use key=value, +key=value or ~key (see dropstudy {command} --help).")

@@ -447,6 +447,7 @@ def compose(overrides: list[str]) -> DictConfig:
 def compose_run(overrides: list[str], command: str = "train") -> tuple[DictConfig, Path]:
     """compose(), and the directory Hydra's `hydra.run.dir` names for `command` (resolved once:
     its `${now:}` is read again, and may differ, each time Hydra composes)."""
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
 
     setup_globals()  # Hydra's `now` resolver
@@ -455,6 +456,7 @@ def compose_run(overrides: list[str], command: str = "train") -> tuple[DictConfi
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=[*overrides, f"hydra.job.name={command}"],
                                 return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the directory's name
         run_dir = Path(str(cfg.hydra.run.dir))
         with open_dict(cfg):
             del cfg["hydra"]
@@ -462,6 +464,7 @@ def compose_run(overrides: list[str], command: str = "train") -> tuple[DictConfi
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(explain_composition_error(exc)) from exc
     finally:
+        HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
     validate(cfg)
     return cfg, run_dir
