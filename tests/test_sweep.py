@@ -229,10 +229,10 @@ def test_wandb_sweep_yaml_runs_as_an_agent_would(dropstudy, clean_env, tmp_path)
     for args in points:
         command = [sys.executable if c == "${interpreter}" else c for c in config["command"] if c != "${env}"]
         command = [part for c in command for part in (args if c == "${args_no_hyphens}" else [c])]
-        before = set((tmp_path / "runs").glob("regression/*-train"))
+        before = set((tmp_path / "runs").glob("regression/*-train-*"))
         proc = subprocess.run(command, cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        (run_dir,) = set((tmp_path / "runs").glob("regression/*-train")) - before
+        (run_dir,) = set((tmp_path / "runs").glob("regression/*-train-*")) - before
         saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         values = dict(a.split("=", 1) for a in args)
         assert saved["model"]["dropout"] == float(values["model.dropout"]) and saved["seed"] == int(values["seed"])

@@ -4,6 +4,9 @@ Each command composes and checks the config first (`config.compose`), so bad inp
 one paragraph and exit code 2 before anything is written. It then hands the same overrides to
 a `@hydra.main` task, which creates the run directory, saves `.hydra/` and sets up logging,
 exactly as a plain Hydra app would; sweeps reuse the same task with `--multirun`.
+
+Before the task starts, the command resolves the directory Hydra will write (once, then hands
+it to Hydra explicitly), locks it and refuses one that already holds a run (`rundir.claim_run_dir`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import shlex
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -21,7 +25,7 @@ import typer
 from omegaconf import DictConfig, OmegaConf
 
 from dropstudy import __version__
-from dropstudy.config import ConfigError, compose, conf_dir, validate_study
+from dropstudy.config import ConfigError, compose_run, conf_dir, hydra_value, process_uid, validate_study
 from rich.console import Console
 
 from dropstudy.console import stderr
@@ -37,7 +41,8 @@ app = typer.Typer(
         "Overfitting studies in PyTorch: train the same network with and without dropout, track every "
         "metric and gradient histogram in Weights & Biases, and compare.\n\n"
         "Every command takes Hydra overrides (key=value, +key=value, ~key). Runs go to "
-        "runs/<experiment>/<time>-<command>/ unless hydra.run.dir=... says otherwise.\n\n"
+        "`runs/<experiment>/<date>_<time>-<command>-<id>/` unless hydra.run.dir=... says otherwise; "
+        "a directory that already holds a run is refused.\n\n"
         "Exit codes: 0 done; 1 a run diverged or failed (or a rerun differs); 2 bad input; "
         f"{EXIT_IO_ERROR} a write failed (disk full, read-only directory, permission denied, file size "
         "limit), named in one message; 130 / 143 interrupted by Ctrl-C / SIGTERM."
@@ -50,6 +55,10 @@ app = typer.Typer(
 
 OVERRIDES_HELP = "Hydra overrides, e.g. experiment=cifar10 model.dropout=0.3 trainer.epochs=5 seed=1"
 EXTRA_ARGS = {"allow_extra_args": False, "ignore_unknown_options": True}
+# How each command writes somewhere else than a directory it may not use.
+ELSEWHERE_RUN = "pick another hydra.run.dir, or leave it out for a new directory"
+ELSEWHERE_SWEEP = "pick another hydra.sweep.dir, or leave it out for a new directory"
+ELSEWHERE_OUT = "pick another --out, or leave it out for a new directory"
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -60,16 +69,37 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def checked_config(
-    overrides: list[str], check_data: bool = True, extra_check: Callable[[DictConfig], None] | None = None
-) -> DictConfig:
-    """Compose + validate, including the device, the data and a command's own `extra_check`,
-    or exit 2 with the reason."""
-    for arg in overrides:
+def check_override_syntax(overrides: list[str], command: str) -> None:
+    """Every argument is an override (key=value, +key=value, ~key), or exit 2; a bare word after
+    one is most likely the rest of a value with spaces the shell split, so say how to quote it."""
+    for i, arg in enumerate(overrides):
         if arg.startswith("-"):
-            raise fail(f"unknown option {arg!r}: commands take Hydra overrides (key=value); see --help.")
+            raise fail(f"unknown option {arg!r}: commands take Hydra overrides (key=value); "
+                       f"see dropstudy {command} --help.")
+        if "=" in arg or arg.startswith("~"):
+            continue
+        start = i
+        while start > 0 and "=" not in overrides[start]:
+            start -= 1
+        if "=" in overrides[start]:
+            end = i + 1
+            while end < len(overrides) and "=" not in overrides[end] and not overrides[end].startswith(("-", "~")):
+                end += 1
+            whole = " ".join(overrides[start:end])
+            raise fail(f"{arg!r} is not an override (key=value): if it is part of the value before it, "
+                       f"which has spaces, quote the whole override: {shlex.quote(whole)}")
+        raise fail(f"{arg!r} is not an override: use key=value, +key=value or ~key (see dropstudy {command} --help).")
+
+
+def checked_config(
+    overrides: list[str], check_data: bool = True, extra_check: Callable[[DictConfig], None] | None = None,
+    command: str = "train",
+) -> tuple[DictConfig, Path]:
+    """Compose + validate, including the device, the data and a command's own `extra_check`,
+    or exit 2 with the reason. Also returns the run directory the overrides name (resolved once)."""
+    check_override_syntax(overrides, command)
     try:
-        cfg = compose(overrides)
+        cfg, run_dir = compose_run(overrides, command)
         if extra_check is not None:
             extra_check(cfg)
         from dropstudy.runtime import select_device  # torch import deferred: --help stays fast
@@ -79,11 +109,24 @@ def checked_config(
             check_cifar10_available(cfg.data)
     except (ConfigError, DataError) as exc:
         raise fail(str(exc))
-    return cfg
+    return cfg, run_dir
 
 
-def run_hydra_task(command: str, overrides: list[str], task: Callable[[DictConfig, Path, list[str]], Any]) -> Any:
-    """Run `task(cfg, run_dir, overrides)` inside Hydra, so Hydra owns the run directory."""
+def claimed(path: Path, elsewhere: str, new: bool = True):
+    """claim_run_dir (this process's lock on `path`, and when `new` the check that it holds no
+    run yet), or exit 2 with its message."""
+    from dropstudy.rundir import RunDirClaimError, claim_run_dir
+
+    try:
+        return claim_run_dir(path, new=new, elsewhere=elsewhere)
+    except RunDirClaimError as exc:
+        raise fail(str(exc))
+
+
+def run_hydra_task(command: str, overrides: list[str], run_dir: Path,
+                   task: Callable[[DictConfig, Path, list[str]], Any]) -> Any:
+    """Run `task(cfg, run_dir, overrides)` inside Hydra, so Hydra writes the run directory's
+    `.hydra/` and log, in `run_dir` (as the caller resolved and claimed it)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -98,7 +141,7 @@ def run_hydra_task(command: str, overrides: list[str], task: Callable[[DictConfi
             outcome["error"] = exc
 
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [saved_argv[0], *overrides, f"hydra.job.name={command}"]
+    sys.argv = [saved_argv[0], *overrides, f"hydra.job.name={command}", f"hydra.run.dir={hydra_value(str(run_dir))}"]
     # Hydra prints its own failures (writing .hydra/ into a read-only run dir) as a traceback and
     # exits 1; with HYDRA_FULL_ERROR it raises them, so they are reported like any other.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -138,7 +181,7 @@ def print_run(result: Any, indent: str = "") -> None:
     if result.outcome and result.outcome.reason and result.status != "finished":
         out(f"{indent}  {result.status}: {result.outcome.reason}")
     if result.status == "interrupted":
-        out(f"{indent}  to continue from its last checkpoint: dropstudy resume {result.run_dir}")
+        out(f"{indent}  to continue from its last checkpoint: {shlex.join(['dropstudy', 'resume', str(result.run_dir)])}")
     for name, path in result.figures.items():
         out(f"{indent}  figure: {path}")
     if result.tracker_url:
@@ -148,7 +191,7 @@ def print_run(result: Any, indent: str = "") -> None:
 
 
 def show_config(overrides: list[str]) -> None:
-    cfg = checked_config(overrides, check_data=False)
+    cfg, _ = checked_config(overrides, check_data=False)
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True))
 
 
@@ -178,10 +221,11 @@ def train(
     overrides = list(overrides or [])
     if cfg:
         return show_config(overrides)
-    checked_config(overrides)
+    _, run_dir = checked_config(overrides)
     from dropstudy.runner import train_run
 
-    result = handle_run_errors(lambda: run_hydra_task("train", overrides, train_run))
+    with claimed(run_dir, ELSEWHERE_RUN):
+        result = handle_run_errors(lambda: run_hydra_task("train", overrides, run_dir, train_run))
     print_run(result)
     raise typer.Exit(result.exit_code)
 
@@ -207,10 +251,15 @@ def study(
     overrides = list(overrides or [])
     if cfg:
         return show_config(overrides)
-    checked_config(overrides, extra_check=validate_study)
+    cfg, study_dir = checked_config(overrides, extra_check=validate_study, command="study")
+    from dropstudy.dropout import arm_label
     from dropstudy.runner import run_study
 
-    result = handle_run_errors(lambda: run_hydra_task("study", overrides, run_study))
+    with ExitStack() as held:
+        held.enter_context(claimed(study_dir, ELSEWHERE_RUN))
+        for arm in cfg.study.arms:  # each arm's run dir, as run_study names it
+            held.enter_context(claimed(study_dir / arm_label(arm, cfg.model.dropout_kind), ELSEWHERE_RUN, new=False))
+        result = handle_run_errors(lambda: run_hydra_task("study", overrides, study_dir, run_study))
     typer.echo(f"study dir: {result.study_dir}  (W&B group {result.group})")
     for arm in result.arms:
         print_run(arm, indent="  ")
@@ -254,8 +303,9 @@ def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal:
     points = len(plan.jobs) if method == "grid" else None
     typer.echo(f"W&B sweep config: {path}" + (f"  ({points} grid points)" if points else ""))
     typer.echo("start the sweep (prints its id), then one agent per machine or GPU:")
-    typer.echo(f"  wandb sweep {path}")
-    typer.echo(f"  wandb agent {first.tracker.entity or 'ENTITY'}/{first.tracker.project}/SWEEP_ID")
+    typer.echo(f"  {shlex.join(['wandb', 'sweep', str(path)])}")
+    agent = f"{first.tracker.entity or 'ENTITY'}/{first.tracker.project}/SWEEP_ID"
+    typer.echo(f"  {shlex.join(['wandb', 'agent', agent])}")
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -299,9 +349,7 @@ def sweep(
                                  vectorized_reason, write_sweep_json)
 
     overrides = list(overrides or [])
-    for arg in overrides:
-        if arg.startswith("-"):
-            raise fail(f"unknown option {arg!r}: see dropstudy sweep --help.")
+    check_override_syntax(overrides, "sweep")
     if use_wandb:
         return write_wandb_sweep_file(overrides, method, metric, goal)
     try:
@@ -324,26 +372,27 @@ def sweep(
             typer.echo(f"  #{job.num} {job.label} -> {job.run_dir}")
         raise typer.Exit()
 
-    stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
-                 highlight=False)
-    interrupted = False
-    try:
-        if vectorized:
-            from dropstudy.console import setup_logging
+    with claimed(plan.sweep_dir, ELSEWHERE_SWEEP):
+        stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
+                     highlight=False)
+        interrupted = False
+        try:
+            if vectorized:
+                from dropstudy.console import setup_logging
 
-            setup_logging(plan.sweep_dir / "sweep.log")
-            try:
-                train_vectorized(plan, vectorized)
-            except Exception as exc:  # the table below says which members got how far
-                logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
-        else:
-            launch_multirun(plan, SweepJob(plan.group))
-    except KeyboardInterrupt:
-        interrupted = True
+                setup_logging(plan.sweep_dir / "sweep.log")
+                try:
+                    train_vectorized(plan, vectorized)
+                except Exception as exc:  # the table below says which members got how far
+                    logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
+            else:
+                launch_multirun(plan, SweepJob(plan.group))
+        except KeyboardInterrupt:
+            interrupted = True
 
-    outcomes = collect_outcomes(plan)
-    print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
-    summary = write_sweep_json(plan, outcomes, interrupted, mode)
+        outcomes = collect_outcomes(plan)
+        print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
+        summary = write_sweep_json(plan, outcomes, interrupted, mode)
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
@@ -381,6 +430,9 @@ def overridden(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 def load_saved_run(run_dir: Path) -> tuple[DictConfig, list[str]]:
     from dropstudy.checkpoint import RunDirError, load_run_config
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise fail(f"{run_dir} is a file, not a directory; give the run directory (the folder with "
+                   ".hydra/config.yaml and summary.json).")
     try:
         cfg = load_run_config(run_dir)
     except RunDirError as exc:
@@ -415,13 +467,13 @@ def resume(
 
     Examples:
 
-        dropstudy resume runs/cifar10/2026-11-22_09-00-00-train
+        dropstudy resume runs/cifar10/2026-11-22_09-00-00-train-3f2a
 
-        dropstudy resume runs/regression/2026-11-22_09-00-00-study
+        dropstudy resume runs/regression/2026-11-22_09-00-00-study-3f2a
 
-        dropstudy resume runs/regression/2026-11-22_09-00-00-study/dropout-0.5
+        dropstudy resume runs/regression/2026-11-22_09-00-00-study-3f2a/dropout-0.5
 
-        dropstudy resume runs/regression/2026-11-22_09-00-00-sweep
+        dropstudy resume runs/regression/2026-11-22_09-00-00-sweep-3f2a
     """
     from dropstudy.resume import directory_kind
 
@@ -463,17 +515,18 @@ def resume_run_dir(run_dir: Path) -> None:
     from dropstudy.runner import train_run
 
     cfg, saved_overrides = load_saved_run(run_dir)
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
-        raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
-                   f"To train it again use: dropstudy rerun {run_dir}")
-    check_runnable(cfg)
-    resume_log = handle_run_errors(lambda: ResumeLog(run_dir))
-    try:
-        result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
-    except RunDirError as exc:
-        resume_log.take_back()
-        raise fail(str(exc))
+    with claimed(run_dir, ELSEWHERE_RUN, new=False):
+        summary = run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+            raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
+                       f"To train it again use: {shlex.join(['dropstudy', 'rerun', str(run_dir)])}")
+        check_runnable(cfg)
+        resume_log = handle_run_errors(lambda: ResumeLog(run_dir))
+        try:
+            result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
+        except RunDirError as exc:
+            resume_log.take_back()
+            raise fail(str(exc))
     print_run(result)
     update_study_of_arm(result)
     raise typer.Exit(result.exit_code)
@@ -509,6 +562,11 @@ def resume_study_dir(study_dir: Path) -> None:
     for step in plan.steps:
         if step.action != "keep":
             check_runnable(step.cfg)
+    held = ExitStack()  # the study dir and every arm's, until this process is done with them
+    held.enter_context(claimed(study_dir, ELSEWHERE_RUN, new=False))
+    for step in plan.steps:
+        if step.run_dir.is_dir():
+            held.enter_context(claimed(step.run_dir, ELSEWHERE_RUN, new=False))
     handle_run_errors(lambda: ResumeLog(study_dir))
     todo = [s for s in plan.steps if s.action != "keep"]
     typer.echo(f"study dir: {study_dir}  (W&B group {plan.group})")
@@ -552,6 +610,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         if key not in seen_data:
             seen_data.add(key)
             check_runnable(step.cfg)
+    claimed(sweep_dir, ELSEWHERE_SWEEP, new=False).__enter__()  # held until this process exits
     handle_run_errors(lambda: ResumeLog(sweep_dir))
     stderr.print(f"sweep: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} kept -> {plan.sweep_dir}  "
                  f"W&B group {plan.group}", highlight=False)
@@ -587,16 +646,17 @@ def rerun(
                                                     show_default=False),
     rtol: float = typer.Option(1e-5, help="Relative tolerance for 'within tolerance'."),
     atol: float = typer.Option(1e-8, help="Absolute tolerance for 'within tolerance'."),
-    out: Optional[Path] = typer.Option(None, help="Where the new run goes [default: runs/<experiment>/<time>-rerun]."),
+    out: Optional[Path] = typer.Option(None, help="Where the new run goes, a new or empty directory "
+                                       "[default: `runs/<experiment>/<date>_<time>-rerun-<id>`]."),
 ) -> None:
     """Train again from a run's saved, resolved config into a new run directory, then compare
     every logged metric at every step with the original. Exit code 0 only when it reproduces.
 
     Examples:
 
-        dropstudy rerun runs/regression/2026-11-22_09-00-00-train
+        dropstudy rerun runs/regression/2026-11-22_09-00-00-train-3f2a
 
-        dropstudy rerun runs/regression/2026-11-22_09-00-00-train model.dropout=0.3   # what changes?
+        dropstudy rerun runs/regression/2026-11-22_09-00-00-train-3f2a model.dropout=0.3   # what changes?
     """
     from datetime import datetime
 
@@ -614,43 +674,44 @@ def rerun(
     original = RunDir(run_dir)
     if not original.read_metrics():
         raise fail(f"{original.metrics_path}: missing or empty; there is nothing to compare with.")
-    new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun"
-    setup_logging(new_dir / "rerun.log")
-    RunDir(new_dir).write_config(cfg, [*saved_overrides, *overrides])
-    previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
-    result = handle_run_errors(
-        lambda: train_run(cfg, new_dir, [*saved_overrides, *overrides], group=previous.get("group"),
-                          job_type="rerun", extra_tags=("rerun",))
-    )
-    print_run(result)
-    comparison = compare_metrics(original.read_metrics(), RunDir(new_dir).read_metrics(), rtol, atol)
-    env = environment_differences(original.read_provenance(), RunDir(new_dir).read_provenance())
-    cause = likely_cause(comparison, overrides, env, bool(cfg.deterministic))
+    new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
+    with claimed(new_dir, ELSEWHERE_OUT):
+        setup_logging(new_dir / "rerun.log")
+        RunDir(new_dir).write_config(cfg, [*saved_overrides, *overrides])
+        previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
+        result = handle_run_errors(
+            lambda: train_run(cfg, new_dir, [*saved_overrides, *overrides], group=previous.get("group"),
+                              job_type="rerun", extra_tags=("rerun",))
+        )
+        print_run(result)
+        comparison = compare_metrics(original.read_metrics(), RunDir(new_dir).read_metrics(), rtol, atol)
+        env = environment_differences(original.read_provenance(), RunDir(new_dir).read_provenance())
+        cause = likely_cause(comparison, overrides, env, bool(cfg.deterministic))
 
-    table = Table(title=f"rerun of {run_dir}", title_justify="left")
-    for column in ("metric", "steps", "max |abs diff|", "max rel diff"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    for d in comparison.metrics:
-        table.add_row(d.key, str(d.steps), f"{d.max_abs:.3g}", f"{d.max_rel:.3g}")
-    stdout = Console()
-    stdout.print(table)
-    for item in env:
-        stderr.print(f"[yellow]warning:[/] environment differs from the original: {item}", highlight=False)
-    verdict = f"verdict: {comparison.verdict}"
-    if comparison.first_difference:
-        verdict += f"; first difference at {comparison.first_difference}"
-    if cause:
-        verdict += f"; likely cause: {cause}"
-    typer.echo(verdict)
-    write_json_atomic(
-        new_dir / "rerun.json",
-        {"original": str(run_dir), "overrides": overrides, "rtol": rtol, "atol": atol,
-         "verdict": comparison.verdict, "first_difference": comparison.first_difference, "likely_cause": cause,
-         "environment_differences": env, "metrics": [vars(d) for d in comparison.metrics]},
-    )
-    if result.exit_code != 0 and result.status == "interrupted":
-        raise typer.Exit(result.exit_code)
-    raise typer.Exit(0 if comparison.reproduces else 1)
+        table = Table(title=f"rerun of {run_dir}", title_justify="left")
+        for column in ("metric", "steps", "max |abs diff|", "max rel diff"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for d in comparison.metrics:
+            table.add_row(d.key, str(d.steps), f"{d.max_abs:.3g}", f"{d.max_rel:.3g}")
+        stdout = Console()
+        stdout.print(table)
+        for item in env:
+            stderr.print(f"[yellow]warning:[/] environment differs from the original: {item}", highlight=False)
+        verdict = f"verdict: {comparison.verdict}"
+        if comparison.first_difference:
+            verdict += f"; first difference at {comparison.first_difference}"
+        if cause:
+            verdict += f"; likely cause: {cause}"
+        typer.echo(verdict)
+        write_json_atomic(
+            new_dir / "rerun.json",
+            {"original": str(run_dir), "overrides": overrides, "rtol": rtol, "atol": atol,
+             "verdict": comparison.verdict, "first_difference": comparison.first_difference, "likely_cause": cause,
+             "environment_differences": env, "metrics": [vars(d) for d in comparison.metrics]},
+        )
+        if result.exit_code != 0 and result.status == "interrupted":
+            raise typer.Exit(result.exit_code)
+        raise typer.Exit(0 if comparison.reproduces else 1)
 
 
 @app.command()
@@ -675,7 +736,7 @@ def report(
 
     Examples:
 
-        dropstudy report runs/regression/2026-11-22_09-00-00-sweep
+        dropstudy report runs/regression/2026-11-22_09-00-00-sweep-3f2a
 
         dropstudy report runs/ --baseline model.dropout=0.5
     """

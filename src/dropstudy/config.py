@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -20,7 +21,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -199,6 +200,19 @@ def register_schema() -> None:
 
 
 register_schema()
+
+
+# A short random id drawn once per process: it ends the default run and sweep directory names
+# (conf/config.yaml), so two commands started in the same second get different directories,
+# while every read of the name within one process gives the same one.
+_PROCESS_UID = secrets.token_hex(2)
+
+
+def process_uid() -> str:
+    return _PROCESS_UID
+
+
+OmegaConf.register_new_resolver("dropstudy_uid", process_uid, replace=True)
 
 
 # --------------------------------------------------------------------------- conf/ location
@@ -439,12 +453,45 @@ def compose_raw(overrides: list[str]) -> DictConfig:
 
 def compose(overrides: list[str]) -> DictConfig:
     """Compose and check the config for `overrides`; ConfigError on any bad input."""
+    return compose_run(overrides)[0]
+
+
+def compose_run(overrides: list[str], command: str = "train") -> tuple[DictConfig, Path]:
+    """compose(), and the directory Hydra's `hydra.run.dir` names for `command` (resolved once:
+    its `${now:}` is read again, and may differ, each time Hydra composes)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # Hydra's `now` resolver
     try:
-        cfg = compose_raw(overrides)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[*overrides, f"hydra.job.name={command}"],
+                                return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the directory's name
+        run_dir = Path(str(cfg.hydra.run.dir))
+        with open_dict(cfg):
+            del cfg["hydra"]
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(explain_composition_error(exc)) from exc
     finally:
+        HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
     validate(cfg)
-    return cfg
+    return cfg, run_dir
+
+
+HYDRA_PLAIN_VALUE = re.compile(r"^[\w./:-]+$")
+
+
+def hydra_value(text: str) -> str:
+    """`text` as a Hydra override value that reads back as exactly `text` (a path, say): quoted
+    when it holds anything beyond word characters, `.`, `/`, `:` and `-`."""
+    if HYDRA_PLAIN_VALUE.match(text):
+        return text
+    # In Hydra's quoted strings a backslash escapes a quote, so the backslashes right before a
+    # quote, or at the end, are doubled.
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"

@@ -11,11 +11,16 @@
 Files a reader may see half-written are written to a temporary name and renamed. Every write
 goes through `failures.writing`: a failed one (disk full, read-only) leaves no temporary file
 and raises a WriteError naming the file.
+
+A directory belongs to one run (or study, or sweep): `claim_run_dir` refuses one that already
+holds a run, and holds an exclusive lock (`.lock`) on it while this process writes it.
 """
 
 from __future__ import annotations
 
 import io
+import errno
+import fcntl
 import json
 import math
 import os
@@ -27,7 +32,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -215,3 +220,160 @@ def collect_provenance(device: str, overrides: list[str], data_source: str, data
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+
+# --------------------------------------------------------------------------- ownership
+
+# Files that show a directory holds a run, a study or a sweep (Hydra writes multirun.yaml into
+# a sweep dir first). The lock file is not one: a killed writer leaves it behind.
+RUN_MARKERS = ("study.json", "sweep.json", "multirun.yaml", ".hydra/config.yaml", "summary.json", "metrics.jsonl",
+               "checkpoints", "provenance.json")
+LOCK_NAME = ".lock"
+
+
+class RunDirClaimError(Exception):
+    """A directory this command may not write: one message naming it and what to do."""
+
+
+def run_marker(path: Path) -> Path | None:
+    """The first file showing that `path`, or a folder right inside it (a study's arms, a sweep's
+    jobs), holds a run; None for a missing or empty directory, or one with other files only."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for where in (path, *sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))):
+        for name in RUN_MARKERS:
+            if (where / name).exists():
+                return where / name
+    return None
+
+
+def describe_holding(path: Path, marker: Path) -> str:
+    """What `run_marker` found, in words: "a study (study.json)", "runs (0/summary.json)"."""
+    found = marker.relative_to(path).as_posix()
+    if found not in RUN_MARKERS:
+        what = "runs"  # in a folder inside it
+    else:
+        what = {"study.json": "a study", "sweep.json": "a sweep", "multirun.yaml": "a sweep"}.get(found, "a run")
+    return f"{what} ({found})"
+
+
+class RunDirLock:
+    """An exclusive `flock` on `<dir>/.lock`, which holds the holder's pid, host and command line.
+    The OS drops the lock when the process dies, so a killed run never blocks its directory.
+    Re-entrant within a process (a command and the code it calls may both claim a directory)."""
+
+    _held: ClassVar[dict[Path, list]] = {}  # resolved dir -> [fd, claims, remove_if_empty], this process's locks
+
+    def __init__(self, path: str | Path, remove_if_empty: bool = False):
+        self.path = Path(path)
+        self.remove_if_empty = remove_if_empty
+        self.file = self.path / LOCK_NAME
+        self._key: Path | None = None
+
+    def acquire(self) -> Self:
+        key = self.path.resolve()
+        if key in self._held:
+            self._held[key][1] += 1
+            self._key = key
+            return self
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunDirClaimError(
+                    f"{self.path} is being written by {self.holder()}; wait for it or use another directory."
+                ) from None
+            try:
+                same = os.stat(self.file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            # The holder released it and removed the file (and the folder, if it stayed empty) between
+            # our open and flock: take a new one.
+            os.close(fd)
+            self.path.mkdir(parents=True, exist_ok=True)
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
+                                  "since": now_iso()}) + "\n").encode())
+        self._held[key] = [fd, 1, self.remove_if_empty]
+        self._key = key
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, as its lock file says ("another process" while it is being written)."""
+        try:
+            info = json.loads(self.file.read_text())
+            return f"pid {info['pid']} ({info['command']}) on host {info['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        entry = self._held[self._key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._held[self._key]
+            # Removed while still locked: a process that opened the old file sees it is gone and retries.
+            try:
+                self.file.unlink()
+                if entry[2]:
+                    self.path.rmdir()  # only succeeds when nothing was written into it
+            except OSError:
+                pass
+            os.close(entry[0])
+        self._key = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _command_line() -> str:
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    return shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else "?"
+
+
+def refuse_used(path: str | Path, elsewhere: str) -> None:
+    """RunDirClaimError when `path` already holds a run, a study or a sweep (see run_marker);
+    `elsewhere` says how this command writes somewhere else (e.g. "pick another hydra.run.dir")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirClaimError(f"{path} is a file, not a directory; {elsewhere}.")
+    marker = run_marker(path)
+    if marker is not None:
+        raise RunDirClaimError(
+            f"{path} already holds {describe_holding(path, marker)}; a directory holds one run, study or sweep. "
+            f"To continue it: {shlex.join(['dropstudy', 'resume', str(path)])}; to start a new one, {elsewhere}."
+        )
+
+
+def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick another directory") -> RunDirLock:
+    """Lock `path` for this process (creating it) and, when `new`, check that it holds no run yet
+    (`refuse_used`): in that order, so two commands started together cannot both pass the check.
+    Returns the held lock, a context manager that releases it (and removes the directory when
+    this call created it and nothing was written); RunDirClaimError says why not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirClaimError(f"{path} is a file, not a directory; {elsewhere}.")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = RunDirLock(path, remove_if_empty=created).acquire()
+    except OSError as exc:
+        raise RunDirClaimError(f"{path}: cannot create or lock the directory ({exc.strerror or exc}); "
+                               f"{elsewhere}.") from None
+    if new:
+        try:
+            refuse_used(path, elsewhere)
+        except RunDirClaimError:
+            lock.release()
+            raise
+    return lock

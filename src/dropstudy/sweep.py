@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dropstudy.config import ConfigError, conf_dir, explain_composition_error, validate
+from dropstudy.config import ConfigError, conf_dir, explain_composition_error, hydra_value, validate
 
 log = logging.getLogger("dropstudy")
 
@@ -40,7 +39,6 @@ LAUNCHER_PLUGINS = {
     "slurm": "hydra_plugins.hydra_submitit_launcher",
 }
 LAUNCHERS = ("basic", *LAUNCHER_PLUGINS)
-SAFE_PATH = re.compile(r"^[\w./:-]+$")
 
 
 @dataclass
@@ -111,7 +109,7 @@ def _is_hydra_override(arg: str) -> bool:
 
 def sweep_dir_override(sweep_dir: str) -> str:
     """hydra.sweep.dir=DIR as Hydra's override parser reads it back (quoted unless plain)."""
-    return f"hydra.sweep.dir={sweep_dir}" if SAFE_PATH.match(sweep_dir) else f"hydra.sweep.dir='{sweep_dir}'"
+    return f"hydra.sweep.dir={hydra_value(sweep_dir)}"
 
 
 def plan_sweep(overrides: list[str]) -> SweepPlan:
@@ -141,6 +139,7 @@ def plan_sweep(overrides: list[str]) -> SweepPlan:
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         GlobalHydra.instance().clear()
         raise ConfigError(explain_composition_error(exc)) from exc
+    refuse_used_sweep_dir(Path(sweep_dir))
 
     jobs: list[PlannedJob] = []
     first_job: DictConfig | None = None
@@ -190,6 +189,17 @@ def plan_sweep(overrides: list[str]) -> SweepPlan:
     return SweepPlan(Path(sweep_dir), launcher, group, args, jobs, master)
 
 
+def refuse_used_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep never writes into a directory that already holds a sweep, a study or a run (the
+    command checks again once it holds the directory's lock)."""
+    from dropstudy.rundir import RunDirClaimError, refuse_used
+
+    try:
+        refuse_used(sweep_dir, "pick another hydra.sweep.dir, or leave it out for a new directory")
+    except RunDirClaimError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def jobs_differ_in_values_only(master: DictConfig, first_job: DictConfig) -> bool:
     """Whether a job's config can be job 0's with other values set (see value_changes): the
     sweep's subdir is the job number (nothing else in the job's Hydra config is used) and no
@@ -232,10 +242,13 @@ class SweepJob:
     launched_from: int = field(default_factory=os.getpid)  # the `dropstudy sweep` process
 
     def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+        from dropstudy.rundir import claim_run_dir
         from dropstudy.runner import train_run
 
         try:
-            result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
+            # The sweep dir was new when the sweep claimed it; the job's lock keeps others out of its run.
+            with claim_run_dir(run_dir, new=False):
+                result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one job's failure never stops the others
@@ -291,15 +304,19 @@ def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
 
 def train_vectorized(plan: SweepPlan, vectorized: Any) -> None:
     """Every job as a member of one batched model, each in the run dir the launcher would use."""
-    from dropstudy.rundir import RunDir
+    from contextlib import ExitStack
+
+    from dropstudy.rundir import RunDir, claim_run_dir
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(plan.master, plan.sweep_dir / "multirun.yaml")
     members = []
-    for job in plan.jobs:
-        RunDir(job.run_dir).write_config(job.cfg, job.overrides)
-        members.append(vectorized.Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
-    vectorized.train_members(members, group=plan.group, extra_tags=("sweep",))
+    with ExitStack() as held:
+        for job in plan.jobs:
+            held.enter_context(claim_run_dir(job.run_dir, new=False))
+            RunDir(job.run_dir).write_config(job.cfg, job.overrides)
+            members.append(vectorized.Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
+        vectorized.train_members(members, group=plan.group, extra_tags=("sweep",))
 
 
 # --------------------------------------------------------------------------- the outcome

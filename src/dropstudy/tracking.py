@@ -181,8 +181,8 @@ class WandbTracker:
         )
         self.run_id = self.run.id
         self.url = self.run.url if mode == "online" else None
-        # The glob also takes the second folder an offline resume writes with the same id.
-        self.sync_command = (f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{self.run_id}"
+        # The folder quoted for the shell, the glob left for it to expand (a resumed run has two).
+        self.sync_command = (f"wandb sync {shlex.quote(str(Path(run_dir) / 'wandb'))}/offline-run-*-{self.run_id}"
                              if mode == "offline" else None)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
