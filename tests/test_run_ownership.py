@@ -223,4 +223,4 @@ def test_resume_or_rerun_of_a_file_says_it_is_not_a_directory(clean_env, tmp_pat
     (tmp_path / "notes.txt").write_text("a file\n")
     for command in ("resume", "rerun"):
         result = invoke(command, str(tmp_path / "notes.txt"))
-        assert result.exit_code == 2 and "is a file, not a directory" in one_line(result.output)
+        assert result.exit_code == 2 and "notes.txt" in result.output and "not a directory" in one_line(result.output)

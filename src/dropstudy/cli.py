@@ -562,19 +562,21 @@ def resume_study_dir(study_dir: Path) -> None:
     for step in plan.steps:
         if step.action != "keep":
             check_runnable(step.cfg)
-    held = ExitStack()  # the study dir and every arm's, until this process is done with them
-    held.enter_context(claimed(study_dir, ELSEWHERE_RUN, new=False))
-    for step in plan.steps:
-        if step.run_dir.is_dir():
-            held.enter_context(claimed(step.run_dir, ELSEWHERE_RUN, new=False))
-    handle_run_errors(lambda: ResumeLog(study_dir))
-    todo = [s for s in plan.steps if s.action != "keep"]
-    typer.echo(f"study dir: {study_dir}  (W&B group {plan.group})")
-    for step in plan.steps:
-        typer.echo(f"  {step.describe()}")
-    if todo:
-        typer.echo(f"training {len(todo)} arm(s) one after another in this process")
-    result = handle_run_errors(lambda: resume_study(plan))
+    # The study dir and the arms still to train stay locked until this command is done with them;
+    # finished arms are only read.
+    with ExitStack() as held:
+        held.enter_context(claimed(study_dir, ELSEWHERE_RUN, new=False))
+        for step in plan.steps:
+            if step.action != "keep":
+                held.enter_context(claimed(step.run_dir, ELSEWHERE_RUN, new=False))
+        handle_run_errors(lambda: ResumeLog(study_dir))
+        todo = [s for s in plan.steps if s.action != "keep"]
+        typer.echo(f"study dir: {study_dir}  (W&B group {plan.group})")
+        for step in plan.steps:
+            typer.echo(f"  {step.describe()}")
+        if todo:
+            typer.echo(f"training {len(todo)} arm(s) one after another in this process")
+        result = handle_run_errors(lambda: resume_study(plan))
     for step in result.steps:
         if step.result is not None:
             print_run(step.result, indent="  ")
@@ -610,7 +612,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         if key not in seen_data:
             seen_data.add(key)
             check_runnable(step.cfg)
-    claimed(sweep_dir, ELSEWHERE_SWEEP, new=False).__enter__()  # held until this process exits
+    sweep_lock = claimed(sweep_dir, ELSEWHERE_SWEEP, new=False)  # released after the table below
     handle_run_errors(lambda: ResumeLog(sweep_dir))
     stderr.print(f"sweep: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} kept -> {plan.sweep_dir}  "
                  f"W&B group {plan.group}", highlight=False)
@@ -628,6 +630,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
                 "jobs": [job.num for job, s in zip(plan.jobs, resumption.steps) if s.action != "keep"],
                 "interrupted": resumption.interrupted}]
     summary = write_sweep_json(plan, outcomes, resumption.interrupted, resumption.mode, {"resumed": resumes})
+    sweep_lock.release()
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     bad = [o for o in outcomes if not o.ok]
     if resumption.interrupted:

@@ -268,7 +268,7 @@ def sweep_argv(sweep_dir: Path, record: dict[str, Any]) -> list[str]:
 def plan_sweep_resume(sweep_dir: Path) -> SweepResume:
     record = json_or_empty(sweep_dir / "sweep.json")
     try:
-        plan = plan_sweep(sweep_argv(sweep_dir, record))
+        plan = plan_sweep(sweep_argv(sweep_dir, record), new=False)
     except ConfigError as exc:
         raise ResumeError(f"{sweep_dir}: its sweep cannot be planned again from its overrides: {exc}") from exc
     except Exception as exc:

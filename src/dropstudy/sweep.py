@@ -112,7 +112,7 @@ def sweep_dir_override(sweep_dir: str) -> str:
     return f"hydra.sweep.dir={hydra_value(sweep_dir)}"
 
 
-def plan_sweep(overrides: list[str]) -> SweepPlan:
+def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     """Every job of the multirun `overrides` describe, composed and validated, with its run dir."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -139,7 +139,8 @@ def plan_sweep(overrides: list[str]) -> SweepPlan:
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         GlobalHydra.instance().clear()
         raise ConfigError(explain_composition_error(exc)) from exc
-    refuse_used_sweep_dir(Path(sweep_dir))
+    if new:  # `dropstudy resume` re-plans a sweep that is there already
+        refuse_used_sweep_dir(Path(sweep_dir))
 
     jobs: list[PlannedJob] = []
     first_job: DictConfig | None = None
