@@ -22,12 +22,11 @@ dropout) finds them by that type.
 
 from __future__ import annotations
 
-import abc
-
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +34,10 @@ from omegaconf import ListConfig
 from torch import nn
 
 
-class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
+class SiteDropout(nn.Module):
     """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
-    schedule changes every epoch. `where` says where the site sits, for logs. Each kind's `drop`
-    is where its mask (or noise) is drawn."""
+    schedule changes every epoch. `where` says where the site sits, for logs. Its mask (or noise)
+    is drawn by `apply_dropout`, which the stacked ensemble members use too."""
 
     kind = "?"
 
@@ -49,9 +48,9 @@ class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
         self.where = where
         self.one_draw_per_batch = False
 
-    @abc.abstractmethod
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """x with this kind's mask (or noise) applied, in training or evaluation mode."""
+        return apply_dropout(self.kind, x, self.p, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.one_draw_per_batch:
@@ -67,12 +66,6 @@ class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
 class InvertedDropout(SiteDropout):
     kind = "inverted"
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's own kernel rather than a hand-written mask: bit-identical to nn.Dropout for the
-        # same generator state on every device (CUDA draws its masks in a fused kernel). On the
-        # CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw below rescaled.
-        return F.dropout(x, self.p, self.training)
-
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """1 where a unit is kept (probability 1-p), 0 where it is dropped: the same Bernoulli draw,
@@ -83,34 +76,56 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class VanillaDropout(SiteDropout):
     kind = "vanilla"
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            # A unit was present with probability 1-p in training, so its expected contribution
-            # is (1-p)·x: scaling here is what keeps training and evaluation in agreement.
-            return x * (1.0 - self.p)
-        if self.p == 0.0:
-            return x  # draw nothing, so p=0 consumes no random numbers, as torch's dropout
-        return x * keep_mask(x, self.p)
-
 
 class GaussianDropout(SiteDropout):
     kind = "gaussian"
-
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
-        sigma = math.sqrt(self.p / (1.0 - self.p))
-        return x * (1.0 + sigma * torch.randn_like(x))
 
 
 class SpatialDropout(SiteDropout):
     kind = "spatial"
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
-        # correlated, so dropping single pixels removes little information; dropping a whole map does.
-        return F.dropout2d(x, self.p, self.training)
+
+def apply_dropout(
+    kind: str, x: torch.Tensor, p: float | torch.Tensor, training: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """x with dropout of `kind` at rate p: the one implementation of every kind, for a single
+    site (p a float) and for stacked ensemble members (p a tensor broadcastable over x, e.g.
+    [M, 1, 1] for activations [M, N, H]: each member its own p).
+
+    A float p draws exactly as the matching torch modules do (F.dropout, F.dropout2d), so a
+    single run's masks stay those of nn.Dropout. A tensor p draws uniforms from `generator`
+    (the global one when None) and keeps a unit where u >= p, with probability 1-p, as torch's
+    Bernoulli(1-p) mask does: every member, example and unit draws on its own."""
+    if kind == "none":
+        return x
+    tensor_p = torch.is_tensor(p)
+    if not training:
+        # A unit was present with probability 1-p in training, so its expected contribution is
+        # (1-p)·x: vanilla scales here to keep training and evaluation in agreement.
+        return x * (1.0 - p) if kind == "vanilla" else x
+    if not tensor_p:
+        if kind == "inverted":
+            # torch's own kernel rather than a hand-written mask: bit-identical to nn.Dropout for
+            # the same generator state on every device (CUDA draws its masks in a fused kernel).
+            # On the CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw rescaled.
+            return F.dropout(x, p, True)
+        if kind == "spatial":
+            # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
+            # correlated, so dropping single pixels removes little; dropping a whole map does.
+            return F.dropout2d(x, p, True)
+        if p == 0.0:
+            return x  # draw nothing, so p=0 consumes no random numbers, as torch's dropout
+        if kind == "vanilla":
+            return x * keep_mask(x, p)
+        # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
+        return x * (1.0 + math.sqrt(p / (1.0 - p)) * torch.randn_like(x))
+    if kind == "gaussian":
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x * (1.0 + torch.sqrt(p / (1.0 - p)) * noise)
+    # spatial: one draw per (member, sample, channel) of maps [..., C, H, W].
+    shape = (*x.shape[:-2], 1, 1) if kind == "spatial" else x.shape
+    keep = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) >= p
+    return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
 
 
 FORMULATIONS: dict[str, type[SiteDropout]] = {
