@@ -307,20 +307,22 @@ def sweep(
 
     stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
                  highlight=False)
-    interrupted = False
+    interrupted, exit_interrupted = False, EXIT_INTERRUPTED
     try:
         if vectorized:
             from dropstudy.console import setup_logging
 
             setup_logging(plan.sweep_dir / "sweep.log")
             try:
-                train_vectorized(plan, vectorized)
+                stopped = [r for r in train_vectorized(plan, vectorized) if r.status == "interrupted"]
+                if stopped:  # the engine checkpointed every member and said so in its summary
+                    interrupted, exit_interrupted = True, stopped[0].exit_code
             except Exception as exc:  # the table below says which members got how far
                 logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
         else:
             launch_multirun(plan, SweepJob(plan.group))
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted, exit_interrupted = True, getattr(exc, "exit_code", EXIT_INTERRUPTED)
 
     outcomes = collect_outcomes(plan)
     print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
@@ -328,8 +330,13 @@ def sweep(
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
+        if vectorized:
+            import shlex
+
+            typer.echo(f"to continue every member from its last checkpoint: dropstudy resume "
+                       f"{shlex.quote(str(plan.sweep_dir))}")
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
-                   "says which ran.", EXIT_INTERRUPTED)
+                   "says which ran.", exit_interrupted)
     if bad:
         names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
                           + (f": {o.reason}" if o.reason else "") for o in bad)
@@ -400,6 +407,16 @@ def resume(
     from dropstudy.console import setup_logging
     from dropstudy.runner import train_run
 
+    if (run_dir / "multirun.yaml").is_file():
+        return resume_batched_sweep(run_dir)
+    from dropstudy.vectorized import batched_member_of
+
+    sweep_dir = batched_member_of(run_dir)
+    if sweep_dir is not None:
+        import shlex
+
+        raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
+                   f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
     cfg, saved_overrides = load_saved_run(run_dir)
     summary = run_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
@@ -413,6 +430,40 @@ def resume(
         raise fail(str(exc))
     print_run(result)
     raise typer.Exit(result.exit_code)
+
+
+def resume_batched_sweep(sweep_dir: Path) -> None:
+    """`dropstudy resume SWEEP_DIR` of a batched sweep: its unfinished chunks continue as the
+    ensembles they were, then the sweep's table, as at the end of `dropstudy sweep`."""
+    import shlex
+
+    from dropstudy.checkpoint import RunDirError
+    from dropstudy.console import setup_logging
+    from dropstudy.sweep import read_status, refresh_sweep_json
+    from dropstudy.vectorized import batched_chunks, resume_sweep
+
+    chunks = batched_chunks(sweep_dir)
+    if not chunks:
+        raise fail(f"{sweep_dir}: a sweep directory without batched members; resume its runs one at a time "
+                   "(dropstudy resume <sweep dir>/<job>).")
+    if all(read_status(d)[0] in ("finished", "diverged") for chunk in chunks for d in chunk):
+        raise fail(f"{sweep_dir}: every member finished already (or diverged); there is nothing to resume.")
+    check_runnable(load_saved_run(chunks[0][0])[0])
+    setup_logging(sweep_dir / "resume.log")
+    try:
+        results = handle_run_errors(lambda: resume_sweep(sweep_dir))
+    except RunDirError as exc:
+        raise fail(str(exc))
+    for result in results:
+        typer.echo(f"  run dir: {result.run_dir}  [{result.status}]")
+    refresh_sweep_json(sweep_dir)
+    stopped = [r for r in results if r.status == "interrupted"]
+    if stopped:
+        typer.echo(f"to continue every member from its last checkpoint: dropstudy resume {shlex.quote(str(sweep_dir))}")
+        raise typer.Exit(stopped[0].exit_code)
+    statuses = [read_status(d)[0] for chunk in chunks for d in chunk]
+    typer.echo(f"sweep dir: {sweep_dir}  {statuses.count('finished')} of {len(statuses)} members finished")
+    raise typer.Exit(0 if all(s == "finished" for s in statuses) else 1)
 
 
 @app.command()

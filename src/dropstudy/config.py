@@ -165,6 +165,9 @@ class SweepConfig:
     # `dropstudy sweep` trains a grid of regression members as one batched model in one
     # process when the members allow it (dropstudy.vectorized); false = one job per member.
     vectorize: bool = True
+    # The most members trained as one batched model; a larger grid trains in chunks of this many,
+    # one chunk after another. Memory grows linearly with it (see README, "Sweeps").
+    max_members: int = 16
 
 
 @dataclass
@@ -361,6 +364,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"tracker.log_freq={cfg.tracker.log_freq}: a positive number of steps, or null for once per evaluation."
         )
+    if cfg.sweep.max_members < 1:
+        raise ConfigError(f"sweep.max_members={cfg.sweep.max_members}: the most members trained as one batched "
+                          "model must be at least 1.")
     data = cfg.data
     if data.name == "regression":
         if data.n_points < 2:

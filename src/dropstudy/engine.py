@@ -110,11 +110,11 @@ class Engine:
         run = self.runs[i]
         state = {"epoch": self.boundary_epoch, **self.boundary.member_state(i), "tracker_run_id": run.tracker.run_id,
                  "config": run.config}
-        if self.backend.members > 1:
+        shared = self.boundary.shared_state()
+        if shared:
             # What the members share (the masks' generator) travels with every member, so any
             # one checkpoint of the ensemble is enough to continue it exactly.
-            state["ensemble"] = {"index": i, "members": self.backend.members,
-                                 "shared": self.boundary.shared_state()}
+            state["ensemble"] = {"index": i, "members": self.backend.members, "shared": shared}
         try:
             run.rd.save_checkpoint(state)
         except OSError as exc:
