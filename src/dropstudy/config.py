@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -26,16 +27,33 @@ from omegaconf.errors import OmegaConfBaseException
 # --------------------------------------------------------------------------- schema
 
 
-# The choices of the string keys below; `validate` names them in its messages. dropout.py
-# implements one module per kind (kept here so that `--help` and config checks need no torch).
-DROPOUT_KINDS = ("inverted", "vanilla", "gaussian", "spatial", "none")
-DROPOUT_SCHEDULES = ("constant", "warmup", "anneal")
+def choice(name: str, values: str) -> type[StrEnum]:
+    """A choice key's type: Hydra refuses any other value at composition (a typo is one message
+    naming the key and the choices, exit 2), and each member equals its own string, so code and
+    saved configs compare it with plain strings."""
+    return StrEnum(name, values.split(), module=__name__)
+
+
+# The choices of the string keys below, declared once; dropout.py implements one module per kind
+# (kept here so that `--help` and config checks need no torch).
+Experiment = choice("Experiment", "regression cifar10")
+ModelName = choice("ModelName", "mlp cnn")
+DataName = choice("DataName", "regression cifar10")
+DropoutKind = choice("DropoutKind", "inverted vanilla gaussian spatial none")
+ScheduleKind = choice("ScheduleKind", "constant warmup anneal")
+OptimName = choice("OptimName", "sgd adam")
+OnNan = choice("OnNan", "stop skip raise")
+Amp = choice("Amp", "auto bf16 off")
+TrackerMode = choice("TrackerMode", "auto online offline disabled")
+Watch = choice("Watch", "gradients parameters all none")
+DROPOUT_KINDS = tuple(DropoutKind)
+DROPOUT_SCHEDULES = tuple(ScheduleKind)
 
 
 @dataclass
 class DropoutScheduleConfig:
     # constant: p throughout; warmup: 0 -> p over `epochs`; anneal: p -> 0 over `epochs`.
-    kind: str = "constant"
+    kind: ScheduleKind = ScheduleKind.constant
     # Length of the ramp in epochs; null = the whole run (trainer.epochs).
     epochs: Optional[int] = None
 
@@ -44,10 +62,10 @@ class DropoutScheduleConfig:
 class ModelConfig:
     """What every model has: its dropout sites and how they drop."""
 
-    name: str = MISSING
+    name: ModelName = MISSING
     # p of dropping a unit (PyTorch's convention), or one p per hidden-layer dropout site.
     dropout: Any = 0.0
-    dropout_kind: str = "inverted"
+    dropout_kind: DropoutKind = DropoutKind.inverted
     # p on the inputs; 0 = no input dropout site at all.
     input_dropout: float = 0.0
     dropout_schedule: DropoutScheduleConfig = field(default_factory=DropoutScheduleConfig)
@@ -55,7 +73,8 @@ class ModelConfig:
 
 @dataclass
 class MLPConfig(ModelConfig):
-    name: str = "mlp"
+    # 1 -> 200 -> 200 -> 200 -> 1, ReLU then dropout after each hidden layer, none before the output.
+    name: ModelName = ModelName.mlp
     in_features: int = 1
     hidden: List[int] = field(default_factory=lambda: [200, 200, 200])
     out_features: int = 1
@@ -63,7 +82,9 @@ class MLPConfig(ModelConfig):
 
 @dataclass
 class CNNConfig(ModelConfig):
-    name: str = "cnn"
+    # conv 3->32->64->128 (3x3, no padding), each ReLU + 2x2 max-pool; flatten (512), dropout,
+    # fc 512->512, ReLU, dropout, fc 512->10.
+    name: ModelName = ModelName.cnn
     channels: List[int] = field(default_factory=lambda: [32, 64, 128])
     hidden: int = 512
     num_classes: int = 10
@@ -73,7 +94,10 @@ class CNNConfig(ModelConfig):
 
 @dataclass
 class RegressionDataConfig:
-    name: str = "regression"
+    # x evenly spaced on [-1, 1]; y = slope*x + N(0, train_noise^2) for training, and the same x
+    # with N(0, test_noise^2) for the held-out sets. The validation set is an independent draw
+    # like the test set, so `val/*` exists for every experiment; training never sees either.
+    name: DataName = DataName.regression
     n_points: int = 10
     slope: float = 1.5
     train_noise: float = 0.5
@@ -84,12 +108,13 @@ class RegressionDataConfig:
 
 @dataclass
 class Cifar10DataConfig:
-    name: str = "cifar10"
+    name: DataName = DataName.cifar10
     root: str = "${oc.env:DROPSTUDY_DATA,'~/.cache/dropstudy'}"
     download: bool = False
     subset: Optional[int] = None
     synthetic: bool = False
     val_size: int = 5000
+    # torchvision's MD5 check of the batch files; false only for hand-made copies.
     verify: bool = True
     # Random crop (zero padding 4) and horizontal flip of each training batch, on the device. Off by
     # default: the tutorial this study follows trains without augmentation.
@@ -99,7 +124,7 @@ class Cifar10DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: OptimName = OptimName.sgd
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -123,13 +148,13 @@ class TrainerConfig:
     # Write checkpoints/last.pt every N epochs (and at the end); null = every evaluation.
     checkpoint_every: Optional[int] = None
     # A NaN/inf loss: stop (status diverged), skip that step, or raise an error.
-    on_nan: str = "stop"
+    on_nan: OnNan = OnNan.stop
     # Speed switches (runtime.FastPaths applies them). channels_last: NHWC memory format for conv
     # nets (1.2x faster for the CIFAR-10 CNN on a 2-core x86 CPU, and what tensor cores want).
     channels_last: bool = True
     # bf16 autocast: auto = on for CUDA devices that support bf16, off elsewhere; bf16 forces it
     # (CPU too, slower there on most CPUs); off = float32 throughout.
-    amp: str = "auto"
+    amp: Amp = Amp.auto
     # torch.compile the model (a one-off compile of tens of seconds; pays off for long runs).
     compile: bool = False
     # CPU threads for torch; null = the CPUs this process may use, at most one per physical core.
@@ -138,13 +163,13 @@ class TrainerConfig:
 
 @dataclass
 class TrackerConfig:
-    mode: str = "auto"
+    mode: TrackerMode = TrackerMode.auto
     project: str = "dropstudy"
     entity: Optional[str] = None
     group: Optional[str] = None
     job_type: Optional[str] = None
     tags: List[str] = field(default_factory=list)
-    watch: str = "all"
+    watch: Watch = Watch.all
     # Histogram cadence in optimizer steps; null = once per evaluation (eval_every epochs).
     log_freq: Optional[int] = None
 
@@ -172,7 +197,7 @@ class SweepConfig:
 
 @dataclass
 class Config:
-    experiment: str = MISSING
+    experiment: Experiment = MISSING
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
@@ -222,10 +247,10 @@ class ConfigError(Exception):
     """Bad user input: the message names the key and what is allowed."""
 
 
-WATCH_CHOICES = ("gradients", "parameters", "all", "none")
-MODE_CHOICES = ("auto", "online", "offline", "disabled")
-ON_NAN_CHOICES = ("stop", "skip", "raise")
-AMP_CHOICES = ("auto", "bf16", "off")
+WATCH_CHOICES = tuple(Watch)
+MODE_CHOICES = tuple(TrackerMode)
+ON_NAN_CHOICES = tuple(OnNan)
+AMP_CHOICES = tuple(Amp)
 # trainer.* counts: each must be at least 1 (null, where the schema allows it, has the meaning given).
 TRAINER_COUNTS = {
     "epochs": "must be a positive integer.",
@@ -352,8 +377,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.amp={cfg.trainer.amp!r}: use auto (bf16 autocast on CUDA when supported), bf16 or off."
         )
-    if cfg.optim.name not in ("sgd", "adam"):
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: use sgd or adam.")
+    if cfg.optim.name not in tuple(OptimName):
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: use {' or '.join(OptimName)}.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: must be positive.")
     if cfg.tracker.mode not in MODE_CHOICES:
@@ -406,6 +431,10 @@ def _valid_keys(full_key: str) -> str:
     return f"valid keys {where}: {', '.join(keys)}" if keys else ""
 
 
+# OmegaConf's message for a value outside an Enum-typed key's choices.
+INVALID_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+
+
 def explain_composition_error(exc: BaseException) -> str:
     """Turn Hydra/OmegaConf's composition errors into one paragraph naming the key."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
@@ -420,6 +449,9 @@ def explain_composition_error(exc: BaseException) -> str:
         if "not in" in text or "Key '" in text and "not" in text:
             hint = _valid_keys(key)
             return f"{key}: unknown key. {hint}. (To add a new key on purpose use +{key}=VALUE.)"
+        invalid = INVALID_CHOICE.match(text)
+        if invalid:  # a choice key (an Enum in the schema) given another value
+            return f"{key}={invalid.group(1)!r}: use one of {invalid.group(2)}."
         return f"{key}: {text}"
     first = str(exc).strip().splitlines()
     return " ".join(line.strip() for line in first if line.strip())
