@@ -95,7 +95,8 @@ def apply_dropout(
     A float p draws exactly as the matching torch modules do (F.dropout, F.dropout2d), so a
     single run's masks stay those of nn.Dropout. A tensor p draws uniforms from `generator`
     (the global one when None) and keeps a unit where u >= p, with probability 1-p, as torch's
-    Bernoulli(1-p) mask does: every member, example and unit draws on its own."""
+    Bernoulli(1-p) mask does: every member, example and unit draws on its own. The tensor form
+    never branches on p's value (vmap cannot), and p=0 keeps every unit with a scale of exactly 1."""
     if kind == "none":
         return x
     tensor_p = torch.is_tensor(p)
@@ -119,12 +120,17 @@ def apply_dropout(
             return x * keep_mask(x, p)
         # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
         return x * (1.0 + math.sqrt(p / (1.0 - p)) * torch.randn_like(x))
-    if kind == "gaussian":
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x * (1.0 + torch.sqrt(p / (1.0 - p)) * noise)
     # spatial: one draw per (member, sample, channel) of maps [..., C, H, W].
-    shape = (*x.shape[:-2], 1, 1) if kind == "spatial" else x.shape
-    keep = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) >= p
+    like = x[..., :1, :1] if kind == "spatial" else x
+    # Without a generator the draws are `*_like` ones from the global generator, which vmap
+    # (randomness="different") batches: one independent draw per member there too.
+    if kind == "gaussian":
+        noise = torch.randn_like(like) if generator is None else torch.randn(
+            like.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x * (1.0 + torch.sqrt(p / (1.0 - p)) * noise)
+    uniform = torch.rand_like(like) if generator is None else torch.rand(
+        like.shape, generator=generator, device=x.device, dtype=x.dtype)
+    keep = uniform >= p
     return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
 
 
