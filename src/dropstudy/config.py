@@ -165,6 +165,10 @@ class SweepConfig:
     # `dropstudy sweep` trains a grid of regression members as one batched model in one
     # process when the members allow it (dropstudy.vectorized); false = one job per member.
     vectorize: bool = True
+    # How the members of an ensemble (dropstudy.ensemble) run on one device: stacked (one vmap'd
+    # forward/backward for all), sequential (in turn, one process, one copy of the data) or auto
+    # (stacked on CUDA; sequential on a CPU, where it measured faster).
+    member_execution: str = "auto"
 
 
 @dataclass
@@ -223,6 +227,7 @@ WATCH_CHOICES = ("gradients", "parameters", "all", "none")
 MODE_CHOICES = ("auto", "online", "offline", "disabled")
 ON_NAN_CHOICES = ("stop", "skip", "raise")
 AMP_CHOICES = ("auto", "bf16", "off")
+MEMBER_EXECUTION_CHOICES = ("auto", "stacked", "sequential")
 # trainer.* counts: each must be at least 1 (null, where the schema allows it, has the meaning given).
 TRAINER_COUNTS = {
     "epochs": "must be a positive integer.",
@@ -348,6 +353,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.amp not in AMP_CHOICES:
         raise ConfigError(
             f"trainer.amp={cfg.trainer.amp!r}: use auto (bf16 autocast on CUDA when supported), bf16 or off."
+        )
+    if cfg.sweep.member_execution not in MEMBER_EXECUTION_CHOICES:
+        raise ConfigError(
+            f"sweep.member_execution={cfg.sweep.member_execution!r}: use auto, stacked (members vmap'd "
+            "together) or sequential (members in turn)."
         )
     if cfg.optim.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use sgd or adam.")

@@ -18,6 +18,13 @@ probability is 1 - p. The kinds (`model.dropout_kind`):
 Every site is a `SiteDropout` module: models.py asks `make_dropout` for one wherever its
 architecture has a dropout site, and everything else (logging the sites, schedules, MC
 dropout) finds them by that type.
+
+Each kind is written twice over one definition: `drop` takes p as a Python float (torch's own
+kernels where they exist, what a single run uses), and `drop_rate` takes p as a tensor, the site's
+`rate` buffer. The tensor form is what an ensemble (ensemble.py) trains with: its members' sites
+are stacked with `torch.func.stack_module_state`, so `rate` becomes one p per member, and under
+`vmap(..., randomness="different")` every member draws its own mask with its own p. A site uses
+the tensor form only when `rate_from_buffer` is set; `rate` is not saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -44,21 +51,44 @@ class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
 
     def __init__(self, p: float, where: str):
         super().__init__()
+        # p as a tensor, kept equal to `p` (its setter fills it): the per-member p of an ensemble.
+        # Not persistent, so a model's state_dict (and every checkpoint) is what it was without it.
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
         self.base_p = float(p)
         self.p = float(p)
         self.where = where
         self.one_draw_per_batch = False
+        self.rate_from_buffer = False  # drop with `rate` (tensor p) instead of `p` (float p)
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.rate.fill_(self._p)
 
     @abc.abstractmethod
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """x with this kind's mask (or noise) applied, in training or evaluation mode."""
 
+    @abc.abstractmethod
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """`drop` with p given as a 0-d tensor: masks from `torch.rand_like` (vmap batches it, one
+        draw per member), no branch on p's value (vmap cannot branch on a tensor). p=0 keeps every
+        unit and scales by exactly 1, so a p=0 member computes what a site without dropout does."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self._drop_with_rate if self.rate_from_buffer else self.drop
         if self.training and self.one_draw_per_batch:
             # Every kind multiplies by noise: draw it once (on ones) for the whole batch, so a pass
             # is one thinned network and MC samples of a function over a grid are whole functions.
-            return x * self.drop(torch.ones_like(x[:1]))
-        return self.drop(x)
+            return x * drop(torch.ones_like(x[:1]))
+        return drop(x)
+
+    def _drop_with_rate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_rate(x, self.rate)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, {self.where}"
@@ -72,6 +102,16 @@ class InvertedDropout(SiteDropout):
         # same generator state on every device (CUDA draws its masks in a fused kernel). On the
         # CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw below rescaled.
         return F.dropout(x, self.p, self.training)
+
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * keep_mask_rate(x, rate) / (1.0 - rate)
+
+
+def keep_mask_rate(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+    """`keep_mask` for a tensor p: a unit is kept when u >= p for u ~ U[0, 1), with probability 1-p."""
+    return torch.rand_like(x) >= rate
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -92,6 +132,11 @@ class VanillaDropout(SiteDropout):
             return x  # draw nothing, so p=0 consumes no random numbers, as torch's dropout
         return x * keep_mask(x, self.p)
 
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x * (1.0 - rate)
+        return x * keep_mask_rate(x, rate)
+
 
 class GaussianDropout(SiteDropout):
     kind = "gaussian"
@@ -103,6 +148,11 @@ class GaussianDropout(SiteDropout):
         sigma = math.sqrt(self.p / (1.0 - self.p))
         return x * (1.0 + sigma * torch.randn_like(x))
 
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * (1.0 + torch.sqrt(rate / (1.0 - rate)) * torch.randn_like(x))
+
 
 class SpatialDropout(SiteDropout):
     kind = "spatial"
@@ -111,6 +161,12 @@ class SpatialDropout(SiteDropout):
         # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
         # correlated, so dropping single pixels removes little information; dropping a whole map does.
         return F.dropout2d(x, self.p, self.training)
+
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        # [N, C, 1, 1]: one draw per (sample, channel), broadcast over the map.
+        return x * keep_mask_rate(x[..., :1, :1], rate) / (1.0 - rate)
 
 
 FORMULATIONS: dict[str, type[SiteDropout]] = {
