@@ -366,6 +366,8 @@ class Ensemble:
 
     @torch.no_grad()
     def load_member_state(self, i: int, state: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict keeps the tensors it is given: training would change the caller's.
+        state = _cloned(state)
         model = self.models[i]
         model.load_state_dict(state["model"])
         self.loaders[i].load_state(state["rng"])
