@@ -46,6 +46,7 @@ OnNan = choice("OnNan", "stop skip raise")
 Amp = choice("Amp", "auto bf16 off")
 TrackerMode = choice("TrackerMode", "auto online offline disabled")
 Watch = choice("Watch", "gradients parameters all none")
+MemberExecution = choice("MemberExecution", "auto stacked sequential")
 DROPOUT_KINDS = tuple(DropoutKind)
 DROPOUT_SCHEDULES = tuple(ScheduleKind)
 
@@ -193,6 +194,10 @@ class SweepConfig:
     # The most members trained as one batched model; a larger grid trains in chunks of this many,
     # one chunk after another. Memory grows linearly with it (see README, "Sweeps").
     max_members: int = 16
+    # How the members of an ensemble (dropstudy.ensemble) run on one device: stacked (one vmap'd
+    # forward/backward for all), sequential (in turn, one process, one copy of the data) or auto
+    # (stacked on CUDA; sequential on a CPU, where it measured faster).
+    member_execution: MemberExecution = MemberExecution.auto
 
 
 @dataclass
@@ -251,6 +256,7 @@ WATCH_CHOICES = tuple(Watch)
 MODE_CHOICES = tuple(TrackerMode)
 ON_NAN_CHOICES = tuple(OnNan)
 AMP_CHOICES = tuple(Amp)
+MEMBER_EXECUTION_CHOICES = tuple(MemberExecution)
 # trainer.* counts: each must be at least 1 (null, where the schema allows it, has the meaning given).
 TRAINER_COUNTS = {
     "epochs": "must be a positive integer.",
@@ -376,6 +382,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.amp not in AMP_CHOICES:
         raise ConfigError(
             f"trainer.amp={cfg.trainer.amp!r}: use auto (bf16 autocast on CUDA when supported), bf16 or off."
+        )
+    if cfg.sweep.member_execution not in MEMBER_EXECUTION_CHOICES:
+        raise ConfigError(
+            f"sweep.member_execution={cfg.sweep.member_execution!r}: use auto, stacked (members vmap'd "
+            "together) or sequential (members in turn)."
         )
     if cfg.optim.name not in tuple(OptimName):
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use {' or '.join(OptimName)}.")

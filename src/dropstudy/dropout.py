@@ -18,6 +18,14 @@ probability is 1 - p. The kinds (`model.dropout_kind`):
 Every site is a `SiteDropout` module: models.py asks `make_dropout` for one wherever its
 architecture has a dropout site, and everything else (logging the sites, schedules, MC
 dropout) finds them by that type.
+
+Every kind is implemented once, in `apply_dropout`, which takes p as a Python float (torch's
+own kernels where they exist, what a single run uses) or as a tensor. The tensor form is what
+ensembles train with: a site's `drop_rate` passes its `rate` buffer, which
+`torch.func.stack_module_state` stacks into one p per member of ensemble.py's `Ensemble`, so under
+`vmap(..., randomness="different")` every member draws its own mask with its own p (a site uses
+it only when `rate_from_buffer` is set; `rate` is not saved in checkpoints); the hand-batched
+regression ensemble (vectorized.py) passes its [M, 1, 1] rates and its own generator.
 """
 
 from __future__ import annotations
@@ -37,27 +45,51 @@ from torch import nn
 class SiteDropout(nn.Module):
     """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
     schedule changes every epoch. `where` says where the site sits, for logs. Its mask (or noise)
-    is drawn by `apply_dropout`, which the stacked ensemble members use too."""
+    is drawn by `apply_dropout`, with p as a float (`drop`) or as the `rate` tensor (`drop_rate`,
+    what an ensemble's stacked members use)."""
 
     kind = "?"
 
     def __init__(self, p: float, where: str):
         super().__init__()
+        # p as a tensor, kept equal to `p` (its setter fills it): the per-member p of an ensemble.
+        # Not persistent, so a model's state_dict (and every checkpoint) is what it was without it.
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
         self.base_p = float(p)
         self.p = float(p)
         self.where = where
         self.one_draw_per_batch = False
+        self.rate_from_buffer = False  # drop with `rate` (tensor p) instead of `p` (float p)
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.rate.fill_(self._p)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """x with this kind's mask (or noise) applied, in training or evaluation mode."""
         return apply_dropout(self.kind, x, self.p, self.training)
 
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """`drop` with p as a tensor: masks from `torch.rand_like` (vmap batches it, one draw per
+        member), no branch on p's value (vmap cannot branch on a tensor). p=0 keeps every unit
+        and scales by exactly 1, so a p=0 member computes what a site without dropout does."""
+        return apply_dropout(self.kind, x, rate, self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self._drop_with_rate if self.rate_from_buffer else self.drop
         if self.training and self.one_draw_per_batch:
             # Every kind multiplies by noise: draw it once (on ones) for the whole batch, so a pass
             # is one thinned network and MC samples of a function over a grid are whole functions.
-            return x * self.drop(torch.ones_like(x[:1]))
-        return self.drop(x)
+            return x * drop(torch.ones_like(x[:1]))
+        return drop(x)
+
+    def _drop_with_rate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_rate(x, self.rate)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, {self.where}"
@@ -132,6 +164,12 @@ def apply_dropout(
         like.shape, generator=generator, device=x.device, dtype=x.dtype)
     keep = uniform >= p
     return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
+
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        # [N, C, 1, 1]: one draw per (sample, channel), broadcast over the map.
+        return x * keep_mask_rate(x[..., :1, :1], rate) / (1.0 - rate)
 
 
 FORMULATIONS: dict[str, type[SiteDropout]] = {
