@@ -165,12 +165,6 @@ def apply_dropout(
     keep = uniform >= p
     return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
 
-    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        # [N, C, 1, 1]: one draw per (sample, channel), broadcast over the map.
-        return x * keep_mask_rate(x[..., :1, :1], rate) / (1.0 - rate)
-
 
 FORMULATIONS: dict[str, type[SiteDropout]] = {
     "inverted": InvertedDropout,
