@@ -45,7 +45,7 @@ from dropstudy.engine import Engine, MemberRun
 from dropstudy.models import build_model
 from dropstudy.rundir import RunDir, collect_provenance, now_iso
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
-from dropstudy.runtime import describe_device, seed_everything, set_up_process, usable_cpus
+from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process, usable_cpus
 from dropstudy.tracking import NullTracker, flatten
 from dropstudy.train import conclude, make_optimizer, rng_states
 
@@ -65,13 +65,35 @@ class Member:
     overrides: list[str]  # the member's own Hydra overrides (saved to .hydra/overrides.yaml)
 
 
+def batched_backend(cfgs: list[DictConfig]) -> tuple[str | None, str | None]:
+    """Which backend trains these members as one ensemble, "stacked_mlp" (the regression MLP,
+    hand-batched here) or "ensemble" (any model, ensemble.Ensemble: the CNN), or why none can."""
+    if cfgs and all(cfg.model.name == "cnn" for cfg in cfgs):
+        from dropstudy.ensemble import why_not
+
+        reason = why_not(cfgs)
+        if reason is None and cfgs[0].sweep.member_execution == "stacked":
+            for key, on in (("trainer.on_nan=skip", cfgs[0].trainer.on_nan == "skip"),
+                            ("trainer.compile=true", cfgs[0].trainer.compile)):
+                if on:
+                    reason = f"sweep.member_execution=stacked cannot train with {key}"
+        return (None, reason) if reason else ("ensemble", None)
+    reason = why_not_stacked_mlp(cfgs)
+    return (None, reason) if reason else ("stacked_mlp", None)
+
+
 def why_not_vectorizable(cfgs: list[DictConfig]) -> str | None:
-    """None when these configs can be trained as one batched model; else a short reason."""
+    """None when these configs can be trained as one ensemble; else a short reason."""
+    return batched_backend(cfgs)[1]
+
+
+def why_not_stacked_mlp(cfgs: list[DictConfig]) -> str | None:
+    """None when these configs can be trained as one StackedMLP; else a short reason."""
     if not cfgs:
         return "there are no members to train"
     for cfg in cfgs:
         if cfg.model.name != "mlp":
-            return f"model.name={cfg.model.name}: only the MLP is trained vectorized"
+            return f"model.name={cfg.model.name}: members of one ensemble are all MLPs or all CNNs"
         if cfg.data.name != "regression":
             return f"data.name={cfg.data.name}: only the regression data is trained vectorized"
         if cfg.model.dropout_kind not in KINDS:
@@ -400,16 +422,29 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
                    states: list[dict[str, Any] | None] | None) -> list[RunResult]:
     cfg0 = members[0].cfg
     device = set_up_process(cfg0)  # trainer.*, device and deterministic are the same for every member
-    log.info(f"vectorized: {len(members)} members as one batched model on {describe_device(device)}")
-
-    datas, models = [], []
-    for member in members:
-        if states is None:
+    kind, reason = batched_backend([m.cfg for m in members])
+    if kind is None:
+        raise ValueError(f"these members cannot be trained as one batched model: {reason}")
+    if states is None:
+        for member in members:
             RunDir(member.run_dir).write_config(member.cfg, member.overrides)
-        datas.append(load_dataset(member.cfg.data, device, log.debug))
-        seed_everything(member.cfg.seed)  # the member's initial weights: those of its single run
-        models.append(build_model(member.cfg.model))
-    backend = StackedMLPBackend([m.cfg for m in members], datas, models, device)
+    if kind == "stacked_mlp":
+        datas, models = [], []
+        for member in members:
+            datas.append(load_dataset(member.cfg.data, device, log.debug))
+            seed_everything(member.cfg.seed)  # the member's initial weights: those of its single run
+            models.append(build_model(member.cfg.model))
+        backend: Any = StackedMLPBackend([m.cfg for m in members], datas, models, device)
+    else:
+        from dropstudy.ensemble import Ensemble
+
+        # One copy of the data on the device for every member (ensemble.why_not: same data keys).
+        data = load_dataset(cfg0.data, device, log.info)
+        datas = [data] * len(members)
+        backend = Ensemble([m.cfg for m in members], data, FastPaths.resolve(cfg0.trainer, device))
+        models = backend.models
+    how = "hand-batched MLP" if kind == "stacked_mlp" else f"torch.func ensemble, {backend.execution} members"
+    log.info(f"vectorized: {len(members)} members as one batched model ({how}) on {describe_device(device)}")
 
     for i, (member, data, model) in enumerate(zip(members, datas, models)):
         rd = RunDir(member.run_dir)
@@ -418,8 +453,9 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
         if states is None:
             provenance = collect_provenance(describe_device(device), member.overrides, data.describe(),
                                             data.fingerprint(), rd)
-            provenance["vectorized"] = {"members": len(members), "index": i, "mask_seed": backend.generator.initial_seed(),
-                                        "group": group}
+            provenance["vectorized"] = {"members": len(members), "index": i, "backend": kind, "group": group}
+            if kind == "stacked_mlp":
+                provenance["vectorized"]["mask_seed"] = backend.generator.initial_seed()
             if chunk is not None:
                 provenance["vectorized"].update(chunk=chunk[0], run_dirs=[os.path.relpath(m.run_dir, chunk[1])
                                                                           for m in members])
@@ -438,7 +474,7 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
             member.cfg, rd, data, label, describe_sites(model), provenance, group=group, job_type=job_type,
             extra_tags=extra_tags, shared_process=True, resume_id=state.get("tracker_run_id") if state else None)
         run = MemberRun(rd, tracker, OmegaConf.to_container(member.cfg, resolve=True), n_train=len(data.train),
-                        lr=backend.optimizer.param_groups[0]["lr"])
+                        lr=float(member.cfg.optim.lr))
         records.append(MemberRecord(member, run, RunResult(rd.path, label, "failed", None,
                                                            sync_command=tracker.sync_command),
                                     label, describe_sites(model), group, job_type))
