@@ -136,6 +136,25 @@ def test_a_grid_larger_than_max_members_trains_in_chunks(clean_env, tmp_path):
     assert "sweep.max_members=0" in invoke("sweep", "seed=0,1", "sweep.max_members=0").output
 
 
+@pytest.mark.slow
+def test_a_cnn_ensemble_member_with_dropout_0_equals_dropstudy_train(clean_env, tmp_path):
+    """A CIFAR-10 sweep trains as one ensemble (ensemble.Ensemble, driven by the engine); its
+    dropout-0 member logs what `dropstudy train` logs for the same config: every metric at every
+    step, to 1e-5 relative (synthetic data, 128 images, 2 epochs)."""
+    quick = ["experiment=cifar10", "data.synthetic=true", "data.subset=128", "data.val_size=40", "trainer.epochs=2",
+             "trainer.batch_size=32", "data.seed=0", "seed=3", "tracker.mode=disabled"]
+    swept = invoke("sweep", *quick, "model.dropout=0,0.25", "hydra.sweep.dir=sw")
+    assert swept.exit_code == 0, swept.output
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    assert invoke("train", *quick, "model.dropout=0", "hydra.run.dir=single").exit_code == 0
+    ours, theirs = results(tmp_path / "sw" / "0"), results(tmp_path / "single")
+    assert [sorted(r) for r in ours] == [sorted(r) for r in theirs] and len(ours) == 3
+    for a, b in zip(ours, theirs):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+    assert results(tmp_path / "sw" / "1") != ours, "the other member trained with its own p"
+
+
 # --------------------------------------------------------------------------- dropout, implemented once
 
 
