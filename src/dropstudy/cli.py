@@ -391,15 +391,18 @@ def check_runnable(cfg: DictConfig) -> None:
 
 @app.command()
 def resume(
-    run_dir: Path = typer.Argument(..., help="The run directory to continue (one with checkpoints/last.pt).",
-                                   show_default=False),
+    run_dir: Path = typer.Argument(..., help="The run directory to continue (one with checkpoints/last.pt), or "
+                                   "the directory of a batched sweep.", show_default=False),
 ) -> None:
     """Continue an interrupted run from its last checkpoint, in the same directory and the same
-    W&B run; the result equals an uninterrupted run's (exactly, on CPU).
+    W&B run; the result equals an uninterrupted run's (exactly, on CPU). A batched sweep's
+    directory continues every unfinished member together, as the ensemble it was.
 
     Examples:
 
         dropstudy resume runs/cifar10/2026-11-22_09-00-00-train
+
+        dropstudy resume runs/regression/2026-11-22_09-00-00-sweep
 
         dropstudy resume runs/regression/2026-11-22_09-00-00-study/dropout-0.5
     """
