@@ -344,6 +344,7 @@ class MemberRecord:
     dropout_sites: list[str]
     group: str | None
     job_type: str
+    trained: bool = True  # False: set aside before a resume (diverged), its run dir stays as it is
 
 
 def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, ...] = (),
@@ -401,7 +402,7 @@ def _guarded(members: list[Member], group: str | None, extra_tags: tuple[str, ..
         return _train_members(members, records, group, extra_tags, chunk, states)
     except BaseException as exc:
         for rec in records:
-            if not rec.run.active:
+            if not rec.trained or rec.result.outcome is not None:  # set aside, or concluded already
                 continue
             rec.result.outcome = None  # W&B gets a non-zero exit code too
             rec.run.rd.write_summary({
@@ -477,24 +478,25 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
                         lr=float(member.cfg.optim.lr))
         records.append(MemberRecord(member, run, RunResult(rd.path, label, "failed", None,
                                                            sync_command=tracker.sync_command),
-                                    label, describe_sites(model), group, job_type))
+                                    label, describe_sites(model), group, job_type,
+                                    trained=states is None or state is not None))
 
     engine = Engine(backend, [rec.run for rec in records], cfg0.trainer, label=f"{len(members)} members",
                     histograms=cfg0.tracker.watch, log_freq=cfg0.tracker.log_freq)
     if states is not None:
         engine.resume(states)
-    concluding = [rec for rec in records if rec.run.active]
+    concluding = [i for i, rec in enumerate(records) if rec.trained]
     started = time.time()
     engine.run()
     duration = time.time() - started
     # Every member's figures are started before any member concludes, so that they draw side by
     # side on worker processes (one per CPU) while this process logs and writes summaries.
     with plots.Drawer(figure_workers(len(concluding))) as drawer:
-        started_figures = [draw_run_figures(rec.member.cfg, rec.run.rd, backend.member_model(records.index(rec)),
-                                            datas[records.index(rec)], conclude(rec.run.outcome), rec.result, drawer)
-                           for rec in concluding]
-        for rec, figures in zip(concluding, started_figures):
-            i = records.index(rec)
+        started_figures = [draw_run_figures(records[i].member.cfg, records[i].run.rd, backend.member_model(i), datas[i],
+                                            conclude(records[i].run.outcome), records[i].result, drawer)
+                           for i in concluding]
+        for i, figures in zip(concluding, started_figures):
+            rec = records[i]
             conclude_run(rec.member.cfg, rec.run.rd, backend.member_model(i), datas[i], rec.run.outcome,
                          rec.run.tracker, rec.result, rec.dropout_sites, rec.group, rec.job_type,
                          duration_s=duration,
@@ -502,7 +504,7 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
                          timings={"train": duration},  # the whole batch's training time, shared
                          figures=figures)
     for rec in records:
-        if rec not in concluding:  # set aside before this resume: its summary stands
+        if not rec.trained:  # set aside before this resume: its summary stands
             rec.result.outcome = rec.run.outcome
             rec.result.status = RunDir(rec.run.rd.path).read_summary().get("status", "failed")
     return [rec.result for rec in records]
