@@ -178,6 +178,11 @@ def test_each_member_drops_with_its_own_p_and_its_own_masks(mode):
         assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p))), "inverted: kept units scaled by 1/(1-p)"
     agree = (masks[0, :, 0] == masks[2, :, 0]).float().mean().item()
     assert abs(agree - 0.5) <= Z * math.sqrt(0.25 / n), agree
+    # In the training step too: twins (same seed, same p) draw their own masks and part ways.
+    twins = make_ensemble(configs("mlp", [["seed=0", "model.dropout=0.5"]] * 2), mode)
+    twins.set_epoch(1)
+    first, second = twins.train_epoch(NoProgress())
+    assert first["train/loss"] != second["train/loss"]
 
 
 @pytest.mark.parametrize("kind", ["inverted", "vanilla", "gaussian", "spatial"])
