@@ -394,6 +394,7 @@ def test_member_execution_auto_and_its_limits():
     cnn, cpu, cuda = configs("cnn"), torch.device("cpu"), torch.device("cuda")
     assert member_execution("auto", cnn, cpu) == "sequential"
     assert member_execution("auto", cnn, cuda) == "stacked"
+    assert member_execution("auto", configs("mlp"), cpu) == "stacked"
     assert member_execution("stacked", cnn, cpu) == "stacked"
     skip = configs("cnn", extra=["trainer.on_nan=skip"])
     assert member_execution("auto", skip, cuda) == "sequential"
