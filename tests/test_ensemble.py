@@ -85,32 +85,39 @@ def train_rows(ens: Ensemble, trainer) -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def single_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """`dropstudy train` of member 1's config, MLP and CNN, through the CLI: its metrics.jsonl."""
+def single_run(tmp_path_factory):
+    """`dropstudy train` of member 1's config through the CLI (its metrics.jsonl), once per model."""
     root = tmp_path_factory.mktemp("single")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(root), MPLCONFIGDIR=str(root / ".mpl"), DROPSTUDY_DATA=str(root / "data"))
-    out = {}
-    for model, base in BASES.items():
-        proc = subprocess.run(
-            [sys.executable, "-m", "dropstudy", "train", *base, *MEMBERS[1], "tracker.mode=disabled",
-             f"hydra.run.dir={model}"],
-            cwd=root, env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        out[model] = read_jsonl(root / model / "metrics.jsonl")
-    return out
+    runs: dict[str, list[dict]] = {}
+
+    def run(model: str) -> list[dict]:
+        if model not in runs:
+            proc = subprocess.run(
+                [sys.executable, "-m", "dropstudy", "train", *BASES[model], *MEMBERS[1], "tracker.mode=disabled",
+                 f"hydra.run.dir={model}"],
+                cwd=root, env=env, capture_output=True, text=True, timeout=600,
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            runs[model] = read_jsonl(root / model / "metrics.jsonl")
+        return runs[model]
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def ensemble_runs() -> dict[tuple[str, str], list[list[dict]]]:
-    """The two members trained as an ensemble, per model and execution: their rows."""
-    out = {}
-    for model in BASES:
-        cfgs = configs(model)
-        for mode in MODES:
-            out[model, mode] = train_rows(make_ensemble(cfgs, mode), cfgs[0].trainer)
-    return out
+def ensemble_run():
+    """The two members trained as an ensemble: their rows, once per model and execution."""
+    runs: dict[tuple[str, str], list[list[dict]]] = {}
+
+    def run(model: str, mode: str) -> list[list[dict]]:
+        if (model, mode) not in runs:
+            cfgs = configs(model)
+            runs[model, mode] = train_rows(make_ensemble(cfgs, mode), cfgs[0].trainer)
+        return runs[model, mode]
+
+    return run
 
 
 def assert_rows_match(ours: list[dict], theirs: list[dict], what: str) -> None:
@@ -121,22 +128,26 @@ def assert_rows_match(ours: list[dict], theirs: list[dict], what: str) -> None:
             assert mine[key] == pytest.approx(single[key], rel=RTOL, abs=ATOL), (what, mine["epoch"], key)
 
 
+# The CNN's runs take about a minute of CPU between them: slow; the MLP's cover the same code.
+MODELS = ["mlp", pytest.param("cnn", marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_dropout_0_member_gives_every_metric_of_dropstudy_train(single_runs, ensemble_runs, model, mode):
+@pytest.mark.parametrize("model", MODELS)
+def test_dropout_0_member_gives_every_metric_of_dropstudy_train(single_run, ensemble_run, model, mode):
     """Initial weights, batch order and crops from the member's seed, its own optimizer state and
     max-norm, evaluation with MC dropout and the weight norms: every row `train` logs."""
-    ours = ensemble_runs[model, mode][1]
-    assert_rows_match(ours, single_runs[model], f"{model} {mode}")
+    ours = ensemble_run(model, mode)[1]
+    assert_rows_match(ours, single_run(model), f"{model} {mode}")
     assert any("val_mc/loss" in r for r in ours) and any("test_mc/loss" in r for r in ours)
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_stacked_and_sequential_execution_agree(ensemble_runs, model):
-    stacked, sequential = ensemble_runs[model, "stacked"][1], ensemble_runs[model, "sequential"][1]
+@pytest.mark.parametrize("model", MODELS)
+def test_stacked_and_sequential_execution_agree(ensemble_run, model):
+    stacked, sequential = ensemble_run(model, "stacked")[1], ensemble_run(model, "sequential")[1]
     assert_rows_match(stacked, sequential, model)
     # The dropping member beside it trained with its own masks: another curve than member 1's.
-    assert ensemble_runs[model, "stacked"][0][0]["train/loss"] != stacked[0]["train/loss"]
+    assert ensemble_run(model, "stacked")[0][0]["train/loss"] != stacked[0]["train/loss"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -167,6 +178,11 @@ def test_each_member_drops_with_its_own_p_and_its_own_masks(mode):
         assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p))), "inverted: kept units scaled by 1/(1-p)"
     agree = (masks[0, :, 0] == masks[2, :, 0]).float().mean().item()
     assert abs(agree - 0.5) <= Z * math.sqrt(0.25 / n), agree
+    # In the training step too: twins (same seed, same p) draw their own masks and part ways.
+    twins = make_ensemble(configs("mlp", [["seed=0", "model.dropout=0.5"]] * 2), mode)
+    twins.set_epoch(1)
+    first, second = twins.train_epoch(NoProgress())
+    assert first["train/loss"] != second["train/loss"]
 
 
 @pytest.mark.parametrize("kind", ["inverted", "vanilla", "gaussian", "spatial"])
@@ -203,7 +219,7 @@ def test_the_rate_buffer_follows_p_and_stays_out_of_checkpoints():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", MODELS)
 def test_member_state_loads_into_the_single_model_and_round_trips(model, mode, tmp_path):
     """After an epoch: member 0's (dropping) checkpoint body loads into build_model and its
     optimizer into make_optimizer as `dropstudy resume` loads them, and evaluates as the member
@@ -378,6 +394,7 @@ def test_member_execution_auto_and_its_limits():
     cnn, cpu, cuda = configs("cnn"), torch.device("cpu"), torch.device("cuda")
     assert member_execution("auto", cnn, cpu) == "sequential"
     assert member_execution("auto", cnn, cuda) == "stacked"
+    assert member_execution("auto", configs("mlp"), cpu) == "stacked"
     assert member_execution("stacked", cnn, cpu) == "stacked"
     skip = configs("cnn", extra=["trainer.on_nan=skip"])
     assert member_execution("auto", skip, cuda) == "sequential"
