@@ -1,5 +1,7 @@
-"""The regression sweep (dropout rates x seeds, full length) trained two ways, on the same machine
-in one invocation, W&B offline in both:
+"""A sweep (dropout rates x seeds) trained two ways, on the same machine in one invocation, W&B
+offline in both: the regression study at full length, or with --experiment cifar10 the CNN on
+synthetic data (8 members: 2 rates x 4 seeds, 1 epoch, --subset training images, one shared
+data.seed so that the members share one copy of the data):
 
   vectorized   every member at once as one batched model (dropstudy.vectorized.train_members)
   per-member   one member after another through the single path (runner.train_run), in this
@@ -16,6 +18,7 @@ is extrapolated from their mean (the runs are independent and equally long); the
 
     python scripts/bench_sweep.py                                  # 6 rates x 8 seeds x 2000 epochs
     python scripts/bench_sweep.py --rates 0,0.5 --seeds 2 --epochs 200 --no-record   # a quick check
+    python scripts/bench_sweep.py --experiment cifar10 --subset 2000                 # CNN ensemble
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 HEADING = "## Regression sweep: vectorized vs one run per member (scripts/bench_sweep.py)"
+CIFAR_HEADING = "## CIFAR-10 sweep: one ensemble vs one run per member (scripts/bench_sweep.py --experiment cifar10)"
+CIFAR_TABLE = (
+    "| date (UTC) | machine | command | members x images x epochs | ensemble s | per-member s "
+    "| ensemble member-img/s | per-member member-img/s | per-member / ensemble | `dropstudy sweep` s "
+    "| `dropstudy train` processes s | processes / sweep | load avg (start -> end) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
 CLI_HEADING = "## Regression sweep end to end: `dropstudy sweep` vs one `dropstudy train` process per member"
 CLI_TABLE = (
     "| date (UTC) | machine | command | members x epochs | `dropstudy sweep` s | `dropstudy train` processes s "
@@ -51,9 +61,13 @@ TABLE = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="0,0.1,0.2,0.3,0.4,0.5", help="dropout rates, comma-separated")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 per rate")
-    parser.add_argument("--epochs", type=int, default=2000, help="trainer.epochs (the study's length: 2000)")
+    parser.add_argument("--experiment", default="regression", choices=("regression", "cifar10"))
+    parser.add_argument("--rates", default=None, help="dropout rates, comma-separated "
+                        "(default: 0,0.1,0.2,0.3,0.4,0.5; cifar10: 0,0.25)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per rate (default 8; cifar10: 4)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="trainer.epochs (default: the study's 2000; cifar10: 1)")
+    parser.add_argument("--subset", type=int, default=2000, help="cifar10: data.subset, the training images")
     parser.add_argument("--device", default="auto", help="device key for both ways")
     parser.add_argument("--baseline-members", type=int, default=None,
                         help="train only this many per-member runs and extrapolate (default: all)")
@@ -62,7 +76,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-record", action="store_true", help="do not append the row to BENCHMARKS.md")
     parser.add_argument("--no-cli", action="store_true",
                         help="skip the end-to-end commands (`dropstudy sweep` vs a `dropstudy train` process per member)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    cifar = args.experiment == "cifar10"
+    args.rates = args.rates or ("0,0.25" if cifar else "0,0.1,0.2,0.3,0.4,0.5")
+    args.seeds = args.seeds or (4 if cifar else 8)
+    args.epochs = args.epochs or (1 if cifar else 2000)
+    # The CNN on synthetic images (no download), a fixed data.seed: one copy of the data for all.
+    args.extra = (["experiment=cifar10", "data.synthetic=true", f"data.subset={args.subset}", "data.val_size=500",
+                   "data.seed=0"] if cifar else [])
+    return args
 
 
 def machine() -> str:
@@ -82,6 +104,16 @@ def load_average() -> str:
 
 
 def record(result: dict) -> None:
+    if result["experiment"] == "cifar10":
+        cli = result.get("cli", {})
+        add_row(CIFAR_HEADING, CIFAR_TABLE,
+                f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['members']} x "
+                f"{result['train_images']} x {result['epochs']} | {result['vectorized_s']:.0f} "
+                f"| {result['per_member_s']:.0f} | {result['vectorized_member_images_per_s']:.0f} "
+                f"| {result['per_member_member_images_per_s']:.0f} | {result['speedup']:.2f}x "
+                f"| {cli.get('sweep_s', float('nan')):.0f} | {cli.get('train_processes_s', float('nan')):.0f} "
+                f"| {cli.get('speedup', float('nan')):.2f}x | {result['load_start']} -> {result['load_end']} |\n")
+        return
     per_member = f"{result['per_member_s']:.0f}" + (" (extrapolated from " + str(result["per_member_measured"]) + ")"
                                                    if result["per_member_extrapolated"] else "")
     row = (f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['members']} x {result['epochs']} "
@@ -126,7 +158,10 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)  # the per-epoch progress lines would drown the result
 
+    import torch
+
     from dropstudy.config import compose
+    from dropstudy.data import load_dataset
     from dropstudy.rundir import RunDir
     from dropstudy.runner import train_run
     from dropstudy.vectorized import Member, train_members, why_not_vectorizable
@@ -136,7 +171,7 @@ def main() -> None:
     members = []
     for p in rates:
         for seed in range(args.seeds):
-            overrides = [f"model.dropout={p}", f"seed={seed}", f"trainer.epochs={args.epochs}",
+            overrides = [*args.extra, f"model.dropout={p}", f"seed={seed}", f"trainer.epochs={args.epochs}",
                          f"device={args.device}", "tracker.mode=offline"]
             members.append((overrides, compose(overrides)))
     reason = why_not_vectorizable([cfg for _, cfg in members])
@@ -165,7 +200,13 @@ def main() -> None:
 
     cli = None if args.no_cli else run_commands(args, rates, members, out)
 
+    train_images = len(load_dataset(members[0][1].data, torch.device("cpu"), lambda _: None).train)
+    member_images = len(members) * train_images * args.epochs
     result = {
+        "experiment": args.experiment,
+        "train_images": train_images,
+        "vectorized_member_images_per_s": round(member_images / vectorized_s, 1),
+        "per_member_member_images_per_s": round(member_images / per_member_s, 1),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "command": shlex.join(["python", "scripts/bench_sweep.py", *sys.argv[1:]]),
@@ -201,7 +242,7 @@ def run_commands(args: argparse.Namespace, rates: list[float], members: list, ou
 
     env = {**os.environ, "WANDB_SILENT": "true",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    common = [f"trainer.epochs={args.epochs}", f"device={args.device}", "tracker.mode=offline"]
+    common = [*args.extra, f"trainer.epochs={args.epochs}", f"device={args.device}", "tracker.mode=offline"]
     sweep = [sys.executable, "-m", "dropstudy", "sweep", "model.dropout=" + ",".join(str(r) for r in rates),
              f"seed=range(0,{args.seeds})", *common, f"hydra.sweep.dir={out / 'cli-sweep'}"]
     started = time.perf_counter()

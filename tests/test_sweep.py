@@ -321,9 +321,15 @@ def test_a_real_vectorized_sweep_writes_a_finished_run_per_member(clean_env, tmp
 
 
 def test_a_grid_the_real_vectorized_path_cannot_batch_falls_back(clean_env):
-    result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25")
+    result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25",
+                    "optim.lr=0.1,0.01")
     assert result.exit_code == 0, result.output
-    assert "sweep.vectorize: one job per member (" in result.output and "launcher: basic" in result.output
+    assert "sweep.vectorize: one job per member (members differ in optim.lr" in result.output
+    assert "launcher: basic" in result.output
+    # Seeds alone are batched once the members share one copy of the data (data.seed set).
+    result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25",
+                    "seed=0,1", "data.seed=0")
+    assert result.exit_code == 0 and "launcher: vectorized" in result.output, result.output
 
 
 @pytest.mark.parametrize("grid, copied", [

@@ -193,7 +193,7 @@ def test_why_not_vectorizable_says_why():
     assert why_not_vectorizable([member(**{"model__dropout": 0.0, "seed": 0}), member(**{"model__dropout": 0.5, "seed": 1}),
                                  member(**{"model__dropout": 0.2, "seed": 2, "data__seed": 7})]) is None
     cases = {
-        "model.name=cnn": [compose(["experiment=cifar10", "data.synthetic=true"])],
+        "model.name=cnn": [member(), compose(["experiment=cifar10", "data.synthetic=true"])],
         "optim.lr": [member(), member(optim__lr=0.1)],
         "trainer.epochs": [member(), member(trainer__epochs=10)],
         "device": [member(), member(device="cpu")],

@@ -375,20 +375,22 @@ def sweep(
     with claimed(plan.sweep_dir, ELSEWHERE_SWEEP):
         stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
                      highlight=False)
-        interrupted = False
+        interrupted, exit_interrupted = False, EXIT_INTERRUPTED
         try:
             if vectorized:
                 from dropstudy.console import setup_logging
 
                 setup_logging(plan.sweep_dir / "sweep.log")
                 try:
-                    train_vectorized(plan, vectorized)
+                    stopped = [r for r in train_vectorized(plan, vectorized) if r.status == "interrupted"]
+                    if stopped:  # the engine checkpointed every member and said so in its summary
+                        interrupted, exit_interrupted = True, stopped[0].exit_code
                 except Exception as exc:  # the table below says which members got how far
                     logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
             else:
                 launch_multirun(plan, SweepJob(plan.group))
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:
+            interrupted, exit_interrupted = True, getattr(exc, "exit_code", EXIT_INTERRUPTED)
 
         outcomes = collect_outcomes(plan)
         print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
@@ -396,8 +398,9 @@ def sweep(
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
+        typer.echo(f"to continue what was interrupted: dropstudy resume {shlex.quote(str(plan.sweep_dir))}")
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
-                   "says which ran.", EXIT_INTERRUPTED)
+                   "says which ran.", exit_interrupted)
     if bad:
         names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
                           + (f": {o.reason}" if o.reason else "") for o in bad)
@@ -456,7 +459,7 @@ def check_runnable(cfg: DictConfig) -> None:
 @app.command()
 def resume(
     directory: Path = typer.Argument(..., metavar="DIR", help="A run (one with checkpoints/last.pt), a study "
-                                     "(study.json) or a sweep (sweep.json) directory.", show_default=False),
+                                     "(study.json) or a sweep (sweep.json) directory; a batched sweep continues as the ensembles it was.", show_default=False),
 ) -> None:
     """Continue what was interrupted, in the same directories and the same W&B runs; finished runs
     are kept. A run continues from its last checkpoint and ends with exactly the metrics of an
@@ -514,6 +517,12 @@ def resume_run_dir(run_dir: Path) -> None:
     from dropstudy.checkpoint import RunDirError
     from dropstudy.runner import train_run
 
+    from dropstudy.vectorized import batched_member_of
+
+    sweep_dir = batched_member_of(run_dir)
+    if sweep_dir is not None:
+        raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
+                   f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
         summary = run_dir / "summary.json"
@@ -597,6 +606,11 @@ def read_status_of(run_dir: Path) -> str:
 def resume_sweep_dir(sweep_dir: Path) -> None:
     from datetime import datetime, timezone
 
+    from dropstudy.vectorized import batched_chunks
+
+    if batched_chunks(sweep_dir):
+        resume_batched_chunks(sweep_dir)  # then the jobs no chunk reached, below
+
     from dropstudy.checkpoint import RunDirError
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
     from dropstudy.sweep import collect_outcomes, write_sweep_json
@@ -640,6 +654,34 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
                           + (f": {o.reason}" if o.reason else "") for o in bad)
         raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
+
+
+def resume_batched_chunks(sweep_dir: Path) -> None:
+    """The batched part of `dropstudy resume SWEEP_DIR`: chunks of a batched sweep that were
+    interrupted continue as the ensembles they were (their dropout masks come from one shared
+    generator, saved with every member's checkpoint). Exits when they are interrupted again."""
+    from dropstudy.checkpoint import RunDirError
+    from dropstudy.sweep import read_status
+    from dropstudy.vectorized import batched_chunks, resume_sweep
+
+    chunks = batched_chunks(sweep_dir)
+    if all(read_status(d)[0] in ("finished", "diverged") for chunk in chunks for d in chunk):
+        return
+    check_runnable(load_saved_run(chunks[0][0])[0])
+    stderr.print(f"continuing {len(chunks)} batched chunk(s) of {sweep_dir} as ensembles", highlight=False)
+    with claimed(sweep_dir, ELSEWHERE_SWEEP, new=False):
+        resume_log = handle_run_errors(lambda: ResumeLog(sweep_dir))
+        try:
+            results = handle_run_errors(lambda: resume_sweep(sweep_dir))
+        except RunDirError as exc:
+            resume_log.take_back()
+            raise fail(str(exc))
+    for result in results:
+        typer.echo(f"  run dir: {result.run_dir}  [{result.status}]")
+    stopped = [r for r in results if r.status == "interrupted"]
+    if stopped:
+        typer.echo(f"to continue every member from its last checkpoint: dropstudy resume {shlex.quote(str(sweep_dir))}")
+        raise typer.Exit(stopped[0].exit_code)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -28,16 +29,34 @@ from omegaconf.errors import OmegaConfBaseException
 # --------------------------------------------------------------------------- schema
 
 
-# The choices of the string keys below; `validate` names them in its messages. dropout.py
-# implements one module per kind (kept here so that `--help` and config checks need no torch).
-DROPOUT_KINDS = ("inverted", "vanilla", "gaussian", "spatial", "none")
-DROPOUT_SCHEDULES = ("constant", "warmup", "anneal")
+def choice(name: str, values: str) -> type[StrEnum]:
+    """A choice key's type: Hydra refuses any other value at composition (a typo is one message
+    naming the key and the choices, exit 2), and each member equals its own string, so code and
+    saved configs compare it with plain strings."""
+    return StrEnum(name, values.split(), module=__name__)
+
+
+# The choices of the string keys below, declared once; dropout.py implements one module per kind
+# (kept here so that `--help` and config checks need no torch).
+Experiment = choice("Experiment", "regression cifar10")
+ModelName = choice("ModelName", "mlp cnn")
+DataName = choice("DataName", "regression cifar10")
+DropoutKind = choice("DropoutKind", "inverted vanilla gaussian spatial none")
+ScheduleKind = choice("ScheduleKind", "constant warmup anneal")
+OptimName = choice("OptimName", "sgd adam")
+OnNan = choice("OnNan", "stop skip raise")
+Amp = choice("Amp", "auto bf16 off")
+TrackerMode = choice("TrackerMode", "auto online offline disabled")
+Watch = choice("Watch", "gradients parameters all none")
+MemberExecution = choice("MemberExecution", "auto stacked sequential")
+DROPOUT_KINDS = tuple(DropoutKind)
+DROPOUT_SCHEDULES = tuple(ScheduleKind)
 
 
 @dataclass
 class DropoutScheduleConfig:
     # constant: p throughout; warmup: 0 -> p over `epochs`; anneal: p -> 0 over `epochs`.
-    kind: str = "constant"
+    kind: ScheduleKind = ScheduleKind.constant
     # Length of the ramp in epochs; null = the whole run (trainer.epochs).
     epochs: Optional[int] = None
 
@@ -46,10 +65,10 @@ class DropoutScheduleConfig:
 class ModelConfig:
     """What every model has: its dropout sites and how they drop."""
 
-    name: str = MISSING
+    name: ModelName = MISSING
     # p of dropping a unit (PyTorch's convention), or one p per hidden-layer dropout site.
     dropout: Any = 0.0
-    dropout_kind: str = "inverted"
+    dropout_kind: DropoutKind = DropoutKind.inverted
     # p on the inputs; 0 = no input dropout site at all.
     input_dropout: float = 0.0
     dropout_schedule: DropoutScheduleConfig = field(default_factory=DropoutScheduleConfig)
@@ -57,7 +76,8 @@ class ModelConfig:
 
 @dataclass
 class MLPConfig(ModelConfig):
-    name: str = "mlp"
+    # 1 -> 200 -> 200 -> 200 -> 1, ReLU then dropout after each hidden layer, none before the output.
+    name: ModelName = ModelName.mlp
     in_features: int = 1
     hidden: List[int] = field(default_factory=lambda: [200, 200, 200])
     out_features: int = 1
@@ -65,7 +85,9 @@ class MLPConfig(ModelConfig):
 
 @dataclass
 class CNNConfig(ModelConfig):
-    name: str = "cnn"
+    # conv 3->32->64->128 (3x3, no padding), each ReLU + 2x2 max-pool; flatten (512), dropout,
+    # fc 512->512, ReLU, dropout, fc 512->10.
+    name: ModelName = ModelName.cnn
     channels: List[int] = field(default_factory=lambda: [32, 64, 128])
     hidden: int = 512
     num_classes: int = 10
@@ -75,7 +97,10 @@ class CNNConfig(ModelConfig):
 
 @dataclass
 class RegressionDataConfig:
-    name: str = "regression"
+    # x evenly spaced on [-1, 1]; y = slope*x + N(0, train_noise^2) for training, and the same x
+    # with N(0, test_noise^2) for the held-out sets. The validation set is an independent draw
+    # like the test set, so `val/*` exists for every experiment; training never sees either.
+    name: DataName = DataName.regression
     n_points: int = 10
     slope: float = 1.5
     train_noise: float = 0.5
@@ -86,12 +111,13 @@ class RegressionDataConfig:
 
 @dataclass
 class Cifar10DataConfig:
-    name: str = "cifar10"
+    name: DataName = DataName.cifar10
     root: str = "${oc.env:DROPSTUDY_DATA,'~/.cache/dropstudy'}"
     download: bool = False
     subset: Optional[int] = None
     synthetic: bool = False
     val_size: int = 5000
+    # torchvision's MD5 check of the batch files; false only for hand-made copies.
     verify: bool = True
     # Also hash every source file's bytes into the decoded-tensor cache's key (slower to check; for
     # copies that keep file sizes and mtimes). Off: paths, sizes and mtimes decide.
@@ -104,7 +130,7 @@ class Cifar10DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: OptimName = OptimName.sgd
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -128,13 +154,13 @@ class TrainerConfig:
     # Write checkpoints/last.pt every N epochs (and at the end); null = every evaluation.
     checkpoint_every: Optional[int] = None
     # A NaN/inf loss: stop (status diverged), skip that step, or raise an error.
-    on_nan: str = "stop"
+    on_nan: OnNan = OnNan.stop
     # Speed switches (runtime.FastPaths applies them). channels_last: NHWC memory format for conv
     # nets (1.2x faster for the CIFAR-10 CNN on a 2-core x86 CPU, and what tensor cores want).
     channels_last: bool = True
     # bf16 autocast: auto = on for CUDA devices that support bf16, off elsewhere; bf16 forces it
     # (CPU too, slower there on most CPUs); off = float32 throughout.
-    amp: str = "auto"
+    amp: Amp = Amp.auto
     # torch.compile the model (a one-off compile of tens of seconds; pays off for long runs).
     compile: bool = False
     # CPU threads for torch; null = the CPUs this process may use, at most one per physical core.
@@ -143,13 +169,13 @@ class TrainerConfig:
 
 @dataclass
 class TrackerConfig:
-    mode: str = "auto"
+    mode: TrackerMode = TrackerMode.auto
     project: str = "dropstudy"
     entity: Optional[str] = None
     group: Optional[str] = None
     job_type: Optional[str] = None
     tags: List[str] = field(default_factory=list)
-    watch: str = "all"
+    watch: Watch = Watch.all
     # Histogram cadence in optimizer steps; null = once per evaluation (eval_every epochs).
     log_freq: Optional[int] = None
     # Seconds to wait for the W&B server when online; then the run logs to offline W&B instead.
@@ -172,11 +198,18 @@ class SweepConfig:
     # `dropstudy sweep` trains a grid of regression members as one batched model in one
     # process when the members allow it (dropstudy.vectorized); false = one job per member.
     vectorize: bool = True
+    # The most members trained as one batched model; a larger grid trains in chunks of this many,
+    # one chunk after another. Memory grows linearly with it (see README, "Sweeps").
+    max_members: int = 16
+    # How the members of an ensemble (dropstudy.ensemble) run on one device: stacked (one vmap'd
+    # forward/backward for all), sequential (in turn, one process, one copy of the data) or auto
+    # (stacked on CUDA and for the MLP; sequential for the CNN on a CPU).
+    member_execution: MemberExecution = MemberExecution.auto
 
 
 @dataclass
 class Config:
-    experiment: str = MISSING
+    experiment: Experiment = MISSING
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
@@ -239,10 +272,11 @@ class ConfigError(Exception):
     """Bad user input: the message names the key and what is allowed."""
 
 
-WATCH_CHOICES = ("gradients", "parameters", "all", "none")
-MODE_CHOICES = ("auto", "online", "offline", "disabled")
-ON_NAN_CHOICES = ("stop", "skip", "raise")
-AMP_CHOICES = ("auto", "bf16", "off")
+WATCH_CHOICES = tuple(Watch)
+MODE_CHOICES = tuple(TrackerMode)
+ON_NAN_CHOICES = tuple(OnNan)
+AMP_CHOICES = tuple(Amp)
+MEMBER_EXECUTION_CHOICES = tuple(MemberExecution)
 # trainer.* counts: each must be at least 1 (null, where the schema allows it, has the meaning given).
 TRAINER_COUNTS = {
     "epochs": "must be a positive integer.",
@@ -369,8 +403,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.amp={cfg.trainer.amp!r}: use auto (bf16 autocast on CUDA when supported), bf16 or off."
         )
-    if cfg.optim.name not in ("sgd", "adam"):
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: use sgd or adam.")
+    if cfg.sweep.member_execution not in MEMBER_EXECUTION_CHOICES:
+        raise ConfigError(
+            f"sweep.member_execution={cfg.sweep.member_execution!r}: use auto, stacked (members vmap'd "
+            "together) or sequential (members in turn)."
+        )
+    if cfg.optim.name not in tuple(OptimName):
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: use {' or '.join(OptimName)}.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: must be positive.")
     if cfg.tracker.mode not in MODE_CHOICES:
@@ -387,6 +426,9 @@ def validate(cfg: DictConfig) -> None:
             f"tracker.init_timeout={init_timeout}: seconds to wait for the W&B server, a positive number "
             f"(default {TrackerConfig.init_timeout:g})."
         )
+    if cfg.sweep.max_members < 1:
+        raise ConfigError(f"sweep.max_members={cfg.sweep.max_members}: the most members trained as one batched "
+                          "model must be at least 1.")
     data = cfg.data
     if data.name == "regression":
         if data.n_points < 2:
@@ -426,6 +468,10 @@ def _valid_keys(full_key: str) -> str:
     return f"valid keys {where}: {', '.join(keys)}" if keys else ""
 
 
+# OmegaConf's message for a value outside an Enum-typed key's choices.
+INVALID_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+
+
 def explain_composition_error(exc: BaseException) -> str:
     """Turn Hydra/OmegaConf's composition errors into one paragraph naming the key."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
@@ -440,6 +486,9 @@ def explain_composition_error(exc: BaseException) -> str:
         if "not in" in text or "Key '" in text and "not" in text:
             hint = _valid_keys(key)
             return f"{key}: unknown key. {hint}. (To add a new key on purpose use +{key}=VALUE.)"
+        invalid = INVALID_CHOICE.match(text)
+        if invalid:  # a choice key (an Enum in the schema) given another value
+            return f"{key}={invalid.group(1)!r}: use one of {invalid.group(2)}."
         return f"{key}: {text}"
     first = str(exc).strip().splitlines()
     return " ".join(line.strip() for line in first if line.strip())

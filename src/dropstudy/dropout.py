@@ -18,16 +18,23 @@ probability is 1 - p. The kinds (`model.dropout_kind`):
 Every site is a `SiteDropout` module: models.py asks `make_dropout` for one wherever its
 architecture has a dropout site, and everything else (logging the sites, schedules, MC
 dropout) finds them by that type.
+
+Every kind is implemented once, in `apply_dropout`, which takes p as a Python float (torch's
+own kernels where they exist, what a single run uses) or as a tensor. The tensor form is what
+ensembles train with: a site's `drop_rate` passes its `rate` buffer, which
+`torch.func.stack_module_state` stacks into one p per member of ensemble.py's `Ensemble`, so under
+`vmap(..., randomness="different")` every member draws its own mask with its own p (a site uses
+it only when `rate_from_buffer` is set; `rate` is not saved in checkpoints); the hand-batched
+regression ensemble (vectorized.py) passes its [M, 1, 1] rates and its own generator.
 """
 
 from __future__ import annotations
 
-import abc
-
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,30 +42,54 @@ from omegaconf import ListConfig
 from torch import nn
 
 
-class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
+class SiteDropout(nn.Module):
     """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
-    schedule changes every epoch. `where` says where the site sits, for logs. Each kind's `drop`
-    is where its mask (or noise) is drawn."""
+    schedule changes every epoch. `where` says where the site sits, for logs. Its mask (or noise)
+    is drawn by `apply_dropout`, with p as a float (`drop`) or as the `rate` tensor (`drop_rate`,
+    what an ensemble's stacked members use)."""
 
     kind = "?"
 
     def __init__(self, p: float, where: str):
         super().__init__()
+        # p as a tensor, kept equal to `p` (its setter fills it): the per-member p of an ensemble.
+        # Not persistent, so a model's state_dict (and every checkpoint) is what it was without it.
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
         self.base_p = float(p)
         self.p = float(p)
         self.where = where
         self.one_draw_per_batch = False
+        self.rate_from_buffer = False  # drop with `rate` (tensor p) instead of `p` (float p)
 
-    @abc.abstractmethod
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.rate.fill_(self._p)
+
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """x with this kind's mask (or noise) applied, in training or evaluation mode."""
+        return apply_dropout(self.kind, x, self.p, self.training)
+
+    def drop_rate(self, x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """`drop` with p as a tensor: masks from `torch.rand_like` (vmap batches it, one draw per
+        member), no branch on p's value (vmap cannot branch on a tensor). p=0 keeps every unit
+        and scales by exactly 1, so a p=0 member computes what a site without dropout does."""
+        return apply_dropout(self.kind, x, rate, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self._drop_with_rate if self.rate_from_buffer else self.drop
         if self.training and self.one_draw_per_batch:
             # Every kind multiplies by noise: draw it once (on ones) for the whole batch, so a pass
             # is one thinned network and MC samples of a function over a grid are whole functions.
-            return x * self.drop(torch.ones_like(x[:1]))
-        return self.drop(x)
+            return x * drop(torch.ones_like(x[:1]))
+        return drop(x)
+
+    def _drop_with_rate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_rate(x, self.rate)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, {self.where}"
@@ -66,12 +97,6 @@ class SiteDropout(nn.Module, metaclass=abc.ABCMeta):
 
 class InvertedDropout(SiteDropout):
     kind = "inverted"
-
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's own kernel rather than a hand-written mask: bit-identical to nn.Dropout for the
-        # same generator state on every device (CUDA draws its masks in a fused kernel). On the
-        # CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw below rescaled.
-        return F.dropout(x, self.p, self.training)
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -83,34 +108,62 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class VanillaDropout(SiteDropout):
     kind = "vanilla"
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            # A unit was present with probability 1-p in training, so its expected contribution
-            # is (1-p)·x: scaling here is what keeps training and evaluation in agreement.
-            return x * (1.0 - self.p)
-        if self.p == 0.0:
-            return x  # draw nothing, so p=0 consumes no random numbers, as torch's dropout
-        return x * keep_mask(x, self.p)
-
 
 class GaussianDropout(SiteDropout):
     kind = "gaussian"
-
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
-        sigma = math.sqrt(self.p / (1.0 - self.p))
-        return x * (1.0 + sigma * torch.randn_like(x))
 
 
 class SpatialDropout(SiteDropout):
     kind = "spatial"
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
-        # correlated, so dropping single pixels removes little information; dropping a whole map does.
-        return F.dropout2d(x, self.p, self.training)
+
+def apply_dropout(
+    kind: str, x: torch.Tensor, p: float | torch.Tensor, training: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """x with dropout of `kind` at rate p: the one implementation of every kind, for a single
+    site (p a float) and for stacked ensemble members (p a tensor broadcastable over x, e.g.
+    [M, 1, 1] for activations [M, N, H]: each member its own p).
+
+    A float p draws exactly as the matching torch modules do (F.dropout, F.dropout2d), so a
+    single run's masks stay those of nn.Dropout. A tensor p draws uniforms from `generator`
+    (the global one when None) and keeps a unit where u >= p, with probability 1-p, as torch's
+    Bernoulli(1-p) mask does: every member, example and unit draws on its own. The tensor form
+    never branches on p's value (vmap cannot), and p=0 keeps every unit with a scale of exactly 1."""
+    if kind == "none":
+        return x
+    tensor_p = torch.is_tensor(p)
+    if not training:
+        # A unit was present with probability 1-p in training, so its expected contribution is
+        # (1-p)·x: vanilla scales here to keep training and evaluation in agreement.
+        return x * (1.0 - p) if kind == "vanilla" else x
+    if not tensor_p:
+        if kind == "inverted":
+            # torch's own kernel rather than a hand-written mask: bit-identical to nn.Dropout for
+            # the same generator state on every device (CUDA draws its masks in a fused kernel).
+            # On the CPU it is exactly `x * keep_mask(x, p) / (1 - p)`, the vanilla draw rescaled.
+            return F.dropout(x, p, True)
+        if kind == "spatial":
+            # One draw per (sample, channel): neighbouring pixels of a feature map are strongly
+            # correlated, so dropping single pixels removes little; dropping a whole map does.
+            return F.dropout2d(x, p, True)
+        if p == 0.0:
+            return x  # draw nothing, so p=0 consumes no random numbers, as torch's dropout
+        if kind == "vanilla":
+            return x * keep_mask(x, p)
+        # σ² = p/(1-p) is the variance of inverted dropout's multiplier m/(1-p), m ~ Bernoulli(1-p).
+        return x * (1.0 + math.sqrt(p / (1.0 - p)) * torch.randn_like(x))
+    # spatial: one draw per (member, sample, channel) of maps [..., C, H, W].
+    like = x[..., :1, :1] if kind == "spatial" else x
+    # Without a generator the draws are `*_like` ones from the global generator, which vmap
+    # (randomness="different") batches: one independent draw per member there too.
+    if kind == "gaussian":
+        noise = torch.randn_like(like) if generator is None else torch.randn(
+            like.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x * (1.0 + torch.sqrt(p / (1.0 - p)) * noise)
+    uniform = torch.rand_like(like) if generator is None else torch.rand(
+        like.shape, generator=generator, device=x.device, dtype=x.dtype)
+    keep = uniform >= p
+    return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
 
 
 FORMULATIONS: dict[str, type[SiteDropout]] = {

@@ -1,7 +1,7 @@
 """A run's lifecycle, in one place: from a composed config to a finished run directory.
 
-`train_run` sets up device, seeds, data, model, optimizer and tracker, trains, draws the
-figures and writes the summary; the tracker is always finished, whatever happens. `run_study`
+`train_run` sets up device, seeds, data, model, optimizer and tracker, trains (a `Single`
+backend driven by the `Engine`), draws the figures and writes the summary; the tracker is always finished, whatever happens. `run_study`
 trains every arm of `study.arms` that way on the same data and seed and draws the comparison.
 """
 
@@ -30,7 +30,9 @@ from dropstudy.failures import describe
 from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
 from dropstudy.tracking import flatten, make_tracker
-from dropstudy.train import NonFiniteLoss, Outcome, Trainer, make_optimizer
+from dropstudy.backends import Single
+from dropstudy.engine import Engine, MemberRun
+from dropstudy.train import NonFiniteLoss, Outcome, make_optimizer
 from dropstudy.uncertainty import calibration, mc_forward, predictions, predictive_entropy
 
 log = logging.getLogger("dropstudy")
@@ -192,35 +194,22 @@ def _train_run(
         cfg, rd, data, label, dropout_sites, provenance, group=group, job_type=job_type, extra_tags=extra_tags,
         resume_id=state.get("tracker_run_id") if state is not None else None,
     )
-    trainer = Trainer(
-        model=model,
-        optimizer=optimizer,
-        data=data,
-        trainer_cfg=cfg.trainer,
-        seed=cfg.seed,
-        run_dir=rd,
-        tracker=tracker,
-        label=label,
-        checkpoint_extra={"config": resolved},
-        schedule=schedule,
-        max_norm=cfg.optim.max_norm,
-        mc_samples=cfg.eval.mc_samples,
-        fast=fast,
-    )
+    backend = Single(model=model, optimizer=optimizer, data=data, cfg=cfg, schedule=schedule, fast=fast)
+    member = MemberRun(rd, tracker, resolved, n_train=len(data.train), lr=optimizer.param_groups[0]["lr"])
+    engine = Engine(backend, [member], cfg.trainer, label=label)
     if state is not None:
-        trainer.load_state(state, rd.read_metrics())
-        rd.rewrite_metrics(trainer.rows)
+        engine.resume([state])
         log.info(f"[{label}] resuming {rd.path} after epoch {state['epoch']} of {cfg.trainer.epochs}")
     # Histograms once per evaluation unless tracker.log_freq says otherwise (wandb counts steps).
-    log_freq = cfg.tracker.log_freq or trainer.steps_per_epoch * cfg.trainer.eval_every
+    log_freq = cfg.tracker.log_freq or backend.steps_per_epoch * cfg.trainer.eval_every
     tracker.watch(model, cfg.tracker.watch, log_freq)
     timings["setup"] = time.perf_counter() - clock
 
     result = RunResult(rd.path, label, "failed", None, sync_command=tracker.sync_command)
     started = time.time()
     try:
-        outcome = trainer.fit()
-        timings.update(trainer.timings)
+        (outcome,) = engine.run()
+        timings.update(engine.timings)
         extra = {}
         if device.type == "cuda":
             extra["gpu_memory_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -10,7 +10,8 @@ and a small picklable record back. The table is built from each job's summary.js
 source of truth whichever process wrote it.
 
 With `sweep.vectorize` on, a grid that `dropstudy.vectorized` can train as one batched model
-is trained that way instead, into the same run directories (`train_vectorized`).
+is trained that way instead, into the same run directories, in chunks of at most
+`sweep.max_members` members (`train_vectorized`).
 """
 
 from __future__ import annotations
@@ -95,12 +96,12 @@ def check_launcher(name: str) -> None:
 
 
 def _hydra():
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
 
+    from dropstudy.hydra_internals import main_hydra
+
     GlobalHydra.instance().clear()
-    return Hydra.create_main_hydra2(task_name="sweep", config_search_path=create_config_search_path(str(conf_dir())))
+    return main_hydra("sweep", conf_dir())
 
 
 def _is_hydra_override(arg: str) -> bool:
@@ -114,7 +115,6 @@ def sweep_dir_override(sweep_dir: str) -> str:
 
 def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     """Every job of the multirun `overrides` describe, composed and validated, with its run dir."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -122,6 +122,8 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     from hydra.errors import HydraException
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
+
+    from dropstudy.hydra_internals import apply_overrides, split_sweep_arguments
 
     launcher = launcher_choice(overrides)
     check_launcher(launcher)
@@ -135,7 +137,7 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
         args.append(sweep_dir_override(sweep_dir))
         master = hydra.config_loader.load_configuration(config_name="config", overrides=args, run_mode=RunMode.MULTIRUN)
         parser = OverridesParser.create(config_loader=hydra.config_loader)
-        batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+        batches = split_sweep_arguments(parser.parse_overrides(args))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         GlobalHydra.instance().clear()
         raise ConfigError(explain_composition_error(exc)) from exc
@@ -160,7 +162,7 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
                     # composing the whole config again (0.3 s a grid point).
                     job_cfg = copy.deepcopy(first_job)
                     with open_dict(job_cfg):
-                        hydra.config_loader._apply_overrides_to_config(changed, job_cfg)
+                        apply_overrides(hydra.config_loader, changed, job_cfg)
                         job_cfg.hydra.overrides.task = task_args
                 if num == 0 and jobs_differ_in_values_only(master, job_cfg):
                     first_job = copy.deepcopy(job_cfg)
@@ -258,8 +260,11 @@ class SweepJob:
         finally:
             self._release_wandb()
         if result.status == "interrupted":
-            # Ctrl-C: the trainer stopped cleanly; stop launching the remaining jobs too.
-            raise KeyboardInterrupt
+            from dropstudy.runtime import Interrupted
+
+            # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
+            # and let the sweep exit with the signal's code.
+            raise Interrupted(result.exit_code - 128)
         return {"run_dir": str(run_dir), "status": result.status}
 
     def _release_wandb(self) -> None:
@@ -303,21 +308,31 @@ def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
     return (vectorized, None) if reason is None else (None, reason)
 
 
-def train_vectorized(plan: SweepPlan, vectorized: Any) -> None:
-    """Every job as a member of one batched model, each in the run dir the launcher would use."""
+def train_vectorized(plan: SweepPlan, vectorized: Any) -> list[Any]:
+    """Every job as a member of a batched model, each in the run dir the launcher would use: in
+    chunks of at most sweep.max_members members, one chunk after another. Stops after a chunk
+    that was interrupted; returns every trained member's RunResult."""
     from contextlib import ExitStack
 
     from dropstudy.rundir import RunDir, claim_run_dir
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(plan.master, plan.sweep_dir / "multirun.yaml")
-    members = []
-    with ExitStack() as held:
-        for job in plan.jobs:
-            held.enter_context(claim_run_dir(job.run_dir, new=False))
-            RunDir(job.run_dir).write_config(job.cfg, job.overrides)
-            members.append(vectorized.Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
-        vectorized.train_members(members, group=plan.group, extra_tags=("sweep",))
+    size = plan.jobs[0].cfg.sweep.max_members
+    results: list[Any] = []
+    for chunk, start in enumerate(range(0, len(plan.jobs), size)):
+        members = []
+        with ExitStack() as held:
+            for job in plan.jobs[start:start + size]:
+                held.enter_context(claim_run_dir(job.run_dir, new=False))
+                RunDir(job.run_dir).write_config(job.cfg, job.overrides)
+                members.append(vectorized.Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
+            chunk_results = vectorized.train_members(members, group=plan.group, extra_tags=("sweep",),
+                                                     chunk=(chunk, plan.sweep_dir))
+        results.extend(chunk_results)
+        if any(r.status == "interrupted" for r in chunk_results):
+            break
+    return results
 
 
 # --------------------------------------------------------------------------- the outcome

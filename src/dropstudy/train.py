@@ -1,44 +1,28 @@
-"""The training loop: minibatch steps (with the max-norm constraint after each), the dropout
-schedule applied every epoch, evaluation every `eval_every` epochs (deterministic, MC dropout,
-weight norms), checkpoints, and how the run ended (finished, diverged, interrupted).
-
-It writes every metric row to the run directory first and then hands it to the tracker; it
-knows nothing of W&B beyond the `Tracker` interface.
+"""The pieces of training every backend shares: the loss, the optimizer, the max-norm
+constraint, evaluation of one model over a split, the generators a run draws from, which epochs
+get a metrics row, and how a run ended (`Outcome`, `conclude`). The loop itself is engine.py's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import signal
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropstudy.checkpoint import RunDirError
-from dropstudy.console import TrainingProgress
 from dropstudy.data import Dataset, Split, TrainBatches, batches
-from dropstudy.dropout import DropoutSchedule
-from dropstudy.models import weight_layers, weight_norms
-from dropstudy.rundir import RunDir
-from dropstudy.runtime import FastPaths, Interrupted, signals_interrupt_training
-from dropstudy.tracking import Tracker
-from dropstudy.uncertainty import Predictions, mc_metrics, predictions
-
+from dropstudy.models import weight_layers
+from dropstudy.runtime import FastPaths
+from dropstudy.uncertainty import Predictions
 
 log = logging.getLogger("dropstudy")
-
-
-def _exit_now(signum: int, frame: Any) -> None:
-    os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
-    os._exit(128 + signum)
 
 
 @dataclass
@@ -58,9 +42,12 @@ def loss_function(task: str) -> Callable[..., torch.Tensor]:
 
 
 def make_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
+    name = getattr(cfg.name, "value", cfg.name)  # an Enum member once the schema has typed it
+    if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name={name!r}: no such optimizer; use sgd or adam")
 
 
 @torch.no_grad()
@@ -125,238 +112,20 @@ def logs_row(epoch: int, log_every: int, evaluated: bool, diverging: bool) -> bo
     return evaluated or diverging or epoch % log_every == 0
 
 
-def _clone_tensors(tree: Any) -> Any:
+def clone_tensors(tree: Any) -> Any:
     """`tree` (dicts and lists of tensors and plain values, as state_dicts are) with every tensor
     cloned and every container rebuilt, so nothing in it aliases the live state."""
     if torch.is_tensor(tree):
         return tree.detach().clone()
     if isinstance(tree, dict):
-        return {k: _clone_tensors(v) for k, v in tree.items()}
+        return {k: clone_tensors(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_clone_tensors(v) for v in tree)
+        return type(tree)(clone_tensors(v) for v in tree)
     return tree
 
 
 class NonFiniteLoss(FloatingPointError):
     """trainer.on_nan=raise: a NaN/inf loss stops the run with an exception."""
-
-
-class Trainer:
-    """Trains one model on one dataset; `fit` returns how it ended.
-
-    At every epoch boundary it keeps an in-memory copy of the whole training state (the
-    models are small). A checkpoint always holds such a boundary state, never a half-done
-    epoch, so a run resumed from it continues exactly as if it had not stopped.
-    """
-
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        data: Dataset,
-        trainer_cfg: Any,
-        seed: int,
-        run_dir: RunDir,
-        tracker: Tracker,
-        label: str,
-        checkpoint_extra: dict[str, Any],
-        schedule: DropoutSchedule = DropoutSchedule(),
-        max_norm: float | None = None,
-        mc_samples: int = 0,
-        fast: FastPaths | None = None,
-    ):
-        self.model = model
-        self.optimizer = optimizer
-        self.data = data
-        self.cfg = trainer_cfg
-        self.run_dir = run_dir
-        self.tracker = tracker
-        self.label = label
-        self.checkpoint_extra = checkpoint_extra
-        self.schedule = schedule
-        self.max_norm = max_norm
-        self.mc_samples = mc_samples
-        self.loss_fn = loss_function(data.task)
-        self.fast = fast or FastPaths(data.train.targets.device)
-        # What the loop calls: the model, or its torch.compile wrapper (same parameters).
-        self.net = self.fast.forward(model)
-        # Shuffling (and augmentation) have their own generators, so the batch order depends on
-        # the seed alone and not on how many random numbers dropout drew.
-        self.loader = TrainBatches(data.train, trainer_cfg.batch_size, seed, augment=data.augment)
-        # Seconds spent in each part of fit(), for summary.json: where the time goes.
-        self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
-        self.rows: list[dict[str, Any]] = []
-        self.start_epoch = 1
-        self.skipped_steps = 0
-        self._boundary: dict[str, Any] | None = None
-        self._snapshot(0)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        bs = self.cfg.batch_size
-        return 1 if bs is None else math.ceil(len(self.data.train) / bs)
-
-    @property
-    def checkpoint_every(self) -> int:
-        return self.cfg.checkpoint_every or self.cfg.eval_every
-
-    def log(self, row: dict[str, Any]) -> None:
-        """The one place a metric row goes: metrics.jsonl first, then the tracker. The row's
-        index is its W&B step, so a resumed run continues the same step sequence."""
-        start = time.perf_counter()
-        step = len(self.rows)
-        self.rows.append(row)
-        self.run_dir.append_metrics(row)
-        self.tracker.log(row, step=step)
-        self.timings["log"] += time.perf_counter() - start
-
-    # -- state ------------------------------------------------------------------------------
-    def _snapshot(self, epoch: int) -> None:
-        """The training state after `epoch`, its tensors cloned (training goes on mutating the
-        live ones). Taken every epoch, so it must be cheap: the RNG getters already return
-        copies, and only tensors are cloned (a deepcopy of the whole dict cost 2 ms an epoch,
-        40% of a regression run, mostly walking Python's 625-int random state)."""
-        self._boundary = {
-            "epoch": epoch,
-            "model": _clone_tensors(self.model.state_dict()),
-            "optimizer": _clone_tensors(self.optimizer.state_dict()),
-            "scheduler": None,  # no learning-rate schedule in these studies
-            "rng": rng_states(self.loader),
-            "skipped_steps": self.skipped_steps,
-        }
-
-    def checkpoint(self) -> None:
-        """Write the last epoch-boundary state to checkpoints/last.pt. A failed write (disk
-        full) leaves the previous checkpoint as it was and ends the run as failed: training on
-        without checkpoints would make an interruption cost the whole run."""
-        start = time.perf_counter()
-        state = {**self._boundary, "tracker_run_id": self.tracker.run_id, **self.checkpoint_extra}
-        self.run_dir.save_checkpoint(state)
-        self.timings["checkpoint"] += time.perf_counter() - start
-
-    def load_state(self, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """Continue from a checkpoint: the metrics logged up to its epoch, then its state."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        try:
-            restore_rng_states(state["rng"], self.loader)
-        except RuntimeError as exc:  # a generator state of another kind (CPU vs CUDA): another device type
-            raise RunDirError(
-                f"{self.run_dir.checkpoints / 'last.pt'}: its batch-order generator was drawn on another kind of "
-                f"device than {self.data.train.targets.device.type} ({exc}); resume it on the device type it "
-                "started on (device=...)."
-            ) from exc
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.rows = [r for r in rows if r["epoch"] <= state["epoch"] and not any(k.startswith("test/") for k in r)]
-        self.start_epoch = state["epoch"] + 1
-        self._snapshot(state["epoch"])
-
-    # -- the loop ---------------------------------------------------------------------------
-    def train_epoch(self, progress: TrainingProgress) -> dict[str, float]:
-        model, data, fast = self.model, self.data, self.fast
-        model.train()
-        # Accumulated on the device and read once per epoch: no host sync per step.
-        loss_sum = torch.zeros((), device=data.train.targets.device)
-        correct = torch.zeros((), device=data.train.targets.device)
-        counted = torch.zeros((), device=data.train.targets.device)
-        skip_bad = self.cfg.on_nan == "skip"
-        skipped = torch.zeros((), dtype=torch.long, device=data.train.targets.device)
-        for xb, yb in self.loader:
-            with fast.autocast():
-                out = self.net(fast.inputs(data.prepare(xb)))
-                loss = self.loss_fn(out, yb)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if skip_bad:
-                # on_nan=skip checks every step (a sync per step; the default `stop` needs none).
-                if not torch.isfinite(loss):
-                    skipped += 1
-                    progress.advance()
-                    continue
-            self.optimizer.step()
-            if self.max_norm is not None:
-                apply_max_norm(model, self.max_norm)
-            loss_sum += loss.detach() * len(yb)
-            counted += len(yb)
-            if data.task == "classification":
-                correct += (out.detach().argmax(1) == yb).sum()
-            progress.advance()
-        metrics = {"train/loss": (loss_sum / counted).item() if counted.item() else float("nan")}
-        if data.task == "classification":
-            metrics["train/acc"] = (correct / counted.clamp(min=1)).item()
-        if skip_bad:
-            self.skipped_steps += int(skipped.item())
-            metrics["train/skipped_steps"] = self.skipped_steps
-        return metrics
-
-    def evaluation(self, split: Split, name: str, outcome: Outcome) -> dict[str, float]:
-        """`<name>/loss` (and acc) in evaluation mode, and with eval.mc_samples the same for the
-        MC-dropout average as `<name>_mc/*`."""
-        start = time.perf_counter()
-        results = evaluate(self.net, self.data, split, self.cfg.eval_batch_size, self.fast)
-        metrics = {f"{name}/{k}": v for k, v in results.items()}
-        if self.mc_samples:
-            pred = predictions(self.model, self.data, split, self.cfg.eval_batch_size, self.mc_samples)
-            metrics.update({f"{name}_mc/{k}": v for k, v in mc_metrics(pred, self.data.task).items()})
-            if name == "test":
-                outcome.test_mc = pred
-        self.timings["eval"] += time.perf_counter() - start
-        return metrics
-
-    def fit(self) -> Outcome:
-        epochs, eval_every = self.cfg.epochs, self.cfg.eval_every
-        outcome = Outcome(status="finished", epoch=self.start_epoch - 1, rows=self.rows)
-        with signals_interrupt_training(), TrainingProgress(
-            self.label, epochs * self.steps_per_epoch, epochs
-        ) as progress:
-            progress.advance((self.start_epoch - 1) * self.steps_per_epoch)
-            try:
-                for epoch in range(self.start_epoch, epochs + 1):
-                    rates = self.schedule.apply(self.model, epoch)  # the p this epoch trains with
-                    start = time.perf_counter()
-                    row: dict[str, Any] = {"epoch": epoch, **self.train_epoch(progress)}
-                    row["lr"] = self.optimizer.param_groups[0]["lr"]
-                    seconds = time.perf_counter() - start
-                    self.timings["train"] += seconds
-                    row["perf/samples_per_s"] = len(self.data.train) / seconds
-                    row.update(rates)
-                    evaluated = epoch % eval_every == 0 or epoch == epochs
-                    if evaluated:
-                        row.update(self.evaluation(self.data.val, "val", outcome))
-                        row["gap/loss"] = row["val/loss"] - row["train/loss"]
-                        row.update(weight_norms(self.model))
-                    bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
-                    if logs_row(epoch, self.cfg.log_every, evaluated, diverging=bool(bad)):
-                        self.log(row)
-                    progress.epoch_done(row, evaluated)
-                    if bad:
-                        outcome.status, outcome.exit_code = "diverged", 1
-                        outcome.reason = f"{bad[0]} became {row[bad[0]]} at epoch {epoch}"
-                        outcome.epoch = epoch
-                        self.tracker.set_summary({"diverged/epoch": epoch, "diverged/metric": bad[0]})
-                        self.checkpoint()  # the last good state, from before the bad epoch
-                        if self.cfg.on_nan == "raise":
-                            raise NonFiniteLoss(outcome.reason)
-                        break
-                    outcome.epoch = epoch
-                    self._snapshot(epoch)
-                    if epoch % self.checkpoint_every == 0 or epoch == epochs:
-                        self.checkpoint()
-            except KeyboardInterrupt as exc:
-                signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-                # A second Ctrl-C from here on exits at once; last.pt is only ever replaced by
-                # a rename, so it stays the last complete checkpoint whatever happens.
-                signal.signal(signal.SIGINT, _exit_now)
-                signal.signal(signal.SIGTERM, _exit_now)
-                outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
-                outcome.epoch = self._boundary["epoch"]  # what the checkpoint holds
-                outcome.reason = f"{signal.Signals(signum).name} during epoch {outcome.epoch + 1} of {epochs}"
-                self.checkpoint()
-                return conclude(outcome)
-        if outcome.status == "finished":
-            self.log({"epoch": outcome.epoch, **self.evaluation(self.data.test, "test", outcome)})
-        return conclude(outcome)
 
 
 def conclude(outcome: Outcome) -> Outcome:

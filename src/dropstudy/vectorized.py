@@ -22,9 +22,11 @@ are logged by hand (`Tracker.log_histograms`) at the `tracker.log_freq` cadence,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import math
-import signal
+import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +36,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dropstudy.console import TrainingProgress
-from dropstudy.data import Dataset, TrainBatches, load_dataset
-from dropstudy.dropout import arm_label, describe_sites, site_rates, sites
-from dropstudy.models import build_model
-from dropstudy.config import dropout_site_count
-from dropstudy.rundir import RunDir, collect_provenance
 from dropstudy import plots
+from dropstudy.checkpoint import RunDirError
+from dropstudy.config import dropout_site_count
+from dropstudy.data import Dataset, TrainBatches, load_dataset
+from dropstudy.dropout import apply_dropout, arm_label, describe_sites, site_rates, sites
+from dropstudy.engine import Engine, MemberRun
+from dropstudy.models import build_model
+from dropstudy.rundir import RunDir, collect_provenance, now_iso
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
-from dropstudy.runtime import (
-    Interrupted, describe_device, seed_everything, set_up_process, signals_interrupt_training, usable_cpus,
-)
-from dropstudy.tracking import flatten
-from dropstudy.train import Outcome, conclude, logs_row, make_optimizer, rng_states
+from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process, usable_cpus
+from dropstudy.tracking import NullTracker, flatten
+from dropstudy.train import conclude, make_optimizer, rng_states
 
 log = logging.getLogger("dropstudy")
 
@@ -64,13 +65,35 @@ class Member:
     overrides: list[str]  # the member's own Hydra overrides (saved to .hydra/overrides.yaml)
 
 
+def batched_backend(cfgs: list[DictConfig]) -> tuple[str | None, str | None]:
+    """Which backend trains these members as one ensemble, "stacked_mlp" (the regression MLP,
+    hand-batched here) or "ensemble" (any model, ensemble.Ensemble: the CNN), or why none can."""
+    if cfgs and all(cfg.model.name == "cnn" for cfg in cfgs):
+        from dropstudy.ensemble import why_not
+
+        reason = why_not(cfgs)
+        if reason is None and cfgs[0].sweep.member_execution == "stacked":
+            for key, on in (("trainer.on_nan=skip", cfgs[0].trainer.on_nan == "skip"),
+                            ("trainer.compile=true", cfgs[0].trainer.compile)):
+                if on:
+                    reason = f"sweep.member_execution=stacked cannot train with {key}"
+        return (None, reason) if reason else ("ensemble", None)
+    reason = why_not_stacked_mlp(cfgs)
+    return (None, reason) if reason else ("stacked_mlp", None)
+
+
 def why_not_vectorizable(cfgs: list[DictConfig]) -> str | None:
-    """None when these configs can be trained as one batched model; else a short reason."""
+    """None when these configs can be trained as one ensemble; else a short reason."""
+    return batched_backend(cfgs)[1]
+
+
+def why_not_stacked_mlp(cfgs: list[DictConfig]) -> str | None:
+    """None when these configs can be trained as one StackedMLP; else a short reason."""
     if not cfgs:
         return "there are no members to train"
     for cfg in cfgs:
         if cfg.model.name != "mlp":
-            return f"model.name={cfg.model.name}: only the MLP is trained vectorized"
+            return f"model.name={cfg.model.name}: members of one ensemble are all MLPs or all CNNs"
         if cfg.data.name != "regression":
             return f"data.name={cfg.data.name}: only the regression data is trained vectorized"
         if cfg.model.dropout_kind not in KINDS:
@@ -134,18 +157,8 @@ class StackedMLP(nn.Module):
 
     def drop(self, x: torch.Tensor, site: int) -> torch.Tensor:
         """Dropout site `site` on activations [M, N, H]: every member, example and unit draws on
-        its own, with the member's p, in the member's kind (see dropout.py for the kinds)."""
-        if self.kind == "none":
-            return x
-        p = self.rates[:, site].view(-1, 1, 1)
-        if not self.training:
-            return x * (1.0 - p) if self.kind == "vanilla" else x
-        if self.kind == "gaussian":
-            noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-            return x * (1.0 + torch.sqrt(p / (1.0 - p)) * noise)
-        # u >= p keeps a unit with probability 1-p, as torch's Bernoulli(1-p) mask does.
-        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) >= p
-        return x * keep / (1.0 - p) if self.kind == "inverted" else x * keep
+        its own, with the member's p, in the member's kind (dropout.apply_dropout)."""
+        return apply_dropout(self.kind, x, self.rates[:, site].view(-1, 1, 1), self.training, self.generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()
@@ -169,76 +182,141 @@ class StackedMLP(nn.Module):
         return {name: self.own_layout(k, p[i]) for k, (name, p) in enumerate(zip(self.names, self.params))}
 
 
-def member_optimizer_state(optimizer: torch.optim.Optimizer, stacked: StackedMLP, i: int,
-                           model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
-    """Member i's slice of the batched optimizer, as the state_dict of the optimizer the single
-    path makes for `model` (make_optimizer), so `resume` can load it."""
-    own = make_optimizer(cfg.optim, model)
-    for k, (stacked_param, param) in enumerate(zip(stacked.params, model.parameters())):
-        state = optimizer.state.get(stacked_param, {})
-        own.state[param] = {key: stacked.own_layout(k, v[i]) if torch.is_tensor(v) and v.dim() > 0 else v
-                            for key, v in state.items()}
-    return own.state_dict()
+
+# --------------------------------------------------------------------------- the backend
 
 
-# --------------------------------------------------------------------------- one member's run
+class StackedMLPBackend:
+    """The members as one StackedMLP behind the engine's Backend interface (backends.py): one
+    full-batch step per epoch for all of them, one optimizer over the stacked tensors, and the
+    masks from one generator of their own (`shared_state`, saved with every member's checkpoint,
+    so that a resumed ensemble draws the masks it would have drawn)."""
 
+    steps_per_epoch = 1
 
-class MemberRun:
-    """What one member owns while the batch trains: its run directory, its W&B run, its rows,
-    a model of its own shape (for checkpoints and figures) and how it is doing."""
+    def __init__(self, cfgs: list[DictConfig], datas: list[Dataset], models: list[nn.Module],
+                 device: torch.device):
+        self.cfgs, self.datas = cfgs, datas
+        self.models = [model.to(device) for model in models]  # each member's own shape, for its state
+        self.members = len(cfgs)
+        rates = torch.tensor([site_rates(c.model.dropout, dropout_site_count(c.model)) for c in cfgs])
+        self.generator = torch.Generator(device=device).manual_seed(mask_seed(cfgs))
+        self.stacked = StackedMLP(models, rates, str(cfgs[0].model.dropout_kind), self.generator).to(device)
+        self.optimizer = make_optimizer(cfgs[0].optim, self.stacked)
+        self.splits = {name: stack_splits(datas, name) for name in ("train", "val", "test")}
+        self.rates = [{f"dropout/p/{name}": site.p for name, site in sites(model)} for model in models]
 
-    def __init__(self, member: Member, index: int, data: Dataset, model: nn.Module, tracker: Any,
-                 group: str | None, job_type: str):
-        self.member, self.cfg, self.index = member, member.cfg, index
-        self.rd = RunDir(member.run_dir)
-        self.data, self.model, self.tracker = data, model, tracker
-        self.group, self.job_type = group, job_type
-        self.label = arm_label(member.cfg.model.dropout, member.cfg.model.dropout_kind)
-        self.dropout_sites = describe_sites(model)
-        self.rates = {f"dropout/p/{name}": site.p for name, site in sites(model)}
-        self.outcome = Outcome(status="finished", epoch=0)
-        self.active = True  # still training (not diverged)
-        self.result = RunResult(self.rd.path, self.label, "failed", None, sync_command=tracker.sync_command)
+    def set_epoch(self, epoch: int) -> list[dict[str, float]]:
+        return self.rates  # a constant p (why_not_vectorizable)
 
-    def log(self, row: dict[str, Any]) -> None:
-        """metrics.jsonl first, then W&B; the row's index is its W&B step (as Trainer.log)."""
-        step = len(self.outcome.rows)
-        self.outcome.rows.append(row)
-        self.rd.append_metrics(row)
-        self.tracker.log(row, step=step)
+    def train_epoch(self, progress: Any) -> list[dict[str, float]]:
+        x, y = self.splits["train"]
+        self.stacked.train()
+        losses = member_losses(self.stacked(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # member i's loss depends on member i's weights alone
+        self.optimizer.step()
+        progress.advance()
+        return [{"train/loss": v} for v in losses.detach().tolist()]  # one sync per epoch
 
-    def load(self, stacked: StackedMLP) -> nn.Module:
-        self.model.load_state_dict(stacked.member_state(self.index))
-        return self.model
+    def evaluate(self, split: str) -> list[dict[str, float]]:
+        x, y = self.splits[split]
+        self.stacked.eval()
+        with torch.no_grad():
+            return [{f"{split}/loss": v} for v in member_losses(self.stacked(x), y).tolist()]
 
-    def checkpoint(self, epoch: int, stacked: StackedMLP, optimizer: torch.optim.Optimizer) -> None:
-        """checkpoints/last.pt as the single path writes it. Masks come from the batch's own
-        generator, so the RNG states saved are the process's and a member-seeded shuffle
-        generator: a resumed member trains on correctly, though not with the masks it would
-        have drawn here."""
-        self.load(stacked)
-        state = {
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": member_optimizer_state(optimizer, stacked, self.index, self.model, self.cfg),
+    def weight_norms(self) -> list[dict[str, float]]:
+        return self.stacked.weight_norms()
+
+    def histogram_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, param in zip(self.stacked.names, self.stacked.params):
+            # A histogram does not depend on the layout: the transposed weight slices serve as they are.
+            tensors[f"parameters/{name}"] = param[i]
+            if param.grad is not None:
+                tensors[f"gradients/{name}"] = param.grad[i]
+        return tensors
+
+    def _optimizer_states(self) -> list[dict[str, Any]]:
+        return [self.optimizer.state.get(p, {}) for p in self.stacked.params]
+
+    def member_state_from(self, params: list[torch.Tensor], opt_states: list[dict[str, Any]],
+                          i: int) -> dict[str, Any]:
+        """Member i's checkpoint body from stacked tensors: its weights as build_model lays them
+        out and its slice of the optimizer as the state_dict make_optimizer's would hold."""
+        stacked, model, cfg = self.stacked, self.models[i], self.cfgs[i]
+        own = make_optimizer(cfg.optim, model)
+        for k, (state, param) in enumerate(zip(opt_states, model.parameters())):
+            own.state[param] = {key: stacked.own_layout(k, v[i]) if torch.is_tensor(v) and v.dim() > 0 else v
+                                for key, v in state.items()}
+        return {
+            "model": {name: stacked.own_layout(k, p[i]) for k, (name, p) in enumerate(zip(stacked.names, params))},
+            "optimizer": own.state_dict(),
             "scheduler": None,
             # Full-batch training never draws from the shuffle generator: its state is the seed's.
-            "rng": rng_states(TrainBatches(self.data.train, None, self.cfg.seed)),
+            "rng": rng_states(TrainBatches(self.datas[i].train, None, cfg.seed)),
             "skipped_steps": 0,
-            "tracker_run_id": self.tracker.run_id,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        try:
-            self.rd.save_checkpoint(state)
-        except OSError as exc:
-            log.warning(f"could not write checkpoint {self.rd.checkpoints / 'last.pt'} ({exc}); training goes on")
+
+    def member_state(self, i: int) -> dict[str, Any]:
+        return self.member_state_from(list(self.stacked.params), self._optimizer_states(), i)
+
+    def snapshot(self) -> "StackedSnapshot":
+        """Every member's state as a few stacked clones (taken every epoch, so it stays cheap:
+        the per-member layouts are made only when a checkpoint is written)."""
+        return StackedSnapshot(self, [p.detach().clone() for p in self.stacked.params],
+                               [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                                for s in self._optimizer_states()], self.shared_state())
+
+    @torch.no_grad()
+    def load_member_state(self, i: int, state: dict[str, Any]) -> None:
+        stacked, model = self.stacked, self.models[i]
+        model.load_state_dict(state["model"])
+        own = make_optimizer(self.cfgs[i].optim, model)
+        own.load_state_dict(state["optimizer"])
+        for k, (name, param) in enumerate(zip(stacked.names, stacked.params)):
+            mine = state["model"][name]
+            param[i].copy_(mine.transpose(0, 1) if stacked.transposed[k] else mine)
+        for k, (param, own_param) in enumerate(zip(stacked.params, model.parameters())):
+            theirs = own.state.get(own_param, {})
+            if not theirs:
+                continue
+            ours = self.optimizer.state.setdefault(param, {})
+            for key, v in theirs.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    if ours.get(key) is None:
+                        ours[key] = torch.zeros_like(param)
+                    ours[key][i].copy_(v.transpose(0, 1) if stacked.transposed[k] else v)
+                else:  # Adam's step count (the same for every member) or SGD's absent buffer
+                    ours[key] = v.clone() if torch.is_tensor(v) else v
+
+    def shared_state(self) -> dict[str, Any]:
+        return {"masks": self.generator.get_state()}
+
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["masks"])
+
+    def member_model(self, i: int) -> nn.Module:
+        self.models[i].load_state_dict(self.stacked.member_state(i))
+        return self.models[i]
+
+
+class StackedSnapshot:
+    def __init__(self, backend: StackedMLPBackend, params: list[torch.Tensor], opt_states: list[dict[str, Any]],
+                 shared: dict[str, Any]):
+        self.backend, self.params, self.opt_states, self.shared = backend, params, opt_states, shared
+
+    def member_state(self, i: int) -> dict[str, Any]:
+        return self.backend.member_state_from(self.params, self.opt_states, i)
+
+    def shared_state(self) -> dict[str, Any]:
+        return self.shared
 
 
 def mask_seed(cfgs: list[DictConfig]) -> int:
-    """The dropout masks' generator seed: from every member's seed, so it is reproducible and
-    differs between sweeps over different seeds."""
-    text = ",".join(str(cfg.seed) for cfg in cfgs)
+    """The dropout masks' generator seed: from every member's seed and rates, so it is
+    reproducible, and two chunks of one sweep (or two sweeps) draw different masks."""
+    text = ",".join(f"{cfg.seed}:{OmegaConf.to_container(cfg.model, resolve=True)['dropout']}" for cfg in cfgs)
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
@@ -255,9 +333,25 @@ def member_losses(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- training
 
 
-def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, ...] = ()) -> list[RunResult]:
+@dataclass
+class MemberRecord:
+    """What one member owns while the batch trains, beside the engine's MemberRun."""
+
+    member: Member
+    run: MemberRun
+    result: RunResult
+    label: str
+    dropout_sites: list[str]
+    group: str | None
+    job_type: str
+    trained: bool = True  # False: set aside before a resume (diverged), its run dir stays as it is
+
+
+def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, ...] = (),
+                  chunk: tuple[int, Path] | None = None) -> list[RunResult]:
     """Train every member at once as one batched model; each gets its own complete run directory
-    and W&B run (in `group`). Every W&B run is finished whatever happens."""
+    and W&B run (in `group`). `chunk` (its number, the sweep dir) says which part of a sweep
+    this is, for `dropstudy resume` of the sweep. Every W&B run is finished whatever happens."""
     reason = why_not_vectorizable([m.cfg for m in members])
     if reason is not None:
         raise ValueError(f"these members cannot be trained as one batched model: {reason}")
@@ -265,70 +359,155 @@ def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, .
         if (member.run_dir / "metrics.jsonl").exists():
             raise ValueError(f"{member.run_dir} already holds a run; vectorized training starts new runs only "
                              "(continue that one with `dropstudy resume`)")
-    runs: list[MemberRun] = []
+    return _guarded(members, group, extra_tags, chunk, states=None)
+
+
+def resume_members(run_dirs: list[Path]) -> list[RunResult]:
+    """Continue an interrupted batched chunk as the ensemble it was: every member from its
+    checkpoint (one epoch boundary for all, with the masks' generator), the diverged ones along
+    but off the record, so the result equals a chunk that never stopped. RunDirError when a
+    member's directory or checkpoint cannot be used (nothing is changed then)."""
+    from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint, load_run_config
+
+    members, states = [], []
+    for run_dir in run_dirs:
+        cfg = load_run_config(run_dir)
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+        members.append(Member(cfg, run_dir, overrides))
+        status = RunDir(run_dir).read_summary().get("status") if (run_dir / "summary.json").is_file() else None
+        states.append(None if status in ("diverged", "finished") else load_checkpoint(run_dir, cfg))
+    live = [s for s in states if s is not None]
+    if not live:
+        raise RunDirError(f"{run_dirs[0].parent}: every member of this chunk finished or diverged; nothing to resume.")
+    if len({s["epoch"] for s in live}) > 1:
+        raise RunDirError(f"{run_dirs[0].parent}: the members' checkpoints are of different epochs "
+                          f"({sorted({s['epoch'] for s in live})}); they cannot continue as one ensemble.")
+    if "ensemble" not in live[0] and len(members) > 1:
+        raise RunDirError(f"{run_dirs[0] / 'checkpoints' / 'last.pt'}: written before batched sweeps saved their "
+                          "masks' generator; it cannot be resumed as an ensemble, start the sweep again.")
+    for member, state in zip(members, states):
+        if state is not None:
+            check_fits(member.run_dir / "checkpoints" / "last.pt", state, build_model(member.cfg.model))
+    previous = RunDir(run_dirs[0]).read_provenance().get("vectorized", {})
+    group = (RunDir(run_dirs[0]).read_summary().get("wandb", {}).get("group")
+             if (run_dirs[0] / "summary.json").is_file() else None) or previous.get("group")
+    return _guarded(members, group, ("sweep",), (previous.get("chunk", 0), None), states=states)
+
+
+def _guarded(members: list[Member], group: str | None, extra_tags: tuple[str, ...], chunk: tuple[int, Path] | None,
+             states: list[dict[str, Any] | None] | None) -> list[RunResult]:
+    records: list[MemberRecord] = []
     try:
-        return _train_members(members, runs, group, extra_tags)
+        return _train_members(members, records, group, extra_tags, chunk, states)
     except BaseException as exc:
-        for run in runs:
-            if not run.rd.summary_path.exists():
-                run.result.outcome = None  # W&B gets a non-zero exit code too
-                run.rd.write_summary({
-                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                    "reason": f"{type(exc).__name__}: {exc}",
-                    "epoch": run.outcome.epoch,
-                })
+        for rec in records:
+            if not rec.trained or rec.result.outcome is not None:  # set aside, or concluded already
+                continue
+            rec.result.outcome = None  # W&B gets a non-zero exit code too
+            rec.run.rd.write_summary({
+                "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                "reason": f"{type(exc).__name__}: {exc}",
+                "epoch": rec.run.outcome.epoch,
+            })
         raise
     finally:
-        for run in runs:
-            run.tracker.finish(exit_code=run.result.exit_code)
-            run.result.tracker_url = run.tracker.url
-            run.rd.close()
+        for rec in records:
+            rec.run.tracker.finish(exit_code=rec.result.exit_code)
+            rec.result.tracker_url = rec.run.tracker.url
+            rec.run.rd.close()
 
 
-def _train_members(members: list[Member], runs: list[MemberRun], group: str,
-                   extra_tags: tuple[str, ...]) -> list[RunResult]:
+def _train_members(members: list[Member], records: list[MemberRecord], group: str | None,
+                   extra_tags: tuple[str, ...], chunk: tuple[int, Path] | None,
+                   states: list[dict[str, Any] | None] | None) -> list[RunResult]:
     cfg0 = members[0].cfg
     device = set_up_process(cfg0)  # trainer.*, device and deterministic are the same for every member
-    log.info(f"vectorized: {len(members)} members as one batched model on {describe_device(device)}")
+    kind, reason = batched_backend([m.cfg for m in members])
+    if kind is None:
+        raise ValueError(f"these members cannot be trained as one batched model: {reason}")
+    if states is None:
+        for member in members:
+            RunDir(member.run_dir).write_config(member.cfg, member.overrides)
+    if kind == "stacked_mlp":
+        datas, models = [], []
+        for member in members:
+            datas.append(load_dataset(member.cfg.data, device, log.debug))
+            seed_everything(member.cfg.seed)  # the member's initial weights: those of its single run
+            models.append(build_model(member.cfg.model))
+        backend: Any = StackedMLPBackend([m.cfg for m in members], datas, models, device)
+    else:
+        from dropstudy.ensemble import Ensemble
 
-    datas, models = [], []
-    for member in members:
-        RunDir(member.run_dir).write_config(member.cfg, member.overrides)
-        datas.append(load_dataset(member.cfg.data, device, log.debug))
-        seed_everything(member.cfg.seed)  # the member's initial weights: those of its single run
-        models.append(build_model(member.cfg.model))
-    rates = torch.tensor([site_rates(m.cfg.model.dropout, dropout_site_count(m.cfg.model)) for m in members])
-    generator = torch.Generator(device=device).manual_seed(mask_seed([m.cfg for m in members]))
-    stacked = StackedMLP(models, rates, cfg0.model.dropout_kind, generator).to(device)
-    optimizer = make_optimizer(cfg0.optim, stacked)
+        # One copy of the data on the device for every member (ensemble.why_not: same data keys).
+        data = load_dataset(cfg0.data, device, log.info)
+        datas = [data] * len(members)
+        backend = Ensemble([m.cfg for m in members], data, FastPaths.resolve(cfg0.trainer, device))
+        models = backend.models
+    how = "hand-batched MLP" if kind == "stacked_mlp" else f"torch.func ensemble, {backend.execution} members"
+    log.info(f"vectorized: {len(members)} members as one batched model ({how}) on {describe_device(device)}")
 
     for i, (member, data, model) in enumerate(zip(members, datas, models)):
         rd = RunDir(member.run_dir)
         label = arm_label(member.cfg.model.dropout, member.cfg.model.dropout_kind)
-        provenance = collect_provenance(describe_device(device), member.overrides, data.describe(),
-                                        data.fingerprint(), rd)
-        provenance["vectorized"] = {"members": len(members), "index": i, "mask_seed": generator.initial_seed()}
-        rd.write_provenance(provenance)
+        state = states[i] if states is not None else None
+        if states is None:
+            provenance = collect_provenance(describe_device(device), member.overrides, data.describe(),
+                                            data.fingerprint(), rd)
+            provenance["vectorized"] = {"members": len(members), "index": i, "backend": kind, "group": group}
+            if kind == "stacked_mlp":
+                provenance["vectorized"]["mask_seed"] = backend.generator.initial_seed()
+            if chunk is not None:
+                provenance["vectorized"].update(chunk=chunk[0], run_dirs=[os.path.relpath(m.run_dir, chunk[1])
+                                                                          for m in members])
+            rd.write_provenance(provenance)
+        else:
+            provenance = rd.read_provenance()
+            if state is not None:
+                if provenance.get("data_sha256") not in (None, data.fingerprint()):
+                    raise RunDirError(f"{rd.path / 'provenance.json'}: the data has changed since this run started "
+                                      "(data_sha256 differs), so it cannot be resumed exactly; start a new run.")
+                resumes = [*provenance.get("resumed", []), {"at": now_iso(), "command": shlex.join(sys.orig_argv),
+                                                            "from_epoch": state["epoch"]}]
+                rd.update_provenance(resumed=resumes)
         job_type = member.cfg.tracker.job_type or label
-        tracker = make_run_tracker(member.cfg, rd, data, label, describe_sites(model), provenance, group=group,
-                                   job_type=job_type, extra_tags=extra_tags, shared_process=True)
-        runs.append(MemberRun(member, i, data, model.to(device), tracker, group, job_type))
+        tracker = NullTracker() if states is not None and state is None else make_run_tracker(
+            member.cfg, rd, data, label, describe_sites(model), provenance, group=group, job_type=job_type,
+            extra_tags=extra_tags, shared_process=True, resume_id=state.get("tracker_run_id") if state else None)
+        run = MemberRun(rd, tracker, OmegaConf.to_container(member.cfg, resolve=True), n_train=len(data.train),
+                        lr=float(member.cfg.optim.lr))
+        records.append(MemberRecord(member, run, RunResult(rd.path, label, "failed", None,
+                                                           sync_command=tracker.sync_command),
+                                    label, describe_sites(model), group, job_type,
+                                    trained=states is None or state is not None))
 
+    engine = Engine(backend, [rec.run for rec in records], cfg0.trainer, label=f"{len(members)} members",
+                    histograms=cfg0.tracker.watch, log_freq=cfg0.tracker.log_freq)
+    if states is not None:
+        engine.resume(states)
+    concluding = [i for i, rec in enumerate(records) if rec.trained]
     started = time.time()
-    fit(stacked, optimizer, runs, datas, cfg0)
+    engine.run()
     duration = time.time() - started
     # Every member's figures are started before any member concludes, so that they draw side by
     # side on worker processes (one per CPU) while this process logs and writes summaries.
-    with plots.Drawer(figure_workers(len(runs))) as drawer:
-        started_figures = [draw_run_figures(run.cfg, run.rd, run.load(stacked), run.data, conclude(run.outcome),
-                                            run.result, drawer) for run in runs]
-        for run, figures in zip(runs, started_figures):
-            conclude_run(run.cfg, run.rd, run.model, run.data, run.outcome, run.tracker, run.result,
-                         run.dropout_sites, run.group, run.job_type, duration_s=duration,
-                         extra_summary={"vectorized": {"members": len(runs), "index": run.index}},
+    with plots.Drawer(figure_workers(len(concluding))) as drawer:
+        started_figures = [draw_run_figures(records[i].member.cfg, records[i].run.rd, backend.member_model(i), datas[i],
+                                            conclude(records[i].run.outcome), records[i].result, drawer)
+                           for i in concluding]
+        for i, figures in zip(concluding, started_figures):
+            rec = records[i]
+            conclude_run(rec.member.cfg, rec.run.rd, backend.member_model(i), datas[i], rec.run.outcome,
+                         rec.run.tracker, rec.result, rec.dropout_sites, rec.group, rec.job_type,
+                         duration_s=duration,
+                         extra_summary={"vectorized": {"members": len(records), "index": i}},
                          timings={"train": duration},  # the whole batch's training time, shared
                          figures=figures)
-    return [run.result for run in runs]
+    for rec in records:
+        if not rec.trained:  # set aside before this resume: its summary stands
+            rec.result.outcome = rec.run.outcome
+            rec.result.status = RunDir(rec.run.rd.path).read_summary().get("status", "failed")
+    return [rec.result for rec in records]
 
 
 def figure_workers(members: int) -> int:
@@ -339,114 +518,43 @@ def figure_workers(members: int) -> int:
     return max(1, min(usable_cpus(), 16, members))
 
 
-def fit(stacked: StackedMLP, optimizer: torch.optim.Optimizer, runs: list[MemberRun], datas: list[Dataset],
-        cfg: DictConfig) -> None:
-    """The epoch loop of Trainer.fit for the whole batch: one full-batch step per epoch, evaluation
-    every eval_every epochs, histograms every log_freq, checkpoints, test at the end. A member
-    whose loss is no longer finite stops there (status diverged); the others train on. Loop
-    settings (trainer.*, tracker.watch/log_freq) are the first member's: why_not_vectorizable
-    has checked that trainer.* is the same for all."""
-    epochs, eval_every = cfg.trainer.epochs, cfg.trainer.eval_every
-    checkpoint_every = cfg.trainer.checkpoint_every or eval_every
-    log_freq = cfg.tracker.log_freq or eval_every  # one step per epoch
-    log_every = cfg.trainer.log_every
-    watch = cfg.tracker.watch
-    train_x, train_y = stack_splits(datas, "train")
-    val_x, val_y = stack_splits(datas, "val")
-    n_train = train_x.shape[1]
-    with signals_interrupt_training(), TrainingProgress(f"{len(runs)} members", epochs, epochs) as progress:
-        try:
-            for epoch in range(1, epochs + 1):
-                start = time.perf_counter()
-                stacked.train()
-                losses = member_losses(stacked(train_x), train_y)
-                optimizer.zero_grad(set_to_none=True)
-                losses.sum().backward()  # member i's loss depends on member i's weights alone
-                train_loss = losses.detach().tolist()  # one sync per epoch, as the single path's .item()
-                for run in runs:
-                    if run.active and not math.isfinite(train_loss[run.index]):
-                        # Its weights are still those after the last good epoch: that is its checkpoint.
-                        run.checkpoint(epoch - 1, stacked, optimizer)
-                optimizer.step()
-                elapsed = time.perf_counter() - start
-                evaluated = epoch % eval_every == 0 or epoch == epochs
-                val_loss = norms = None
-                if evaluated:
-                    stacked.eval()
-                    with torch.no_grad():
-                        val_loss = member_losses(stacked(val_x), val_y).tolist()
-                    norms = stacked.weight_norms()
-                histograms = watch != "none" and epoch % log_freq == 0
-                for run in runs:
-                    if not run.active:
-                        continue
-                    i = run.index
-                    if histograms:  # joined to the member's next row, as `watch` does
-                        run.tracker.log_histograms(member_histograms(stacked, i, watch), len(run.outcome.rows))
-                    if logs_row(epoch, log_every, evaluated, diverging=not math.isfinite(train_loss[i])):
-                        row: dict[str, Any] = {"epoch": epoch, "train/loss": train_loss[i],
-                                               "lr": optimizer.param_groups[0]["lr"],
-                                               "perf/samples_per_s": n_train / elapsed, **run.rates}
-                        if evaluated:
-                            row["val/loss"] = val_loss[i]
-                            row["gap/loss"] = val_loss[i] - train_loss[i]
-                            row.update(norms[i])
-                        run.log(row)
-                        bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
-                        if bad:
-                            if bad[0] == "val/loss":  # trained this epoch without a bad loss: keep that state
-                                run.checkpoint(epoch, stacked, optimizer)
-                            diverged(run, epoch, bad[0], row[bad[0]])
-                            continue
-                    run.outcome.epoch = epoch
-                    if epoch % checkpoint_every == 0 or epoch == epochs:
-                        run.checkpoint(epoch, stacked, optimizer)
-                progress.advance()
-                if evaluated:
-                    progress.epoch_done(mean_row(runs, epoch, train_loss, val_loss), evaluated)
-                if not any(run.active for run in runs):
-                    break
-        except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            for run in runs:
-                if run.active:
-                    # The checkpoint on disk is the last complete one; resume continues from it.
-                    run.outcome.status, run.outcome.exit_code = "interrupted", 128 + int(signum)
-                    run.outcome.reason = f"{signal.Signals(signum).name} during epoch {run.outcome.epoch + 1} of {epochs}"
-                    run.active = False
-            return
-    test_x, test_y = stack_splits(datas, "test")
-    stacked.eval()
-    with torch.no_grad():
-        test_loss = member_losses(stacked(test_x), test_y).tolist()
-    for run in runs:
-        if run.active:
-            run.log({"epoch": run.outcome.epoch, "test/loss": test_loss[run.index]})
+# --------------------------------------------------------------------------- resuming a sweep
 
 
-def diverged(run: MemberRun, epoch: int, metric: str, value: float) -> None:
-    """Stop a member whose `metric` is no longer finite, as Trainer.fit does for on_nan=stop."""
-    run.active = False
-    run.outcome.status, run.outcome.exit_code = "diverged", 1
-    run.outcome.reason = f"{metric} became {value} at epoch {epoch}"
-    run.outcome.epoch = epoch
-    run.tracker.set_summary({"diverged/epoch": epoch, "diverged/metric": metric})
+def batched_chunks(sweep_dir: Path) -> list[list[Path]]:
+    """The chunks of a batched sweep under `sweep_dir`, each its members' run dirs in order
+    (from each member's provenance.json); [] when it holds no batched members."""
+    chunks: dict[int, list[Path]] = {}
+    for provenance in sorted(sweep_dir.glob("*/provenance.json")):
+        vec = RunDir(provenance.parent).read_provenance().get("vectorized")
+        if vec and "run_dirs" in vec:
+            chunks.setdefault(vec["chunk"], [sweep_dir / d for d in vec["run_dirs"]])
+    return [chunks[c] for c in sorted(chunks)]
 
 
-def member_histograms(stacked: StackedMLP, i: int, watch: str) -> dict[str, torch.Tensor]:
-    """`gradients/<param>` and/or `parameters/<param>` of member i, as `watch` names them."""
-    tensors = {}
-    for name, param in zip(stacked.names, stacked.params):
-        # A histogram does not depend on the layout: the transposed weight slices serve as they are.
-        if watch in ("parameters", "all"):
-            tensors[f"parameters/{name}"] = param[i]
-        if watch in ("gradients", "all") and param.grad is not None:
-            tensors[f"gradients/{name}"] = param.grad[i]
-    return tensors
+def batched_member_of(run_dir: Path) -> Path | None:
+    """The sweep dir when `run_dir` is a member of a batched sweep chunk, else None."""
+    path = run_dir / "provenance.json"
+    vec = json.loads(path.read_text()).get("vectorized") if path.is_file() else None
+    if not vec or "run_dirs" not in vec:
+        return None
+    sweep_dir = run_dir
+    for _ in Path(vec["run_dirs"][vec["index"]]).parts:
+        sweep_dir = sweep_dir.parent
+    return sweep_dir
 
 
-def mean_row(runs: list[MemberRun], epoch: int, train_loss: list[float], val_loss: list[float]) -> dict[str, Any]:
-    """The members' mean losses, for the progress line."""
-    active = [run.index for run in runs if run.active] or [0]
-    return {"epoch": epoch, "train/loss": sum(train_loss[i] for i in active) / len(active),
-            "val/loss": sum(val_loss[i] for i in active) / len(active)}
+def resume_sweep(sweep_dir: Path) -> list[RunResult]:
+    """`dropstudy resume SWEEP_DIR` of a batched sweep: every chunk with a member that has not
+    finished continues as the ensemble it was; a chunk that finished is left alone."""
+    from dropstudy.sweep import read_status
+
+    results: list[RunResult] = []
+    for run_dirs in batched_chunks(sweep_dir):
+        if all(read_status(d)[0] in ("finished", "diverged") for d in run_dirs):
+            continue
+        chunk_results = resume_members(run_dirs)
+        results.extend(chunk_results)
+        if any(r.status == "interrupted" for r in chunk_results):
+            break
+    return results

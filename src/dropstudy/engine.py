@@ -1,0 +1,250 @@
+"""The one lifecycle of every training run, and of every member of an ensemble.
+
+`Engine` drives a backend (backends.py) epoch by epoch: dropout schedule, one training pass,
+evaluation every `trainer.eval_every` epochs, a metrics row every `trainer.log_every` (to
+metrics.jsonl first, then the tracker, the row's index as its W&B step), checkpoints every
+`trainer.checkpoint_every`, a member whose loss stops being finite set aside (the others go on),
+SIGINT/SIGTERM answered with every member's checkpoint at its last epoch boundary, and the test
+row at the end. It knows nothing of W&B beyond the `Tracker` interface.
+
+At every epoch boundary it keeps an in-memory copy of every member's training state. A
+checkpoint always holds such a boundary state, never a half-done epoch, so a run (or a whole
+ensemble) resumed from it continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dropstudy.backends import Backend, snapshot
+from dropstudy.console import TrainingProgress
+from dropstudy.rundir import RunDir
+from dropstudy.runtime import Interrupted, signals_interrupt_training
+from dropstudy.tracking import Tracker
+from dropstudy.train import NonFiniteLoss, Outcome, conclude, logs_row
+
+log = logging.getLogger("dropstudy")
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
+    os._exit(128 + signum)
+
+
+@dataclass
+class MemberRun:
+    """What the engine keeps of one member: where its rows and checkpoints go, and how it is doing."""
+
+    rd: RunDir
+    tracker: Tracker
+    config: dict[str, Any]  # the resolved config, saved in every checkpoint
+    n_train: int  # training examples, for perf/samples_per_s
+    lr: float  # constant: there is no learning-rate schedule in these studies
+    outcome: Outcome = field(default_factory=lambda: Outcome(status="finished", epoch=0))
+    active: bool = True  # still trained on record (not diverged, not interrupted)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.outcome.rows
+
+
+class Engine:
+    """Trains `backend`'s members, member i into `runs[i]`; `run` returns how each ended.
+
+    `histograms` is tracker.watch when the engine logs gradient/parameter histograms itself
+    (several W&B runs alive in one process, where wandb's `watch` cannot serve), every
+    `log_freq` optimizer steps; "none" leaves them to the tracker's own `watch` (single runs)."""
+
+    def __init__(self, backend: Backend, runs: list[MemberRun], trainer_cfg: Any, *, label: str,
+                 histograms: str = "none", log_freq: int | None = None):
+        assert len(runs) == backend.members
+        self.backend, self.runs, self.cfg, self.label = backend, runs, trainer_cfg, label
+        self.histograms = histograms
+        self.log_freq = log_freq or backend.steps_per_epoch * trainer_cfg.eval_every
+        # Seconds spent in each part of run(), for summary.json: where the time goes.
+        self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
+        self.start_epoch = 1
+        self._mark_boundary(0)
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.cfg.checkpoint_every or self.cfg.eval_every
+
+    # -- state ------------------------------------------------------------------------------
+    def _mark_boundary(self, epoch: int) -> None:
+        self.boundary = snapshot(self.backend)
+        self.boundary_epoch = epoch
+
+    def resume(self, states: list[dict[str, Any] | None]) -> None:
+        """Continue from checkpoints, one per member, all of one epoch boundary: each member's
+        rows up to that epoch (later ones, written after the checkpoint, are dropped from
+        metrics.jsonl too), then its state. A member given None stopped before (diverged) and
+        stays out of the record; it still trains along, so the others draw what they drew."""
+        epochs = {s["epoch"] for s in states if s is not None}
+        assert len(epochs) == 1, f"checkpoints of different epochs: {sorted(epochs)}"
+        epoch = epochs.pop()
+        for i, (run, state) in enumerate(zip(self.runs, states)):
+            if state is None:
+                run.active = False
+                continue
+            self.backend.load_member_state(i, state)
+            if "ensemble" in state:
+                self.backend.load_shared_state(state["ensemble"]["shared"])
+            run.outcome.rows[:] = [r for r in run.rd.read_metrics()
+                                   if r["epoch"] <= epoch and not any(k.startswith("test/") for k in r)]
+            run.rd.rewrite_metrics(run.rows)
+            run.outcome.epoch = epoch
+        self.start_epoch = epoch + 1
+        self._mark_boundary(epoch)
+
+    def checkpoint(self, i: int) -> None:
+        """Write member i's last epoch-boundary state to its checkpoints/last.pt. A failed write
+        (disk full) leaves the previous checkpoint as it was and ends the run as failed: training
+        on without checkpoints would make an interruption cost the whole run."""
+        start = time.perf_counter()
+        run = self.runs[i]
+        state = {"epoch": self.boundary_epoch, **self.boundary.member_state(i), "tracker_run_id": run.tracker.run_id,
+                 "config": run.config}
+        shared = self.boundary.shared_state()
+        if shared:
+            # What the members share (the masks' generator) travels with every member, so any
+            # one checkpoint of the ensemble is enough to continue it exactly.
+            state["ensemble"] = {"index": i, "members": self.backend.members, "shared": shared}
+        run.rd.save_checkpoint(state)
+        self.timings["checkpoint"] += time.perf_counter() - start
+
+    def log(self, run: MemberRun, row: dict[str, Any]) -> None:
+        """The one place a metric row goes: metrics.jsonl first, then the tracker. The row's
+        index is its W&B step, so a resumed run continues the same step sequence."""
+        start = time.perf_counter()
+        step = len(run.rows)
+        run.rows.append(row)
+        run.rd.append_metrics(row)
+        run.tracker.log(row, step=step)
+        self.timings["log"] += time.perf_counter() - start
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> list[Outcome]:
+        epochs, steps = self.cfg.epochs, self.backend.steps_per_epoch
+        with signals_interrupt_training(), TrainingProgress(self.label, epochs * steps, epochs) as progress:
+            progress.advance((self.start_epoch - 1) * steps)
+            try:
+                for epoch in range(self.start_epoch, epochs + 1):
+                    self.epoch(epoch, progress)
+                    if not any(run.active for run in self.runs):
+                        break
+            except KeyboardInterrupt as exc:
+                self.interrupted(exc)
+                return [conclude(run.outcome) for run in self.runs]
+        self.test()
+        return [conclude(run.outcome) for run in self.runs]
+
+    def epoch(self, epoch: int, progress: TrainingProgress) -> None:
+        backend, epochs = self.backend, self.cfg.epochs
+        rates = backend.set_epoch(epoch)  # the p this epoch trains with
+        start = time.perf_counter()
+        train = backend.train_epoch(progress)
+        seconds = time.perf_counter() - start
+        self.timings["train"] += seconds
+        evaluated = epoch % self.cfg.eval_every == 0 or epoch == epochs
+        if evaluated:
+            start = time.perf_counter()
+            val = backend.evaluate("val")
+            self.timings["eval"] += time.perf_counter() - start
+            norms = backend.weight_norms()
+        steps = backend.steps_per_epoch
+        histograms = self.histograms != "none" and (epoch * steps) // self.log_freq > ((epoch - 1) * steps) // self.log_freq
+        shown = []
+        for i, run in enumerate(self.runs):
+            if not run.active:
+                continue
+            row: dict[str, Any] = {"epoch": epoch, **train[i], "lr": run.lr,
+                                   "perf/samples_per_s": run.n_train / seconds, **rates[i]}
+            if evaluated:
+                row.update(val[i])
+                row["gap/loss"] = row["val/loss"] - row["train/loss"]
+                row.update(norms[i])
+            bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
+            if histograms:  # joined to the member's next row, as `watch` does
+                run.tracker.log_histograms(self.histogram_tensors(i), len(run.rows))
+            if logs_row(epoch, self.cfg.log_every, evaluated, diverging=bool(bad)):
+                self.log(run, row)
+            shown.append(row)
+            if bad:
+                self.diverged(i, epoch, bad[0], row[bad[0]])
+                continue
+            run.outcome.epoch = epoch
+        if shown:
+            progress.epoch_done(shown[0] if len(self.runs) == 1 else mean_row(shown, epoch), evaluated)
+        if any(run.active for run in self.runs):
+            self._mark_boundary(epoch)
+            if epoch % self.checkpoint_every == 0 or epoch == epochs:
+                for i, run in enumerate(self.runs):
+                    if run.active:
+                        self.checkpoint(i)
+
+    def histogram_tensors(self, i: int) -> dict[str, Any]:
+        """Member i's `gradients/*` and/or `parameters/*`, as tracker.watch names them."""
+        wanted = {"all": ("gradients/", "parameters/"), "gradients": ("gradients/",),
+                  "parameters": ("parameters/",)}[self.histograms]
+        return {k: v for k, v in self.backend.histogram_tensors(i).items() if k.startswith(wanted)}
+
+    def diverged(self, i: int, epoch: int, metric: str, value: float) -> None:
+        """Set member i aside: status diverged, and its checkpoint is the last good state, from
+        before the bad epoch. trainer.on_nan=raise stops everything with an exception."""
+        run = self.runs[i]
+        run.active = False
+        outcome = run.outcome
+        outcome.status, outcome.exit_code = "diverged", 1
+        outcome.reason = f"{metric} became {value} at epoch {epoch}"
+        outcome.epoch = epoch
+        run.tracker.set_summary({"diverged/epoch": epoch, "diverged/metric": metric})
+        self.checkpoint(i)
+        if self.cfg.on_nan == "raise":
+            raise NonFiniteLoss(outcome.reason)
+
+    def interrupted(self, exc: KeyboardInterrupt) -> None:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        # A second Ctrl-C from here on exits at once; last.pt is only ever replaced by a rename,
+        # so it stays the last complete checkpoint whatever happens.
+        signal.signal(signal.SIGINT, _exit_now)
+        signal.signal(signal.SIGTERM, _exit_now)
+        for i, run in enumerate(self.runs):
+            if not run.active:
+                continue
+            outcome = run.outcome
+            outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
+            outcome.epoch = self.boundary_epoch  # what the checkpoint holds
+            outcome.reason = f"{signal.Signals(signum).name} during epoch {outcome.epoch + 1} of {self.cfg.epochs}"
+            run.active = False
+            self.checkpoint(i)
+
+    def test(self) -> None:
+        """The final row of every member that finished: the test split, in evaluation mode."""
+        if not any(run.active for run in self.runs):
+            return
+        start = time.perf_counter()
+        test = self.backend.evaluate("test")
+        self.timings["eval"] += time.perf_counter() - start
+        mc = getattr(self.backend, "mc_predictions", {}).get("test")
+        for i, run in enumerate(self.runs):
+            if run.active:
+                self.log(run, {"epoch": run.outcome.epoch, **test[i]})
+                if mc is not None:
+                    run.outcome.test_mc = mc[i]
+
+
+def mean_row(rows: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
+    """The members' mean losses (and accuracies), for the progress line."""
+    out: dict[str, Any] = {"epoch": epoch}
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
