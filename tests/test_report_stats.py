@@ -32,7 +32,7 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def base_config() -> dict:
-    return OmegaConf.to_container(compose(["trainer.epochs=40", "trainer.eval_every=10"]), resolve=True)
+    return OmegaConf.to_container(compose(["trainer.epochs=40", "trainer.eval_every=10"]), resolve=True, enum_to_str=True)
 
 
 def write_run(path: Path, config: dict, dropout: float, seed: int, test_loss: float, train_loss: float = 0.1) -> None:

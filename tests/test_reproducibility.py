@@ -263,8 +263,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
+        f.write(b"partial")  # serialised in memory first, then written: the failure comes mid-way
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
@@ -272,6 +271,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
         rd.save_checkpoint({"epoch": 2})
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 # --------------------------------------------------------------------------- NaN handling

@@ -262,7 +262,7 @@ def fake_vectorized(monkeypatch, reason):
 
     calls = []
 
-    def train_members(members, *, group, extra_tags=()):
+    def train_members(members, *, group, extra_tags=(), chunk=None):
         calls.append((members, group, extra_tags))
         for m in members:
             RunDir(m.run_dir).write_summary({"status": "finished", "final": {"val/loss": float(m.cfg.seed)}})

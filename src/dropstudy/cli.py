@@ -121,6 +121,8 @@ def claimed(path: Path, elsewhere: str, new: bool = True):
         return claim_run_dir(path, new=new, elsewhere=elsewhere)
     except RunDirClaimError as exc:
         raise fail(str(exc))
+    except OSError as exc:
+        raise fail(describe(exc), EXIT_IO_ERROR)
 
 
 def run_hydra_task(command: str, overrides: list[str], run_dir: Path,
@@ -398,7 +400,8 @@ def sweep(
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
-        typer.echo(f"to continue what was interrupted: dropstudy resume {shlex.quote(str(plan.sweep_dir))}")
+        what = "every member from its last checkpoint" if vectorized else "what was interrupted"
+        typer.echo(f"to continue {what}: dropstudy resume {shlex.quote(str(plan.sweep_dir))}")
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
                    "says which ran.", exit_interrupted)
     if bad:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Self
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dropstudy.failures import writing
+from dropstudy.failures import WriteError, writing
 
 STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
 
@@ -367,9 +367,8 @@ def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick 
     try:
         path.mkdir(parents=True, exist_ok=True)
         lock = RunDirLock(path, remove_if_empty=created).acquire()
-    except OSError as exc:
-        raise RunDirClaimError(f"{path}: cannot create or lock the directory ({exc.strerror or exc}); "
-                               f"{elsewhere}.") from None
+    except OSError as exc:  # a read-only or full file system: the machine's failure, not the input's
+        raise WriteError(exc, path / LOCK_NAME, path, "write") from None
     if new:
         try:
             refuse_used(path, elsewhere)
