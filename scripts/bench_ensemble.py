@@ -25,13 +25,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
+from benchlib import cpu_name
 
-from benchlib import cpu_name  # noqa: E402
-from dropstudy.config import compose  # noqa: E402
-from dropstudy.data import load_dataset  # noqa: E402
-from dropstudy.ensemble import Ensemble  # noqa: E402
-from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process  # noqa: E402
+from dropstudy.config import compose
+from dropstudy.data import load_dataset
+from dropstudy.ensemble import Ensemble
+from dropstudy.runtime import (
+    FastPaths,
+    describe_device,
+    seed_everything,
+    set_up_process,
+)
 
 
 class NoProgress:

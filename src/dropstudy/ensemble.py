@@ -18,10 +18,11 @@ Two ways to execute the members on a device (`sweep.member_execution`), with the
     sequential  M plain modules with one optimizer each (`make_optimizer`), stepped in turn at
                 every step: the single path's own code, one process and one copy of the data.
 
-`auto` picks by measurement (`member_execution`): stacked on CUDA and for the MLP everywhere
-(its small matmuls are bound by per-op overhead, which stacking divides by M); for the CNN on a
-CPU, the members in turn (vmap turns its convolutions into grouped ones, which a 2-core CPU ran
-at 0.71x to 1x the speed of the members in turn with NCHW tensors).
+`auto` picks by measurement (`member_execution`; scripts/bench_ensemble.py, 8 members): stacked
+on CUDA, and for the MLP everywhere (its small matmuls are bound by per-op overhead, which
+stacking divides by M: 1.4x the single models' speed on one CPU thread); for the CNN on a CPU,
+the members in turn (vmap turns its convolutions into grouped ones, which ran at 0.43x the
+single models' speed on one CPU thread).
 
 Dropout masks are drawn from the process's global torch generator (as a single run draws them),
 so `shared_state` carries it: a resumed ensemble continues exactly.
@@ -102,8 +103,7 @@ def member_execution(requested: str, cfgs: list[DictConfig], device: torch.devic
     if requested == "auto":
         if any(needs_sequential.values()):
             return "sequential"
-        # Measured (scripts/bench_ensemble.py, 8 members): the MLP's small matmuls are bound by
-        # per-op overhead, which stacking divides by M (3.3x the single models on a 2-core CPU).
+        # Measured (see the module docstring): the CNN's grouped convolutions lose on a CPU.
         return "stacked" if device.type == "cuda" or cfg.model.name == "mlp" else "sequential"
     if requested == "stacked":
         for key, needs in needs_sequential.items():
