@@ -1,5 +1,6 @@
 """`dropstudy rerun DIR` of a whole study or sweep: every finished member trained again into a
-subdirectory of the same name, one verdict per member and one overall, saved as rerun.json."""
+subdirectory of the same name (a batched sweep's members as one ensemble again), one verdict
+per member and one overall, saved as rerun.json."""
 
 from __future__ import annotations
 
@@ -97,3 +98,18 @@ def test_out_holding_a_run_is_refused_and_the_original_kept(dropstudy, study, ou
     assert f"{out} already holds" in result.stderr and "pick another --out" in result.stderr
     assert "Traceback" not in result.output
     assert tree_digest(study) == before
+
+
+def test_batched_sweep_rerun_is_identical(dropstudy, tmp_path):
+    """The jobs of a batched sweep drew their dropout masks from one generator: only trained
+    together again do they reproduce (alone, the p=0.5 job would differ)."""
+    sweep = dropstudy("sweep", "trainer.epochs=20", "trainer.eval_every=10", "tracker.mode=disabled",
+                      "model.dropout=0.0,0.5", "hydra.sweep.dir=sw")
+    assert sweep.code == 0, sweep.output
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    result = dropstudy("rerun", "sw", "--out", "again")
+    assert result.code == 0, result.output
+    assert "  0: identical" in result.stdout and "  1: identical" in result.stdout
+    assert json.loads((tmp_path / "again" / "1" / "provenance.json").read_text())["vectorized"]["run_dirs"] == ["0", "1"]
+    record = json.loads((tmp_path / "again" / "rerun.json").read_text())
+    assert record["verdict"] == "identical" and [m["name"] for m in record["members"]] == ["0", "1"]

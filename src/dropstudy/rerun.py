@@ -249,37 +249,76 @@ class DirectoryRerun:
         }
 
 
+def _batch_of(member: Member) -> tuple | None:
+    """The batched chunk the original trained in (its number and members), from its provenance;
+    None when it trained on its own."""
+    from dropstudy.rundir import RunDir
+
+    vec = RunDir(member.original).read_provenance().get("vectorized") if (member.original / "provenance.json").is_file() else None
+    if not isinstance(vec, dict) or "run_dirs" not in vec:
+        return None
+    return vec.get("chunk", 0), tuple(vec["run_dirs"])
+
+
 def rerun_members(
     original: Path, members: list[Member], new_dir: Path, overrides: list[str], rtol: float, atol: float,
     on_member: Callable[[MemberRerun], None] | None = None,
 ) -> DirectoryRerun:
-    """Train every finished member again, one after another in this process, into
-    `new_dir/<its name>` exactly as `dropstudy rerun RUN_DIR` trains one run, compare each with
-    its original, and keep `new_dir/rerun.json` up to date after each (so a crash still leaves
-    the verdicts so far). Stops after a member that was interrupted."""
+    """Train every finished member again into `new_dir/<its name>`, compare each with its
+    original, and keep `new_dir/rerun.json` up to date after each (so a crash still leaves the
+    verdicts so far). A member that trained alone trains alone again, exactly as `dropstudy
+    rerun RUN_DIR` trains one run; the members of a batched sweep chunk train together again as
+    one ensemble, as their dropout masks came from one generator. Stops after an interruption."""
     from dropstudy.rundir import RunDir, write_json_atomic
     from dropstudy.runner import train_run
 
     out = DirectoryRerun(original, new_dir, skipped=[m for m in members if m.cfg is None])
-    for member in members:
-        if member.cfg is None:
+    todo = [m for m in members if m.cfg is not None]
+    batches = [_batch_of(m) for m in todo]
+    done_batches: set = set()
+    for member, batch in zip(todo, batches):
+        if batch is not None and batch in done_batches:
             continue
-        before = RunDir(member.original)
-        target = new_dir / member.name
-        RunDir(target).write_config(member.cfg, member.overrides)
-        previous = before.read_summary().get("wandb", {}) if before.summary_path.is_file() else {}
-        result = train_run(member.cfg, target, member.overrides, group=previous.get("group"),
-                           job_type="rerun", extra_tags=("rerun",))
-        after = RunDir(target)
-        comparison = compare_metrics(before.read_metrics(), after.read_metrics(), rtol, atol)
-        env = environment_differences(before.read_provenance(), after.read_provenance())
-        done = MemberRerun(member, target, result.status, comparison, env,
-                           likely_cause(comparison, overrides, env, bool(member.cfg.deterministic)), result)
-        out.done.append(done)
-        out.interrupted = result.status == "interrupted"
-        write_json_atomic(new_dir / "rerun.json", out.record(overrides, rtol, atol))
-        if on_member is not None:
-            on_member(done)
+        group = [m for m, b in zip(todo, batches) if b == batch] if batch is not None else [member]
+        for m in group:
+            RunDir(new_dir / m.name).write_config(m.cfg, m.overrides)
+        done_batches.add(batch)
+        results = train_batch(group, new_dir, batch) if batch is not None else None
+        if results is None:
+            results = []
+            for m in group:
+                before = RunDir(m.original)
+                previous = before.read_summary().get("wandb", {}) if before.summary_path.is_file() else {}
+                results.append(train_run(m.cfg, new_dir / m.name, m.overrides, group=previous.get("group"),
+                                         job_type="rerun", extra_tags=("rerun",)))
+                if results[-1].status == "interrupted":
+                    break
+        for m, result in zip(group, results):
+            before, after = RunDir(m.original), RunDir(new_dir / m.name)
+            comparison = compare_metrics(before.read_metrics(), after.read_metrics(), rtol, atol)
+            env = environment_differences(before.read_provenance(), after.read_provenance())
+            done = MemberRerun(m, new_dir / m.name, result.status, comparison, env,
+                               likely_cause(comparison, overrides, env, bool(m.cfg.deterministic)), result)
+            out.done.append(done)
+            out.interrupted = out.interrupted or result.status == "interrupted"
+            write_json_atomic(new_dir / "rerun.json", out.record(overrides, rtol, atol))
+            if on_member is not None:
+                on_member(done)
         if out.interrupted:
             break
     return out
+
+
+def train_batch(group: list[Member], new_dir: Path, batch: tuple) -> list | None:
+    """The members of one batched chunk trained again as one ensemble (in the original's member
+    order); None when the rerun's overrides made them unbatchable, so they train one by one."""
+    from dropstudy import vectorized
+    from dropstudy.rundir import RunDir
+
+    if len(group) < 2 or vectorized.why_not_vectorizable([m.cfg for m in group]) is not None:
+        return None
+    before = RunDir(group[0].original)
+    wandb = before.read_summary().get("wandb", {}) if before.summary_path.is_file() else {}
+    members = [vectorized.Member(cfg=m.cfg, run_dir=new_dir / m.name, overrides=m.overrides) for m in group]
+    return vectorized.train_members(members, group=wandb.get("group"), extra_tags=("rerun",),
+                                    chunk=(batch[0], new_dir))
