@@ -689,7 +689,8 @@ def resume_batched_chunks(sweep_dir: Path) -> None:
 
 @app.command()
 def rerun(
-    run_dir: Path = typer.Argument(..., help="The run directory to reproduce.", show_default=False),
+    run_dir: Path = typer.Argument(..., metavar="DIR", help="The run, study (study.json) or sweep (sweep.json) "
+                                   "directory to reproduce.", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value changes to the saved config.",
                                                     show_default=False),
     rtol: float = typer.Option(1e-5, help="Relative tolerance for 'within tolerance'."),
@@ -699,12 +700,17 @@ def rerun(
 ) -> None:
     """Train again from a run's saved, resolved config into a new run directory, then compare
     every logged metric at every step with the original. Exit code 0 only when it reproduces.
+    A study or a sweep reruns every finished run, one after another (a batched sweep's chunks as
+    the ensembles they were), into a subdirectory of the same name, with one verdict per run and
+    one overall (rerun.json).
 
     Examples:
 
         dropstudy rerun runs/regression/2026-11-22_09-00-00-train-3f2a
 
         dropstudy rerun runs/regression/2026-11-22_09-00-00-train-3f2a model.dropout=0.3   # what changes?
+
+        dropstudy rerun runs/regression/2026-11-22_09-00-00-study-3f2a
     """
     from datetime import datetime
 
@@ -715,7 +721,15 @@ def rerun(
     from dropstudy.rundir import RunDir, write_json_atomic
     from dropstudy.runner import train_run
 
+    from dropstudy.rerun import MembersError, members_of
+
     overrides = list(overrides or [])
+    try:
+        members = members_of(run_dir) if run_dir.is_dir() else None
+    except MembersError as exc:
+        raise fail(str(exc))
+    if members is not None:
+        rerun_directory(run_dir, members, overrides, rtol, atol, out)
     cfg, saved_overrides = load_saved_run(run_dir)
     cfg = overridden(cfg, overrides)
     check_runnable(cfg)
@@ -760,6 +774,69 @@ def rerun(
         if result.exit_code != 0 and result.status == "interrupted":
             raise typer.Exit(result.exit_code)
         raise typer.Exit(0 if comparison.reproduces else 1)
+
+
+def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: list[str], rtol: float, atol: float,
+                    out: Optional[Path]) -> None:
+    """`dropstudy rerun` of a study or sweep: every member's config is checked before anything is
+    written, then `rerun.rerun_members` trains and compares them."""
+    from datetime import datetime
+
+    from dropstudy.console import setup_logging
+    from dropstudy.rerun import Member, MemberRerun, rerun_members
+    from dropstudy.rundir import RunDir
+
+    members = []
+    for name, original in runs:
+        status = read_status_of(original)
+        if status != "finished":
+            members.append(Member(name, original, status))
+            continue
+        cfg, saved_overrides = load_saved_run(original)
+        cfg = overridden(cfg, overrides)
+        check_runnable(cfg)
+        if not RunDir(original).read_metrics():
+            raise fail(f"{RunDir(original).metrics_path}: missing or empty; there is nothing to compare with.")
+        members.append(Member(name, original, status, cfg, [*saved_overrides, *overrides]))
+    todo = [m for m in members if m.cfg is not None]
+    skipped = ", ".join(f"{m.name} ({m.status})" for m in members if m.cfg is None)
+    if not todo:
+        raise fail(f"{directory}: none of its runs finished ({skipped}); there is nothing to compare with.")
+    new_dir = out or Path("runs") / todo[0].cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
+
+    def print_member(done: MemberRerun) -> None:
+        print_run(done.result, indent="  ")
+        line = f"  {done.member.name}: {done.comparison.verdict}"
+        if done.comparison.first_difference:
+            line += f"; first difference at {done.comparison.first_difference}"
+        typer.echo(line)
+
+    with ExitStack() as held:
+        held.enter_context(claimed(new_dir, ELSEWHERE_OUT))
+        for member in todo:
+            held.enter_context(claimed(new_dir / member.name, ELSEWHERE_OUT, new=False))
+        setup_logging(new_dir / "rerun.log")
+        typer.echo(f"rerun of {directory}: {len(todo)} run(s) in this process, each as it first ran "
+                   f"(alone, or with its batched chunk as one ensemble) -> {new_dir}")
+        if skipped:
+            typer.echo(f"skipped, not finished in the original: {skipped}")
+        done = handle_run_errors(lambda: rerun_members(directory, members, new_dir, overrides, rtol, atol,
+                                                       on_member=print_member))
+    for item in done.environment:
+        stderr.print(f"[yellow]warning:[/] environment differs from the original: {item}", highlight=False)
+    tally = {v: sum(m.comparison.verdict == v for m in done.done) for v in ("identical", "within tolerance", "differs")}
+    counts = ", ".join(f"{n} {v}" for v, n in tally.items() if n)
+    verdict = f"verdict: {done.verdict} ({counts} of {len(done.done)} runs)"
+    first = done.first_differing
+    if first is not None:
+        verdict += f"; first difference in {first.member.name} at {first.comparison.first_difference}"
+        if first.likely_cause:
+            verdict += f"; likely cause: {first.likely_cause}"
+    typer.echo(verdict)
+    typer.echo(f"rerun dir: {new_dir}  (rerun.json)")
+    if done.interrupted:
+        typer.echo(f"interrupted: {len(done.done)} of {len(todo)} runs were rerun")
+    raise typer.Exit(done.exit_code)
 
 
 @app.command()
