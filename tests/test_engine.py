@@ -94,6 +94,7 @@ def test_a_sigtermed_batched_sweep_resumes_as_an_ensemble_and_equals_one_never_s
     assert results(tmp_path / "sw" / "0")[-1] != results(tmp_path / "sw" / "1")[-1]
 
 
+@pytest.mark.slow  # its path is covered fast in-process; this one runs the real thing end to end
 def test_sigterm_to_a_real_batched_sweep_process_exits_143_with_every_members_checkpoint(dropstudy, clean_env, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dropstudy", "sweep", "model.dropout=0,0.5", "seed=0,1", "trainer.epochs=1000000",

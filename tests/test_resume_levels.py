@@ -116,6 +116,7 @@ def test_resuming_one_arm_by_hand_updates_its_study(study, stopped_study, dropst
     assert_study_redrawn(study, figures, stopped_study[1])
 
 
+@pytest.mark.slow  # its path is covered fast in-process; this one runs the real thing end to end
 def test_resume_study_trains_the_arms_it_never_reached(study, stopped_study, dropstudy):
     """A study stopped before its second arm began (its directory removed, its study.json gone):
     the arm is trained from the study's own config."""
