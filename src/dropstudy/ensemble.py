@@ -81,16 +81,22 @@ def why_not(cfgs: list[DictConfig]) -> str | None:
         if _site_layout(cfg.model) != layout:
             return ("members have different dropout sites (model.input_dropout or model.conv_dropout is 0 for some "
                     "and not for others); an ensemble stacks its members site by site")
+    difference = config_difference(cfgs, VARYING_KEYS, VARYING_PREFIXES)
+    if difference is not None:
+        hint = " (one copy of the data is shared: set data.seed explicitly)" if difference.startswith("data.seed ") else ""
+        return f"members differ in {difference}; only {', '.join(VARYING_KEYS)} may differ{hint}"
+    return None
+
+
+def config_difference(cfgs: list[DictConfig], varying: tuple[str, ...], prefixes: tuple[str, ...]) -> str | None:
+    """`key (a vs b)` for the first config key, other than `varying` and `prefixes`, in which a
+    member differs from the first one; None when they agree on all of them."""
     first = flatten(OmegaConf.to_container(cfgs[0], resolve=True))
     for cfg in cfgs[1:]:
         other = flatten(OmegaConf.to_container(cfg, resolve=True))
         for key in sorted(set(first) | set(other)):
-            if key in VARYING_KEYS or key.startswith(VARYING_PREFIXES):
-                continue
-            if first.get(key) != other.get(key):
-                hint = " (one copy of the data is shared: set data.seed explicitly)" if key == "data.seed" else ""
-                return (f"members differ in {key} ({first.get(key)!r} vs {other.get(key)!r}); only "
-                        f"{', '.join(VARYING_KEYS)} may differ{hint}")
+            if key not in varying and not key.startswith(prefixes) and first.get(key) != other.get(key):
+                return f"{key} ({first.get(key)!r} vs {other.get(key)!r})"
     return None
 
 

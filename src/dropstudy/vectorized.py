@@ -46,7 +46,7 @@ from dropstudy.models import build_model
 from dropstudy.rundir import RunDir, collect_provenance, now_iso
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process, usable_cpus
-from dropstudy.tracking import NullTracker, flatten
+from dropstudy.tracking import NullTracker
 from dropstudy.train import conclude, make_optimizer, rng_states
 
 log = logging.getLogger("dropstudy")
@@ -110,15 +110,11 @@ def why_not_stacked_mlp(cfgs: list[DictConfig]) -> str | None:
             return "trainer.batch_size is set: only full-batch training is vectorized"
         if cfg.trainer.on_nan != "stop":
             return f"trainer.on_nan={cfg.trainer.on_nan}: only `stop` is vectorized"
-    first = flatten(OmegaConf.to_container(cfgs[0], resolve=True))
-    for cfg in cfgs[1:]:
-        other = flatten(OmegaConf.to_container(cfg, resolve=True))
-        for key in sorted(set(first) | set(other)):
-            if key in VARYING_KEYS or key.startswith(VARYING_PREFIXES):
-                continue
-            if first.get(key) != other.get(key):
-                return (f"members differ in {key} ({first.get(key)!r} vs {other.get(key)!r}); only "
-                        f"{', '.join(VARYING_KEYS)} may differ")
+    from dropstudy.ensemble import config_difference
+
+    difference = config_difference(cfgs, VARYING_KEYS, VARYING_PREFIXES)
+    if difference is not None:
+        return f"members differ in {difference}; only {', '.join(VARYING_KEYS)} may differ"
     return None
 
 
