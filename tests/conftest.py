@@ -180,6 +180,14 @@ def clean_environment(tmp: Path) -> dict[str, str]:
     return env
 
 
+def run_once(where: Path, *args: str) -> None:
+    """`python -m dropstudy ARGS` in `where`, in a clean environment, for module- or session-wide
+    fixtures (a run or study that several tests copy); it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "dropstudy", *args], cwd=where, env=clean_environment(where),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="session")
 def regression_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult]:
     """One 2x2 sweep (dropout 0/0.5 x seed 0/1, 20 epochs) on the basic launcher, W&B offline;

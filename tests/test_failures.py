@@ -150,6 +150,14 @@ def in_namespace(setup: str, *cmd: str, **kwargs) -> subprocess.CompletedProcess
                           timeout=300, **kwargs)
 
 
+def skip_without_read_only_mounts() -> None:
+    """Skip, saying why in the output too, where this machine cannot make a read-only directory."""
+    reason = read_only_reason()
+    if reason:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+
+
 def read_only_reason() -> str | None:
     """chmod stops writes for a normal user; root ignores it, so then a read-only bind mount."""
     if os.geteuid() != 0:
@@ -165,10 +173,7 @@ def run_in_read_only(directory: Path, cwd: Path, env: dict[str, str], *args: str
 
 
 def test_a_read_only_run_dir_is_one_message_for_train(clean_env, tmp_path):
-    reason = read_only_reason()
-    if reason:
-        print(f"skipped: {reason}")
-        pytest.skip(reason)
+    skip_without_read_only_mounts()
     run = tmp_path / "run"
     run.mkdir()
     proc = run_in_read_only(run, tmp_path, clean_env, "train", *QUICK_REGRESSION, "tracker.mode=disabled",
@@ -179,10 +184,7 @@ def test_a_read_only_run_dir_is_one_message_for_train(clean_env, tmp_path):
 
 @pytest.mark.slow
 def test_a_read_only_run_dir_is_one_message_for_resume(interrupted_run, tmp_path):
-    reason = read_only_reason()
-    if reason:
-        print(f"skipped: {reason}")
-        pytest.skip(reason)
+    skip_without_read_only_mounts()
     run = tmp_path / "run"
     shutil.copytree(interrupted_run["dir"], run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}

@@ -1,4 +1,4 @@
-"""The regression study end to end through the CLI: a run directory as DESIGN.md lays it out,
+"""The regression study end to end through the CLI: a run directory as the README lays it out,
 the W&B offline file read back, the study's arms and comparison, and interruption."""
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ equality, double Ctrl-C, divergence handling, and clear errors for broken run di
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACKAGE_ROOT, QUICK_REGRESSION, assert_provenance_matches_checkout, git_checkout_state, python_path, read_jsonl
+from conftest import PACKAGE_ROOT, QUICK_REGRESSION, assert_provenance_matches_checkout, git_checkout_state, read_jsonl, run_once
 from dropstudy.config import compose, conf_dir
 from dropstudy.rundir import RunDir
 
@@ -196,10 +195,7 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, cl
 def trained_run(tmp_path_factory) -> Path:
     """One finished quick regression run, trained once for the tests that break copies of it."""
     where = tmp_path_factory.mktemp("trained")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    proc = subprocess.run([sys.executable, "-m", "dropstudy", "train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=run"],
-                          cwd=where, env={**env, "HOME": str(where), "PYTHONPATH": python_path()}, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_once(where, "train", *QUICK_REGRESSION, *QUIET, "hydra.run.dir=run")
     return where / "run"
 
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import python_path, read_jsonl
+from conftest import read_jsonl, run_once
 
 SHORT_STUDY = ["trainer.epochs=40", "trainer.eval_every=10", "trainer.log_every=4", "tracker.mode=disabled"]
 ARMS = ("dropout-0", "dropout-0.5")
@@ -34,11 +31,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 def trained_study(tmp_path_factory) -> Path:
     """One finished short study, trained once; each test reruns a copy of it."""
     where = tmp_path_factory.mktemp("study")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    proc = subprocess.run([sys.executable, "-m", "dropstudy", "study", *SHORT_STUDY, "hydra.run.dir=st"],
-                          cwd=where, env={**env, "HOME": str(where), "PYTHONPATH": python_path()},
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_once(where, "study", *SHORT_STUDY, "hydra.run.dir=st")
     return where / "st"
 
 

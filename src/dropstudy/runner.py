@@ -240,8 +240,8 @@ def make_run_tracker(
     resume_id: str | None = None,
     shared_process: bool = False,
 ):
-    """The run's W&B run: named, grouped and tagged as DESIGN.md says, with the resolved config
-    (flat) and the provenance as its config."""
+    """The run's W&B run: named after experiment, arm and seed, in its study's or sweep's group,
+    tagged, with the resolved config (flat) and the provenance as its config."""
     tags = [cfg.experiment, label, *cfg.tracker.tags, *extra_tags] + (["synthetic-data"] if data.synthetic else [])
     return make_tracker(
         cfg.tracker,

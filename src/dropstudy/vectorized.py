@@ -61,7 +61,7 @@ KINDS = ("inverted", "vanilla", "gaussian", "none")
 @dataclass
 class Member:
     cfg: DictConfig  # the member's fully composed + validated config
-    run_dir: Path  # its own run directory (complete run dir per DESIGN.md)
+    run_dir: Path  # its own run directory (every file a single run writes)
     overrides: list[str]  # the member's own Hydra overrides (saved to .hydra/overrides.yaml)
 
 
