@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dropstudy.checkpoint import RunDirError
+from dropstudy.rundir import RunDirError
 from dropstudy.data import Dataset, TrainBatches
 from dropstudy.dropout import DropoutSchedule
 from dropstudy.models import weight_norms

@@ -434,18 +434,16 @@ def overridden(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def load_saved_run(run_dir: Path) -> tuple[DictConfig, list[str]]:
-    from dropstudy.checkpoint import RunDirError, load_run_config
+    from dropstudy.rundir import RunDir, RunDirError
 
     if run_dir.exists() and not run_dir.is_dir():
         raise fail(f"{run_dir} is a file, not a directory; give the run directory (the folder with "
                    ".hydra/config.yaml and summary.json).")
     try:
-        cfg = load_run_config(run_dir)
+        cfg = RunDir.existing(run_dir).read_config()
     except RunDirError as exc:
         raise fail(str(exc))
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    saved = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    return cfg, [str(o) for o in saved]
+    return cfg, RunDir.existing(run_dir).read_overrides()
 
 
 def check_runnable(cfg: DictConfig) -> None:
@@ -517,7 +515,7 @@ class ResumeLog:
 
 
 def resume_run_dir(run_dir: Path) -> None:
-    from dropstudy.checkpoint import RunDirError
+    from dropstudy.rundir import RunDir, RunDirError
     from dropstudy.runner import train_run
 
     from dropstudy.vectorized import batched_member_of
@@ -528,8 +526,7 @@ def resume_run_dir(run_dir: Path) -> None:
                    f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
-        summary = run_dir / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+        if RunDir.existing(run_dir).read_status()[0] == "finished":
             raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
                        f"To train it again use: {shlex.join(['dropstudy', 'rerun', str(run_dir)])}")
         check_runnable(cfg)
@@ -564,7 +561,7 @@ def update_study_of_arm(result: Any) -> None:
 
 
 def resume_study_dir(study_dir: Path) -> None:
-    from dropstudy.checkpoint import RunDirError
+    from dropstudy.rundir import RunDirError
     from dropstudy.resume import ResumeError, plan_study_resume, resume_study
 
     try:
@@ -601,7 +598,7 @@ def resume_study_dir(study_dir: Path) -> None:
 
 
 def read_status_of(run_dir: Path) -> str:
-    from dropstudy.sweep import read_status
+    from dropstudy.rundir import read_status
 
     return read_status(run_dir)[0]
 
@@ -614,7 +611,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     if batched_chunks(sweep_dir):
         resume_batched_chunks(sweep_dir)  # then the jobs no chunk reached, below
 
-    from dropstudy.checkpoint import RunDirError
+    from dropstudy.rundir import RunDirError
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
     from dropstudy.sweep import collect_outcomes, write_sweep_json
 
@@ -663,8 +660,8 @@ def resume_batched_chunks(sweep_dir: Path) -> None:
     """The batched part of `dropstudy resume SWEEP_DIR`: chunks of a batched sweep that were
     interrupted continue as the ensembles they were (their dropout masks come from one shared
     generator, saved with every member's checkpoint). Exits when they are interrupted again."""
-    from dropstudy.checkpoint import RunDirError
-    from dropstudy.sweep import read_status
+    from dropstudy.rundir import RunDirError
+    from dropstudy.rundir import read_status
     from dropstudy.vectorized import batched_chunks, resume_sweep
 
     chunks = batched_chunks(sweep_dir)

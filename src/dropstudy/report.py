@@ -127,8 +127,8 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         if not config_path.is_file() or (root / "report") in run_dir.parents:
             continue
         try:
-            summary = json.loads(summary_path.read_text())
-            config = flatten(yaml.safe_load(config_path.read_text()) or {})
+            summary = RunDir.existing(run_dir).read_summary()
+            config = flatten(RunDir.existing(run_dir).read_config_dict())
         except (OSError, ValueError, yaml.YAMLError) as exc:
             skipped.append((run_dir, f"unreadable ({type(exc).__name__})"))
             continue
@@ -596,7 +596,7 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     from the model its checkpoint holds."""
     import torch
 
-    from dropstudy.checkpoint import RunDirError, load_checkpoint, load_run_config
+    from dropstudy.rundir import RunDirError
     from dropstudy.data import load_dataset
     from dropstudy.models import build_model
     from dropstudy.runner import _points, regression_fit_curve
@@ -608,8 +608,8 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     for row in table.rows:
         run = next((r for r in row.runs if str(r.seed) == seed), row.runs[0])
         try:
-            cfg = load_run_config(run.path)
-            state = load_checkpoint(run.path, cfg)
+            cfg = RunDir.existing(run.path).read_config()
+            state = RunDir.existing(run.path).read_checkpoint(cfg)
         except RunDirError as exc:
             log.warning(f"report: no fit curve for {row.label}: {exc}")
             continue

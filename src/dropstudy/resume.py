@@ -21,12 +21,11 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dropstudy.checkpoint import RunDirError, computation_differences, load_checkpoint, load_run_config
 from dropstudy.config import ConfigError, validate, validate_study
 from dropstudy.runner import (ArmRecord, RunResult, conclude_study, json_or_empty, regression_fit_curve,
                               study_arms, study_group, train_run)
-from dropstudy.rundir import RunDir
-from dropstudy.sweep import SweepPlan, plan_sweep, read_status, sweep_dir_override
+from dropstudy.rundir import RunDir, RunDirError, computation_differences, read_status
+from dropstudy.sweep import SweepPlan, plan_sweep, sweep_dir_override
 
 log = logging.getLogger("dropstudy")
 
@@ -44,8 +43,7 @@ def directory_kind(path: Path) -> str:
         return "sweep"
     if (path / "study.json").is_file():
         return "study"
-    hydra_file = path / ".hydra" / "hydra.yaml"
-    if hydra_file.is_file() and OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.name") == "study":
+    if RunDir.existing(path).job_name() == "study":
         return "study"  # stopped before it wrote study.json
     return "run"
 
@@ -75,8 +73,7 @@ class Step:
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+    return RunDir.existing(run_dir).read_overrides()
 
 
 def plan_step(name: str, run_dir: Path, planned: DictConfig, overrides: list[str], no_checkpoint: str,
@@ -88,8 +85,8 @@ def plan_step(name: str, run_dir: Path, planned: DictConfig, overrides: list[str
     if status in KEPT:
         return Step(name, run_dir, status, "keep", planned, overrides)
     cfg = planned
-    if (run_dir / ".hydra" / "config.yaml").is_file():
-        cfg, overrides = load_run_config(run_dir), saved_overrides(run_dir) or overrides
+    if RunDir.existing(run_dir).has_config():
+        cfg, overrides = RunDir.existing(run_dir).read_config(), saved_overrides(run_dir) or overrides
         differences = computation_differences(OmegaConf.to_container(cfg, resolve=True),
                                               OmegaConf.to_container(planned, resolve=True))
         if check_drift and differences:
@@ -97,8 +94,8 @@ def plan_step(name: str, run_dir: Path, planned: DictConfig, overrides: list[str
                 f"{run_dir / '.hydra' / 'config.yaml'} no longer matches what the configs plan for {name} "
                 f"({'; '.join(differences[:3])}): the configs changed since it started, so the runs left "
                 "would not be comparable with it. Restore the configs, or start a new directory.")
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        state = load_checkpoint(run_dir, cfg)
+    if RunDir.existing(run_dir).has_checkpoint():
+        state = RunDir.existing(run_dir).read_checkpoint(cfg)
         return Step(name, run_dir, status, "resume", cfg, overrides, f"after epoch {state['epoch']}")
     note = "(never started)" if status == "not run" else f"from scratch: {no_checkpoint}"
     return Step(name, run_dir, status, "start", cfg, overrides, note)
@@ -109,12 +106,9 @@ def run_step(step: Step, *, group: str, job_type: str | None, extra_tags: tuple[
     if step.action == "resume":
         return train_run(step.cfg, step.run_dir, step.overrides, group=group, job_type=job_type,
                          extra_tags=extra_tags, resume=True)
-    # A start from scratch drops the rows and status of the attempt that never reached a
-    # checkpoint: metrics.jsonl is appended to, and must hold this run's rows only.
-    for name in ("metrics.jsonl", "summary.json"):
-        (step.run_dir / name).unlink(missing_ok=True)
     rd = RunDir(step.run_dir)
-    if not (step.run_dir / ".hydra" / "config.yaml").is_file():
+    rd.forget_attempt()
+    if not rd.has_config():
         rd.write_config(step.cfg, step.overrides)
     return train_run(step.cfg, step.run_dir, step.overrides, group=group, job_type=job_type, extra_tags=extra_tags)
 
@@ -223,21 +217,22 @@ def arm_record(label: str, run_dir: Path, data: Any) -> ArmRecord:
     if status == "not run":
         return ArmRecord(label, run_dir, status)
     record = ArmRecord(label, run_dir, status, summary.get("final", {}), RunDir(run_dir).read_metrics())
-    checkpoint = run_dir / "checkpoints" / "last.pt"
+    checkpoint = RunDir.existing(run_dir).checkpoint_path
     if data is not None and checkpoint.is_file():
         try:
-            record.fit = fit_from_checkpoint(load_run_config(run_dir), checkpoint, label, data)
+            record.fit = fit_from_checkpoint(RunDir.existing(run_dir), label, data)
         except (RunDirError, RuntimeError, KeyError, OSError) as exc:
             log.warning(f"{checkpoint}: not drawn in the comparison ({type(exc).__name__}: {exc})")
     return record
 
 
-def fit_from_checkpoint(cfg: DictConfig, checkpoint: Path, label: str, data: Any):
+def fit_from_checkpoint(run: RunDir, label: str, data: Any):
     from dropstudy.models import build_model
     from dropstudy.runtime import seed_everything
 
+    cfg = run.read_config()
     model = build_model(cfg.model)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(run.read_checkpoint()["model"])
     seed_everything(cfg.seed)  # the MC-dropout band's draws
     return regression_fit_curve(model, data, label, cfg.eval.mc_samples)
 

@@ -8,6 +8,10 @@
     plots/*.png                                figures, also logged to W&B
     wandb/                                     W&B's own files
 
+`RunDir` is the one place that reads or writes these files; every problem reading one back is a
+`RunDirError` naming the file and what is wrong with it (not a run, a truncated or corrupt
+checkpoint, a checkpoint written by another config or for another model).
+
 Files a reader may see half-written are written to a temporary name and renamed. Every write
 goes through `failures.writing`: a failed one (disk full, read-only) leaves no temporary file
 and raises a WriteError naming the file.
@@ -24,11 +28,13 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import platform
 import shlex
 import socket
 import subprocess
 import sys
+import zipfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +46,14 @@ from omegaconf import DictConfig, OmegaConf
 from dropstudy.failures import WriteError, writing
 
 STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "config")
+# Keys that say where or how a run is watched, not what is computed: they may differ between
+# a checkpoint and the run that resumes it.
+NOT_COMPUTATION = ("tracker.", "device", "trainer.checkpoint_every", "trainer.eval_batch_size")
+
+
+class RunDirError(Exception):
+    """A run directory or one of its files cannot be used; the message names the file."""
 
 
 def _json_default(value: Any) -> Any:
@@ -79,15 +93,25 @@ def save_torch_atomic(obj: Any, path: Path, base: Path | None = None) -> None:
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    """A run directory; `RunDir(path)` creates it to write a run, `RunDir.existing(path)` reads
+    one back without creating anything."""
+
+    def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
-        with writing(self.path, operation="create the run directory"):
-            self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            with writing(self.path, operation="create the run directory"):
+                self.path.mkdir(parents=True, exist_ok=True)
         self.plots = self.path / "plots"
         self.checkpoints = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
+        self.config_path = self.path / ".hydra" / "config.yaml"
+        self.checkpoint_path = self.checkpoints / "last.pt"
         self._metrics = None
+
+    @classmethod
+    def existing(cls, path: str | Path) -> "RunDir":
+        return cls(path, create=False)
 
     # -- config -------------------------------------------------------------------------
     def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
@@ -99,6 +123,69 @@ class RunDir:
         write_bytes_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode(), self.path)
         write_bytes_atomic(hydra_dir / "overrides.yaml",
                            OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode(), self.path)
+
+    def _study_arms(self) -> str | None:
+        """The arms' directories when this is a study directory (for the message that says so)."""
+        study = self.path / "study.json"
+        if not study.is_file():
+            return None
+        try:
+            return ", ".join(a["run_dir"] for a in json.loads(study.read_text())["arms"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its arms' directories"
+
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> DictConfig:
+        """The resolved config the run was made with, checked as new input is."""
+        from dropstudy.config import ConfigError, validate
+
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path}: no such directory.")
+        arms = self._study_arms()
+        if arms is not None and not self.config_path.is_file():
+            raise RunDirError(f"{self.path} is a study directory; give one of its runs: {arms}.")
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.config_path}: missing, so {self.path} is not a dropstudy run directory "
+                              "(or it was never started).")
+        try:
+            cfg = OmegaConf.load(self.config_path)
+            if "study" in cfg and arms is not None:
+                raise RunDirError(f"{self.path} is a study directory; give one of its runs: {arms}.")
+            validate(cfg)
+        except ConfigError as exc:
+            raise RunDirError(f"{self.config_path}: {exc}") from exc
+        except RunDirError:
+            raise
+        except Exception as exc:
+            raise RunDirError(f"{self.config_path}: not a readable dropstudy config "
+                              f"({type(exc).__name__}: {exc}).") from exc
+        return cfg
+
+    def read_config_dict(self) -> dict:
+        """The saved config as plain data, unchecked (a report reads what is there)."""
+        return OmegaConf.to_container(OmegaConf.load(self.config_path)) or {}
+
+    def read_overrides(self) -> list[str]:
+        path = self.path / ".hydra" / "overrides.yaml"
+        return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+    def job_name(self) -> str | None:
+        """The Hydra job that made this directory (`train`, `study`, ...), from .hydra/hydra.yaml."""
+        path = self.path / ".hydra" / "hydra.yaml"
+        return OmegaConf.select(OmegaConf.load(path), "hydra.job.name") if path.is_file() else None
+
+    def read_status(self) -> tuple[str, dict]:
+        """The status and summary: `not run` without a directory, `failed` without a readable
+        summary (the run died before writing one)."""
+        if not self.path.is_dir():
+            return "not run", {}
+        try:
+            summary = self.read_summary()
+        except (OSError, ValueError):
+            return "failed", {}
+        return summary.get("status", "failed"), summary
 
     # -- metrics ------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
@@ -144,6 +231,45 @@ class RunDir:
         write_bytes_atomic(self.metrics_path,
                            "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode(), self.path)
 
+    def forget_attempt(self) -> None:
+        """Drop the rows and status of an attempt that never reached a checkpoint, before the run
+        starts again from scratch: metrics.jsonl is appended to, and must hold this run's rows only."""
+        self.close()
+        for path in (self.metrics_path, self.summary_path):
+            with writing(path, base=self.path, operation="remove"):
+                path.unlink(missing_ok=True)
+
+    def holds_rows(self) -> bool:
+        return self.metrics_path.exists()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def read_checkpoint(self, cfg: DictConfig | None = None) -> dict[str, Any]:
+        """checkpoints/last.pt, read and (given the run's config) checked against it."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing; the run stopped before its first checkpoint, so start it again instead.")
+        try:
+            # The checkpoint holds NumPy/Python RNG states, which weights_only loading refuses;
+            # it is the user's own file from their own run directory.
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+            raise RunDirError(f"{path}: cannot be read, it is truncated or corrupt ({type(exc).__name__}: {exc}).") from exc
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise RunDirError(f"{path}: not a dropstudy checkpoint (missing {', '.join(missing)}).")
+        if cfg is not None:
+            differences = computation_differences(state["config"], OmegaConf.to_container(cfg, resolve=True))
+            if differences:
+                raise RunDirError(
+                    f"{path} was written with a different config than {self.config_path}: "
+                    + "; ".join(differences[:5])
+                    + (f" (and {len(differences) - 5} more)" if len(differences) > 5 else "")
+                    + "."
+                )
+        return state
+
     def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
         """Write to a temporary file and rename, so `last.pt` is always a complete checkpoint: a
         write that fails leaves the previous one as it was."""
@@ -160,6 +286,44 @@ class RunDir:
 
 
 # --------------------------------------------------------------------------- provenance
+
+
+def read_status(run_dir: Path) -> tuple[str, dict]:
+    return RunDir.existing(run_dir).read_status()
+
+
+def computation_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """`key: a -> b` for every config value that changes what a run computes."""
+    from dropstudy.tracking import flatten
+
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted(set(fa) | set(fb))
+    return [
+        f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}"
+        for k in keys
+        if fa.get(k) != fb.get(k) and not k.startswith(NOT_COMPUTATION)
+    ]
+
+
+def check_fits(path: Path, state: dict[str, Any], model: "torch.nn.Module") -> None:
+    """The checkpoint's weights must match the model the config builds, name for name and shape
+    for shape."""
+    own = model.state_dict()
+    theirs = state["model"]
+    missing = sorted(set(own) - set(theirs))
+    extra = sorted(set(theirs) - set(own))
+    shapes = [k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape)]
+    if missing or extra or shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(extra[:3])}" if extra else "",
+                ", ".join(f"{k} is {tuple(theirs[k].shape)} there, {tuple(own[k].shape)} here" for k in sorted(shapes)[:3]),
+            )
+            if part
+        )
+        raise RunDirError(f"{path}: its weights are for a different model ({detail}).")
 
 
 def _git(args: list[str], cwd: Path) -> str | None:

@@ -25,9 +25,8 @@ from dropstudy import plots
 from dropstudy.data import Dataset, load_dataset
 from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
-from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint
 from dropstudy.failures import describe
-from dropstudy.rundir import RunDir, collect_provenance, now_iso, write_json_atomic
+from dropstudy.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
 from dropstudy.tracking import flatten, make_tracker
 from dropstudy.backends import Single
@@ -154,7 +153,7 @@ def _train_run(
 ) -> RunResult:
     label = arm_label(cfg.model.dropout, cfg.model.dropout_kind)
     clock = time.perf_counter()
-    state = load_checkpoint(rd.path, cfg) if resume else None
+    state = rd.read_checkpoint(cfg) if resume else None
     device = set_up_process(cfg)
     fast = FastPaths.resolve(cfg.trainer, device)
     seed_everything(cfg.seed)
@@ -173,7 +172,7 @@ def _train_run(
     log.info(f"[{label}] dropout sites ({schedule.describe()}): "
              + (", ".join(dropout_sites) or f"none (model.dropout_kind={cfg.model.dropout_kind})"))
     if state is not None:
-        check_fits(rd.checkpoints / "last.pt", state, model)
+        check_fits(rd.checkpoint_path, state, model)
 
     if state is None:
         provenance = collect_provenance(describe_device(device), overrides, data.describe(), data.fingerprint(), rd)

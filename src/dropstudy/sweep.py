@@ -245,7 +245,7 @@ class SweepJob:
     launched_from: int = field(default_factory=os.getpid)  # the `dropstudy sweep` process
 
     def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-        from dropstudy.rundir import claim_run_dir
+        from dropstudy.rundir import claim_run_dir, read_status
         from dropstudy.runner import train_run
 
         try:
@@ -338,21 +338,6 @@ def train_vectorized(plan: SweepPlan, vectorized: Any) -> list[Any]:
 # --------------------------------------------------------------------------- the outcome
 
 
-def read_status(run_dir: Path) -> tuple[str, dict]:
-    """A job's status from its summary.json: `not run` without a run dir, `failed` without a
-    summary (it died before writing one)."""
-    summary_path = run_dir / "summary.json"
-    if not run_dir.is_dir():
-        return "not run", {}
-    if not summary_path.is_file():
-        return "failed", {}
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "failed", {}
-    return summary.get("status", "failed"), summary
-
-
 @dataclass
 class JobOutcome:
     num: int
@@ -369,6 +354,8 @@ class JobOutcome:
 
 
 def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
+    from dropstudy.rundir import read_status
+
     varying = set(plan.varying)
     outcomes = []
     for job in plan.jobs:

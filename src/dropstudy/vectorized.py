@@ -22,7 +22,6 @@ are logged by hand (`Tracker.log_histograms`) at the `tracker.log_freq` cadence,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -37,13 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dropstudy import plots
-from dropstudy.checkpoint import RunDirError
 from dropstudy.config import dropout_site_count
 from dropstudy.data import Dataset, TrainBatches, load_dataset
 from dropstudy.dropout import apply_dropout, arm_label, describe_sites, site_rates, sites
 from dropstudy.engine import Engine, MemberRun
 from dropstudy.models import build_model
-from dropstudy.rundir import RunDir, collect_provenance, now_iso
+from dropstudy.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process, usable_cpus
 from dropstudy.tracking import NullTracker
@@ -352,7 +350,7 @@ def train_members(members: list[Member], *, group: str, extra_tags: tuple[str, .
     if reason is not None:
         raise ValueError(f"these members cannot be trained as one batched model: {reason}")
     for member in members:
-        if (member.run_dir / "metrics.jsonl").exists():
+        if RunDir.existing(member.run_dir).holds_rows():
             raise ValueError(f"{member.run_dir} already holds a run; vectorized training starts new runs only "
                              "(continue that one with `dropstudy resume`)")
     return _guarded(members, group, extra_tags, chunk, states=None)
@@ -363,16 +361,13 @@ def resume_members(run_dirs: list[Path]) -> list[RunResult]:
     checkpoint (one epoch boundary for all, with the masks' generator), the diverged ones along
     but off the record, so the result equals a chunk that never stopped. RunDirError when a
     member's directory or checkpoint cannot be used (nothing is changed then)."""
-    from dropstudy.checkpoint import RunDirError, check_fits, load_checkpoint, load_run_config
-
     members, states = [], []
     for run_dir in run_dirs:
-        cfg = load_run_config(run_dir)
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
-        members.append(Member(cfg, run_dir, overrides))
-        status = RunDir(run_dir).read_summary().get("status") if (run_dir / "summary.json").is_file() else None
-        states.append(None if status in ("diverged", "finished") else load_checkpoint(run_dir, cfg))
+        run = RunDir.existing(run_dir)
+        cfg = run.read_config()
+        members.append(Member(cfg, run_dir, run.read_overrides()))
+        status = run.read_status()[0]
+        states.append(None if status in ("diverged", "finished") else run.read_checkpoint(cfg))
     live = [s for s in states if s is not None]
     if not live:
         raise RunDirError(f"{run_dirs[0].parent}: every member of this chunk finished or diverged; nothing to resume.")
@@ -384,10 +379,9 @@ def resume_members(run_dirs: list[Path]) -> list[RunResult]:
                           "masks' generator; it cannot be resumed as an ensemble, start the sweep again.")
     for member, state in zip(members, states):
         if state is not None:
-            check_fits(member.run_dir / "checkpoints" / "last.pt", state, build_model(member.cfg.model))
+            check_fits(RunDir.existing(member.run_dir).checkpoint_path, state, build_model(member.cfg.model))
     previous = RunDir(run_dirs[0]).read_provenance().get("vectorized", {})
-    group = (RunDir(run_dirs[0]).read_summary().get("wandb", {}).get("group")
-             if (run_dirs[0] / "summary.json").is_file() else None) or previous.get("group")
+    group = RunDir.existing(run_dirs[0]).read_status()[1].get("wandb", {}).get("group") or previous.get("group")
     return _guarded(members, group, ("sweep",), (previous.get("chunk", 0), None), states=states)
 
 
@@ -530,8 +524,7 @@ def batched_chunks(sweep_dir: Path) -> list[list[Path]]:
 
 def batched_member_of(run_dir: Path) -> Path | None:
     """The sweep dir when `run_dir` is a member of a batched sweep chunk, else None."""
-    path = run_dir / "provenance.json"
-    vec = json.loads(path.read_text()).get("vectorized") if path.is_file() else None
+    vec = RunDir.existing(run_dir).read_provenance().get("vectorized")
     if not vec or "run_dirs" not in vec:
         return None
     sweep_dir = run_dir
@@ -543,11 +536,10 @@ def batched_member_of(run_dir: Path) -> Path | None:
 def resume_sweep(sweep_dir: Path) -> list[RunResult]:
     """`dropstudy resume SWEEP_DIR` of a batched sweep: every chunk with a member that has not
     finished continues as the ensemble it was; a chunk that finished is left alone."""
-    from dropstudy.sweep import read_status
 
     results: list[RunResult] = []
     for run_dirs in batched_chunks(sweep_dir):
-        if all(read_status(d)[0] in ("finished", "diverged") for d in run_dirs):
+        if all(RunDir.existing(d).read_status()[0] in ("finished", "diverged") for d in run_dirs):
             continue
         chunk_results = resume_members(run_dirs)
         results.extend(chunk_results)
