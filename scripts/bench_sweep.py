@@ -46,6 +46,16 @@ CIFAR_TABLE = (
     "| `dropstudy train` processes s | processes / sweep | load avg (start -> end) |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
 )
+LOOP_HEADING = "## CIFAR-10 sweep: the training loop alone, one ensemble vs one run per member (scripts/bench_sweep.py --experiment cifar10)"
+LOOP_TABLE = (
+    "| date (UTC) | machine | command | members x images x epochs | member execution | ensemble loop s "
+    "| per-member loops s | ensemble loop member-img/s | per-member loop member-img/s | ensemble / per-member "
+    "| load avg (start -> end) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
+# The engine's loop as summary.json's timings_s splits it: training epochs, evaluation, metric
+# rows and histograms, checkpoints; no data loading, W&B start or figures.
+LOOP_KEYS = ("train", "eval", "log", "checkpoint")
 CLI_HEADING = "## Regression sweep end to end: `dropstudy sweep` vs one `dropstudy train` process per member"
 CLI_TABLE = (
     "| date (UTC) | machine | command | members x epochs | `dropstudy sweep` s | `dropstudy train` processes s "
@@ -113,6 +123,13 @@ def record(result: dict) -> None:
                 f"| {result['per_member_member_images_per_s']:.0f} | {result['speedup']:.2f}x "
                 f"| {cli.get('sweep_s', float('nan')):.0f} | {cli.get('train_processes_s', float('nan')):.0f} "
                 f"| {cli.get('speedup', float('nan')):.2f}x | {result['load_start']} -> {result['load_end']} |\n")
+        add_row(LOOP_HEADING, LOOP_TABLE,
+                f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['members']} x "
+                f"{result['train_images']} x {result['epochs']} | {result['member_execution']} "
+                f"| {result['ensemble_loop_s']:.2f} | {result['per_member_loop_s']:.2f} "
+                f"| {result['ensemble_loop_member_images_per_s']:.0f} | {result['per_member_loop_member_images_per_s']:.0f} "
+                f"| {result['per_member_loop_s'] / result['ensemble_loop_s']:.2f}x "
+                f"| {result['load_start']} -> {result['load_end']} |\n")
         return
     per_member = f"{result['per_member_s']:.0f}" + (" (extrapolated from " + str(result["per_member_measured"]) + ")"
                                                    if result["per_member_extrapolated"] else "")
@@ -128,6 +145,10 @@ def record(result: dict) -> None:
                 f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['members']} x "
                 f"{result['epochs']} | {cli['sweep_s']:.0f} | {processes} | {cli['speedup']:.1f}x "
                 f"| {cli['sweep_over_one_train']:.1f}x |\n")
+
+
+def loop_seconds(summary: dict) -> float:
+    return sum(summary.get("timings_s", {}).get(k, 0.0) for k in LOOP_KEYS)
 
 
 def add_row(heading: str, table: str, row: str) -> None:
@@ -202,10 +223,21 @@ def main() -> None:
 
     train_images = len(load_dataset(members[0][1].data, torch.device("cpu"), lambda _: None).train)
     member_images = len(members) * train_images * args.epochs
+    # One summary of the ensemble holds the whole batch's loop time; each single run its own.
+    ensemble_loop_s = loop_seconds(RunDir.existing(out / "vectorized" / "0").read_summary())
+    measured_loop_s = sum(loop_seconds(RunDir.existing(out / "per-member" / f"{i}").read_summary())
+                          for i in range(len(measured)))
+    per_member_loop_s = measured_loop_s / len(measured) * len(members)
+    execution = RunDir.existing(out / "vectorized" / "0").read_provenance().get("vectorized", {}).get("execution")
     result = {
         "experiment": args.experiment,
         "train_images": train_images,
         "vectorized_member_images_per_s": round(member_images / vectorized_s, 1),
+        "member_execution": execution,
+        "ensemble_loop_s": round(ensemble_loop_s, 2),
+        "per_member_loop_s": round(per_member_loop_s, 2),
+        "ensemble_loop_member_images_per_s": round(member_images / ensemble_loop_s, 1),
+        "per_member_loop_member_images_per_s": round(member_images / per_member_loop_s, 1),
         "per_member_member_images_per_s": round(member_images / per_member_s, 1),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),

@@ -412,6 +412,7 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
                    extra_tags: tuple[str, ...], chunk: tuple[int, Path] | None,
                    states: list[dict[str, Any] | None] | None) -> list[RunResult]:
     cfg0 = members[0].cfg
+    clock = time.perf_counter()
     device = set_up_process(cfg0)  # trainer.*, device and deterministic are the same for every member
     kind, reason = batched_backend([m.cfg for m in members])
     if kind is None:
@@ -435,6 +436,10 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
         backend = Ensemble([m.cfg for m in members], data, FastPaths.resolve(cfg0.trainer, device))
         models = backend.models
     how = "hand-batched MLP" if kind == "stacked_mlp" else f"torch.func ensemble, {backend.execution} members"
+    # Where the whole batch's time went, the same for every member (summary.json timings_s):
+    # data and models, then W&B runs and provenance, then the engine's own split of the loop.
+    timings = {"data": time.perf_counter() - clock}
+    clock = time.perf_counter()
     log.info(f"vectorized: {len(members)} members as one batched model ({how}) on {describe_device(device)}")
 
     for i, (member, data, model) in enumerate(zip(members, datas, models)):
@@ -444,7 +449,8 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
         if states is None:
             provenance = collect_provenance(describe_device(device), member.overrides, data.describe(),
                                             data.fingerprint(), rd)
-            provenance["vectorized"] = {"members": len(members), "index": i, "backend": kind, "group": group}
+            provenance["vectorized"] = {"members": len(members), "index": i, "backend": kind, "group": group,
+                                         "execution": getattr(backend, "execution", "stacked")}
             if kind == "stacked_mlp":
                 provenance["vectorized"]["mask_seed"] = backend.generator.initial_seed()
             if chunk is not None:
@@ -473,6 +479,7 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
 
     engine = Engine(backend, [rec.run for rec in records], cfg0.trainer, label=f"{len(members)} members",
                     histograms=cfg0.tracker.watch, log_freq=cfg0.tracker.log_freq)
+    timings["setup"] = time.perf_counter() - clock
     if states is not None:
         engine.resume(states)
     concluding = [i for i, rec in enumerate(records) if rec.trained]
@@ -491,7 +498,7 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
                          rec.run.tracker, rec.result, rec.dropout_sites, rec.group, rec.job_type,
                          duration_s=duration,
                          extra_summary={"vectorized": {"members": len(records), "index": i}},
-                         timings={"train": duration},  # the whole batch's training time, shared
+                         timings={**timings, **engine.timings},  # the whole batch's, shared
                          figures=figures)
     for rec in records:
         if not rec.trained:  # set aside before this resume: its summary stands
