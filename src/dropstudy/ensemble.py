@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from dropstudy.data import Dataset, TrainBatches, batches
+from dropstudy.data import Dataset, batches
 from dropstudy.dropout import DropoutSchedule, sites
 from dropstudy.models import build_model, weight_layers, weight_norms
 from dropstudy.runtime import FastPaths, seed_everything
@@ -155,7 +155,7 @@ class Ensemble:
             DropoutSchedule(m.model.dropout_schedule.kind, m.model.dropout_schedule.epochs or m.trainer.epochs)
             for m in self.cfgs
         ]
-        self.loaders = [TrainBatches(data.train, m.trainer.batch_size, m.seed, augment=data.augment) for m in self.cfgs]
+        self.loaders = [data.train_batches(m.trainer.batch_size, m.seed) for m in self.cfgs]
         self.skipped_steps = [0] * self.members
         self.weight_names = [f"{name}.weight" for name, _ in weight_layers(self.models[0])]
         # The last evaluation's MC-dropout predictions per split and member (the test set's feed
@@ -273,14 +273,14 @@ class Ensemble:
                 return functional_call(self.template, (params, buffers), (x,))
 
             self.template.eval()
-            with self.fast.autocast():
+            with self.fast.autocast(reuse_casts=True):
                 outs = vmap(member, randomness="different")(self.params, self.buffers).float()
             self.template.train()
             return list(outs.unbind(0))
         outs = []
         for model, net in zip(self.models, self.nets):
             model.eval()
-            with self.fast.autocast():
+            with self.fast.autocast(reuse_casts=True):
                 outs.append(net(self.fast.inputs(x)).float())
             model.train()
         return outs
@@ -294,11 +294,12 @@ class Ensemble:
         device = part.targets.device
         loss_sum = torch.zeros(m, device=device)
         correct = torch.zeros(m, device=device)
-        for xb, yb in batches(part, self.trainer_cfg.eval_batch_size):
-            for i, out in enumerate(self._outputs(data.prepare(xb))):
-                loss_sum[i] += self.loss_fn(out, yb, reduction="sum") / (out.shape[1] if data.task == "regression" else 1)
-                if self.classification:
-                    correct[i] += (out.argmax(1) == yb).sum()
+        with self.fast.autocast(reuse_casts=True):  # each weight cast once per evaluation (FastPaths.autocast)
+            for xb, yb in batches(part, self.trainer_cfg.eval_batch_size):
+                for i, out in enumerate(self._outputs(data.prepare(xb))):
+                    loss_sum[i] += self.loss_fn(out, yb, reduction="sum") / (out.shape[1] if data.task == "regression" else 1)
+                    if self.classification:
+                        correct[i] += (out.argmax(1) == yb).sum()
         values = torch.stack([loss_sum / len(part), correct / len(part)]).tolist()
         results = []
         for i in range(m):
