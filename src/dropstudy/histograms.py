@@ -16,15 +16,16 @@ import torch
 BINS = 64  # what wandb's `watch` uses
 
 
+@torch.no_grad()
 def histograms(tensors: dict[str, torch.Tensor], bins: int = BINS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{name: (counts, bin edges)} of every tensor with a finite value, in the form
     `wandb.Histogram(np_histogram=...)` takes; one host copy for all of them."""
     if not tensors:
         return {}
-    flats = [t.detach().reshape(-1) for t in tensors.values()]
+    flats = [t.reshape(-1) for t in tensors.values()]
     device = flats[0].device
     k, sizes = len(flats), [f.numel() for f in flats]
-    values = torch.cat([f.float() for f in flats])
+    values = torch.cat(flats).float()
     segment = torch.repeat_interleave(torch.arange(k, device=device), torch.tensor(sizes, device=device),
                                       output_size=values.numel())
     finite = torch.isfinite(values)
