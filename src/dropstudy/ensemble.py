@@ -265,7 +265,7 @@ class Ensemble:
                 correct[i] += (out.detach().argmax(1) == yb).sum()
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # autocast reuses casts across batches here, not under inference_mode
     def _outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for the same inputs, in evaluation mode."""
         if self.execution == "stacked":
@@ -285,7 +285,7 @@ class Ensemble:
             model.train()
         return outs
 
-    @torch.inference_mode()
+    @torch.no_grad()  # autocast reuses casts across batches here, not under inference_mode
     def evaluate(self, split: str) -> list[dict[str, float]]:
         """Each member's mean loss (and accuracy) over `split` in evaluation mode, summed as
         train.evaluate sums them, in batches of trainer.eval_batch_size; one host sync."""

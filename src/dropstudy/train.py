@@ -68,12 +68,12 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
         layer.weight.renorm_(2, 0, max_norm)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode, under which autocast keeps no bf16 weight between batches
 def evaluate(
     model: nn.Module, data: Dataset, split: Split, batch_size: int, fast: FastPaths | None = None
 ) -> dict[str, float]:
     """Mean loss (and accuracy) over a split, in evaluation mode (dropout off), without autograd,
-    in batches of trainer.eval_batch_size; one host sync at the end."""
+    in batches of trainer.eval_batch_size, under one autocast block; one host sync at the end."""
     was_training = model.training
     model.eval()
     loss_fn = loss_function(data.task)
