@@ -191,25 +191,24 @@ class Ensemble:
     # -- training ---------------------------------------------------------------------------
     def train_epoch(self, progress: Any) -> list[dict[str, float]]:
         m, device = self.members, self.data.train.targets.device
-        # Per member, accumulated on the device as Trainer.train_epoch does, read once per epoch.
+        # Per member, summed on the device as Single.train_epoch sums them (examples and skipped
+        # steps counted on the host), read in one host copy per epoch.
         loss_sum = torch.zeros(m, device=device)
-        correct = torch.zeros(m, device=device)
-        counted = torch.zeros(m, device=device)
-        skipped = torch.zeros(m, dtype=torch.long, device=device)
+        correct = torch.zeros(m, dtype=torch.long, device=device)
+        counted, skipped = [0] * m, [0] * m
         step = self._stacked_step if self.execution == "stacked" else self._sequential_step
         for member_batches in zip(*self.loaders):
             step(member_batches, loss_sum, correct, counted, skipped)
             progress.advance(1)
-        mean_loss = torch.where(counted > 0, loss_sum / counted, torch.full_like(loss_sum, float("nan")))
-        acc = correct / counted.clamp(min=1)
-        values = torch.stack([mean_loss, acc, skipped.to(acc.dtype)]).tolist()  # the one host sync
+        divisor = torch.tensor([max(n, 1) for n in counted], dtype=loss_sum.dtype)
+        values = (torch.stack([loss_sum, correct.to(loss_sum.dtype)]).cpu() / divisor).tolist()
         out = []
         for i in range(m):
-            metrics = {"train/loss": values[0][i]}
+            metrics = {"train/loss": values[0][i] if counted[i] else float("nan")}
             if self.classification:
                 metrics["train/acc"] = values[1][i]
             if self.trainer_cfg.on_nan == "skip":
-                self.skipped_steps[i] += int(values[2][i])
+                self.skipped_steps[i] += skipped[i]
                 metrics["train/skipped_steps"] = self.skipped_steps[i]
             out.append(metrics)
         return out
@@ -230,10 +229,12 @@ class Ensemble:
         self.optimizer.step()
         if self.max_norm is not None:
             self._stacked_max_norm()
-        loss_sum += losses.detach() * ys.shape[1]
-        counted += ys.shape[1]
-        if self.classification:
-            correct += (outs.detach().argmax(-1) == ys).sum(-1)
+        with torch.no_grad():
+            loss_sum.add_(losses, alpha=ys.shape[1])
+            if self.classification:
+                correct.add_(torch.count_nonzero(outs.argmax(-1) == ys, dim=-1))
+        for i in range(self.members):
+            counted[i] += ys.shape[1]
 
     @torch.no_grad()
     def _stacked_max_norm(self) -> None:
@@ -259,10 +260,11 @@ class Ensemble:
             optimizer.step()
             if self.max_norm is not None:
                 apply_max_norm(self.models[i], self.max_norm)
-            loss_sum[i] += loss.detach() * len(yb)
+            with torch.no_grad():
+                loss_sum[i].add_(loss, alpha=len(yb))
+                if self.classification:
+                    correct[i].add_(torch.count_nonzero(out.argmax(1) == yb))
             counted[i] += len(yb)
-            if self.classification:
-                correct[i] += (out.detach().argmax(1) == yb).sum()
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()  # autocast reuses casts across batches here, not under inference_mode
