@@ -147,7 +147,9 @@ def test_bf16_evaluation_casts_each_weight_once_not_once_per_batch(restore_torch
     assert len(data.val) == 64
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         result = evaluate(backend.net, data, data.val, 16, backend.fast)  # 4 batches
-    assert 0 < result["loss"] < 10
+    # The same model evaluated in float32: bf16 agrees within its precision (as in training).
+    fp32 = evaluate(backend.net, data, data.val, 16, FastPaths(backend.fast.device, channels_last=True))
+    assert result["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and result["loss"] != fp32["loss"]
     casts = Counter(tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::_to_copy")
     # Every weight and bias (distinct shapes in this CNN) cast to bf16 once for the whole evaluation.
     assert {tuple(p.shape): casts[tuple(p.shape)] for p in backend.model.parameters()} == {
