@@ -8,6 +8,7 @@ One invocation, one device, the same data, model, batch size and epochs for ever
   tracked      `dropstudy train experiment=cifar10` with full tracking (W&B offline, gradient
                and parameter histograms, figures)
   untracked    the same with tracker.mode=disabled
+  bf16         (with --bf16) untracked with trainer.amp=bf16: bf16 autocast, on a CPU too
 
 Each contender runs in its own process (so peak RSS is its own), `--repeats` times, interleaved
 so that a change in machine load hits them alike; the median is reported. Training images/s
@@ -25,11 +26,16 @@ side reads it through a CIFAR10 subclass without checksums, dropstudy with data.
 `--study` also times a whole `dropstudy study experiment=cifar10` (both arms, evaluation,
 figures, W&B offline) end to end and reports where its time went (summary.json's timings_s).
 
+`--bf16` adds the bf16 contender and a bf16 matmul peak, and writes its row to the table of bf16
+against fp32 and of the tracking overhead (targets: bf16 >= 1.5x fp32 images/s where the CPU has
+native bf16, avx512_bf16 or amx_bf16; tracking within 2% of untracked), with the CPU's bf16 flags.
+
 Results go to a JSON file (--out) and, unless --no-append, as a dated row to BENCHMARKS.md.
 
     python scripts/bench.py --epochs 2 --repeats 3            # what `make bench` runs
     python scripts/bench.py --device cuda --study              # the H100 target: a 15-epoch study
     python scripts/bench.py --epochs 1 --repeats 1 --n-train 512 --val-size 128 --n-test 128 --no-append
+    python scripts/bench.py --skip-tutorial --bf16 --epochs 1 --repeats 3      # bf16 vs fp32, tracking overhead
 """
 
 from __future__ import annotations
@@ -47,12 +53,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchlib import cpu_name
+from benchlib import cpu_bf16_flags, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "BENCHMARKS.md"
 HEADING = "## CIFAR-10 training throughput (scripts/bench.py)"
-CONTENDERS = ("tutorial", "tracked", "untracked")
+BF16_HEADING = "## CIFAR-10 on a CPU: bf16 against fp32, and what tracking costs (scripts/bench.py --bf16)"
+CONTENDERS = ("tutorial", "tracked", "untracked", "bf16")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # what the tutorials normalise with (= dropstudy's)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 TRAIN_FLOP_FACTOR = 3  # backward costs about twice the forward pass
@@ -189,7 +196,7 @@ def peak_worker(spec: dict) -> dict:
         model(torch.zeros(1, 3, 32, 32))
     device = torch.device(spec["device"])
     out = {"forward_flop_per_image": counter.get_total_flops()}
-    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if device.type == "cuda" else {})
+    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if device.type == "cuda" or spec["bf16"] else {})
     for name, dtype in dtypes.items():
         n = 8192 if device.type == "cuda" else 1024
         a = torch.randn(n, n, device=device, dtype=dtype)
@@ -280,6 +287,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for the dropstudy runs, e.g. --set trainer.channels_last=false (repeatable)")
     parser.add_argument("--skip-tutorial", action="store_true", help="only the dropstudy contenders (the tutorial is slow on CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also train untracked with trainer.amp=bf16, and write the bf16 / tracking-overhead row")
     parser.add_argument("--out", type=Path, help="JSON results file (default runs/bench/<time>.json)")
     parser.add_argument("--no-append", action="store_true", help="do not add a row to BENCHMARKS.md")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one)")
@@ -309,7 +318,7 @@ def main() -> None:
            "WANDB_SILENT": "true", "MPLCONFIGDIR": str(work / "mpl")}
     env.pop("WANDB_MODE", None)
     spec = {"root": str(root), "verify": not synthetic, "val_size": args.val_size, "batch_size": args.batch_size,
-            "epochs": args.epochs, "dropout": 0.25, "seed": 0, "device": device}
+            "epochs": args.epochs, "dropout": 0.25, "seed": 0, "device": device, "bf16": args.bf16}
     common = ["experiment=cifar10", f"data.root={root}", f"data.verify={str(not synthetic).lower()}",
               f"data.val_size={args.val_size}", f"trainer.batch_size={args.batch_size}", f"device={device}",
               "model.dropout=0.25", "seed=0", *args.set]
@@ -324,14 +333,15 @@ def main() -> None:
                   work / "warm-cache", work, env)
     peak = worker("peak", spec, work, env)
     results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
-    contenders = [c for c in CONTENDERS if not (args.skip_tutorial and c == "tutorial")]
+    contenders = [c for c in CONTENDERS if not (args.skip_tutorial and c == "tutorial") and (args.bf16 or c != "bf16")]
     for r in range(args.repeats):
         for name in contenders:
             if name == "tutorial":
                 res = worker("tutorial", spec, work, env)
             else:
                 mode = "offline" if name == "tracked" else "disabled"
-                res = dropstudy_run("train", [*common, f"trainer.epochs={args.epochs}", f"tracker.mode={mode}"],
+                amp = ["trainer.amp=bf16"] if name == "bf16" else []
+                res = dropstudy_run("train", [*common, f"trainer.epochs={args.epochs}", f"tracker.mode={mode}", *amp],
                                     work / f"{name}-{r}", work, env)
                 res["images"] = args.n_train * args.epochs
                 res["train_s"] = res["timings_s"]["train"]
@@ -351,6 +361,7 @@ def main() -> None:
     report = {
         "date": started.isoformat(timespec="seconds"),
         "machine": machine() + (f", {peak['gpu']}" if "gpu" in peak else ""),
+        "cpu_bf16": cpu_bf16_flags(),
         "command": shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),
         "device": device,
         "data": "synthetic CIFAR-shaped random data (not CIFAR-10), cifar-10-batches-py format" if synthetic else str(root),
@@ -368,7 +379,10 @@ def main() -> None:
     print_summary(report)
     print(f"results: {out}")
     if not args.no_append:
-        append_row(report)
+        if args.bf16:
+            append_bf16_row(report)
+        else:
+            append_row(report)
         print(f"row added to {BENCHMARKS}")
 
 
@@ -383,9 +397,11 @@ def summarize(results: dict[str, list[dict]], peak: dict, device: str) -> dict:
         s["speedup_vs_tutorial"] = speed["tracked"] / speed["tutorial"]
         s["speedup_untracked_vs_tutorial"] = speed["untracked"] / speed["tutorial"]
     s["tracking_overhead"] = 1 - speed["tracked"] / speed["untracked"]
+    if "bf16" in speed:
+        s["bf16_vs_fp32"] = speed["bf16"] / speed["untracked"]
     train_flop = TRAIN_FLOP_FACTOR * peak["forward_flop_per_image"]
     # On CUDA dropstudy trains under bf16 autocast by default, so its ceiling is the bf16 peak.
-    ceiling = peak.get("matmul_peak_bf16_gflops") or peak["matmul_peak_fp32_gflops"]
+    ceiling = peak["matmul_peak_bf16_gflops"] if device.startswith("cuda") else peak["matmul_peak_fp32_gflops"]
     s["flop_per_trained_image"] = train_flop
     for name, rate in speed.items():
         gflops = rate * train_flop / 1e9
@@ -411,6 +427,10 @@ def print_summary(report: dict) -> None:
               f"untracked vs tutorial: {s['speedup_untracked_vs_tutorial']:.2f}x")
     print(f"tracking overhead: {s['tracking_overhead']:+.1%}; matmul peak {s['matmul_peak_gflops']:.0f} GFLOP/s; "
           f"{s['flop_per_trained_image'] / 1e6:.1f} MFLOP per trained image")
+    if "bf16_vs_fp32" in s:
+        flags = ", ".join(report["cpu_bf16"]) or "no native bf16"
+        print(f"bf16 / fp32 (untracked): {s['bf16_vs_fp32']:.2f}x; CPU: {flags}; bf16 matmul peak "
+              f"{report['peak'].get('matmul_peak_bf16_gflops', 0):.0f} GFLOP/s")
 
 
 def append_row(report: dict) -> None:
@@ -445,6 +465,44 @@ def append_row(report: dict) -> None:
     if not section.rstrip("\n").endswith("|"):
         section = section.rstrip("\n") + "\n\n" + header
     BENCHMARKS.write_text(section.rstrip("\n") + "\n" + row + rest)
+
+
+def append_bf16_row(report: dict) -> None:
+    """One dated row under BF16_HEADING: fp32 tracked and untracked, bf16 untracked, per repeat too."""
+    s, runs = report["summary"], report["runs"]
+    header = ("| date (UTC) | machine (native bf16) | command | load avg (start -> end) | fp32 tracked img/s "
+              "| fp32 untracked img/s | tracking overhead | bf16 untracked img/s | bf16 / fp32 "
+              "| per repeat: tracked / untracked / bf16 | matmul peak fp32 / bf16 GFLOP/s |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    peak, load = report["peak"], report["load_average"]
+
+    def repeats(name: str) -> str:
+        return ", ".join(f"{r['images_per_s']:,.0f}" for r in runs[name])
+
+    cells = [
+        report["date"][:16].replace("T", " "),
+        f"{report['machine']} ({', '.join(report['cpu_bf16']) or 'none'}); {report['device']}",
+        f"`{report['command']}`",
+        f"{load['before'][0]:.2f} -> {load['after'][0]:.2f}",
+        f"{s['tracked']['images_per_s']:,.0f}",
+        f"{s['untracked']['images_per_s']:,.0f}",
+        f"{s['tracking_overhead']:+.1%}",
+        f"{s['bf16']['images_per_s']:,.0f}",
+        f"{s['bf16_vs_fp32']:.2f}x",
+        f"{repeats('tracked')} / {repeats('untracked')} / {repeats('bf16')}",
+        f"{peak['matmul_peak_fp32_gflops']:.0f} / {peak.get('matmul_peak_bf16_gflops', 0):.0f}",
+    ]
+    row = "| " + " | ".join(cells) + " |\n"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    if BF16_HEADING not in text:
+        # A new section right after the throughput table's section.
+        start = text.index(HEADING) if HEADING in text else len(text)
+        nxt = text.find("\n## ", start + 1)
+        nxt = len(text) if nxt == -1 else nxt + 1
+        text = text[:nxt].rstrip("\n") + f"\n\n{BF16_HEADING}\n\n{header}\n" + text[nxt:]
+    start = text.index(BF16_HEADING)
+    table_end = text.index("\n\n", text.index("| --- |", start))
+    BENCHMARKS.write_text(text[:table_end] + "\n" + row.rstrip("\n") + text[table_end:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: how they name the machine they ran on."""
+"""What the benchmark scripts share: how they name the machine they ran on and what its CPU has."""
 
 from __future__ import annotations
 
@@ -15,3 +15,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bf16 instructions (avx512_bf16, amx_bf16) as /proc/cpuinfo lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return [f for f in ("avx512_bf16", "amx_bf16") if f in line.split()]
+    except OSError:
+        pass
+    return []

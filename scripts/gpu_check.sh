@@ -26,7 +26,8 @@ python3 -c "import torch, wandb, hydra, dropstudy; print('torch', torch.__versio
 echo "== regression sweep: 48 members vectorized vs one run after another (issue 3)"
 timeout ${SWEEP_TIMEOUT:-200} python3 scripts/bench_sweep.py --device cuda --baseline-members 2 \
   --json "$OUT/bench_sweep.json" 2>&1 | tail -n 25
-echo "== CIFAR-10 throughput and the 15-epoch study (issue 5)"
+echo "== CIFAR-10 throughput: the tutorial loop vs dropstudy tracked and untracked (the tracking overhead,"
+echo "   histograms now one device pass without hooks), and the 15-epoch study (issues 5 and 13)"
 timeout ${BENCH_TIMEOUT:-280} python3 scripts/bench.py --device cuda --epochs 1 --repeats 1 --study \
   --out "$OUT/bench.json" 2>&1 | tail -n 40
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from torch import Tensor, nn
+from torch import Tensor
 
 
 _run_ids = itertools.count()
@@ -32,9 +32,6 @@ class RecordingTracker:
 
     def _record(self, method: str, **arguments: Any) -> None:
         self.calls.append((method, arguments))
-
-    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
-        self._record("watch", parameters=[name for name, _ in model.named_parameters()], what=what, log_freq=log_freq)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self._record("log", row=dict(row), step=step)  # a copy: what was sent, whatever the caller does next

@@ -154,9 +154,15 @@ def test_a_run_sends_its_tracker_every_row_the_summary_and_the_figures(clean_env
     # A resumed run continues this tracker's run: its id is in the checkpoint and the summary.
     assert checkpoint["tracker_run_id"] == summary["wandb"]["run_id"] == tracker.run_id
 
-    (watch,) = tracker.of("watch")
-    assert watch["what"] == "all" and watch["log_freq"] == 10 and "net.fc1.weight" in watch["parameters"]
     assert tracker.rows == rows and tracker.steps == list(range(len(rows)))
+    # tracker.log_freq=10 (steps, one per epoch here): every parameter and gradient at epochs 10,
+    # 20, 30, 40, each joined to that epoch's row; the last ones are the final weights.
+    histograms = tracker.of("log_histograms")
+    assert [rows[h["step"]]["epoch"] for h in histograms] == [10, 20, 30, 40]
+    names = [name for name, _ in build_model(cfg.model).named_parameters()]
+    for h in histograms:
+        assert set(h["tensors"]) == {f"{kind}/{name}" for kind in ("parameters", "gradients") for name in names}
+    assert torch.equal(histograms[-1]["tensors"]["parameters/net.fc1.weight"], checkpoint["model"]["net.fc1.weight"])
     assert tracker.of("log_images") == [{"images": {"plots/learning_curves": run / "plots" / "learning_curves.png",
                                                     "plots/regression_fit": run / "plots" / "regression_fit.png"},
                                          "epoch": 40, "step": len(rows)}]
@@ -216,9 +222,8 @@ def test_every_member_of_a_vectorized_sweep_sends_its_own_tracker_its_rows_and_h
         assert (made["config"]["model.dropout"], made["config"]["seed"]) == (rate, seed)
         rows = read_jsonl(run / "metrics.jsonl")
         assert tracker.rows == rows and tracker.steps == list(range(len(rows)))
-        # Alive together in one process, members cannot `watch`: each logs its own histograms,
-        # of its own weights (a member's slice, not the stacked tensor), joined to a logged row.
-        assert tracker.of("watch") in ([], [{"what": "all", "log_freq": 5, "parameters": []}])
+        # Each member logs its own histograms, of its own weights (a member's slice, not the
+        # stacked tensor), joined to a logged row.
         histograms = tracker.of("log_histograms")
         assert histograms and all(0 <= h["step"] < len(rows) for h in histograms)
         assert {"gradients/net.fc1.weight", "parameters/net.fc1.weight"} <= histograms[0]["tensors"].keys()

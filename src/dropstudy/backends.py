@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dropstudy.rundir import RunDirError
-from dropstudy.data import Dataset, TrainBatches
+from dropstudy.data import Dataset
 from dropstudy.dropout import DropoutSchedule
 from dropstudy.models import weight_norms
 from dropstudy.runtime import FastPaths
@@ -113,7 +113,7 @@ class Single:
         self.loss_fn = loss_function(data.task)
         self.fast = fast or FastPaths(data.train.targets.device)
         self.net = self.fast.forward(model)
-        self.loader = TrainBatches(data.train, cfg.trainer.batch_size, cfg.seed, augment=data.augment)
+        self.loader = data.train_batches(cfg.trainer.batch_size, cfg.seed)
         self.skipped_steps = 0
         # MC-dropout predictions of the last evaluation of each split, for the calibration figure.
         self.mc_predictions: dict[str, list[Predictions]] = {}
@@ -129,38 +129,38 @@ class Single:
     def train_epoch(self, progress: Any) -> list[dict[str, float]]:
         model, data, fast = self.model, self.data, self.fast
         model.train()
-        # Accumulated on the device and read once per epoch: no host sync per step.
+        # Summed on the device in two in-place ops a step and read in one host copy per epoch.
         device = data.train.targets.device
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        counted = torch.zeros((), device=device)
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+        counted, skipped = 0, 0
+        classification = data.task == "classification"
         skip_bad = self.trainer.on_nan == "skip"
-        skipped = torch.zeros((), dtype=torch.long, device=device)
         for xb, yb in self.loader:
             with fast.autocast():
                 out = self.net(fast.inputs(data.prepare(xb)))
                 loss = self.loss_fn(out, yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if skip_bad:
-                # on_nan=skip checks every step (a sync per step; the default `stop` needs none).
-                if not torch.isfinite(loss):
-                    skipped += 1
-                    progress.advance()
-                    continue
+            # on_nan=skip checks every step (a sync per step; the default `stop` needs none).
+            if skip_bad and not torch.isfinite(loss):
+                skipped += 1
+                progress.advance()
+                continue
             self.optimizer.step()
             if self.max_norm is not None:
                 apply_max_norm(model, self.max_norm)
-            loss_sum += loss.detach() * len(yb)
+            with torch.no_grad():
+                loss_sum.add_(loss, alpha=len(yb))
+                if classification:
+                    correct.add_(torch.count_nonzero(out.argmax(1) == yb))
             counted += len(yb)
-            if data.task == "classification":
-                correct += (out.detach().argmax(1) == yb).sum()
             progress.advance()
-        metrics = {"train/loss": (loss_sum / counted).item() if counted.item() else float("nan")}
-        if data.task == "classification":
-            metrics["train/acc"] = (correct / counted.clamp(min=1)).item()
+        mean_loss, accuracy = (torch.stack([loss_sum, correct.to(loss_sum.dtype)]) / max(counted, 1)).tolist()
+        metrics = {"train/loss": mean_loss if counted else float("nan")}
+        if classification:
+            metrics["train/acc"] = accuracy
         if skip_bad:
-            self.skipped_steps += int(skipped.item())
+            self.skipped_steps += skipped
             metrics["train/skipped_steps"] = self.skipped_steps
         return [metrics]
 

@@ -44,8 +44,13 @@ ROW_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val_mc/loss", "va
 
 
 class TrainingProgress:
-    """Steps of one run. On a TTY: one rich bar with the latest losses and samples/s. Not on a
-    TTY (CI, log files, SLURM): one line per evaluation, nothing per step."""
+    """Steps of one run. On a TTY: one rich bar with the latest losses and samples/s, moved every
+    `every` steps and at each epoch's end. Not on a TTY (CI, log files, SLURM): one line per
+    evaluation, nothing per step."""
+
+    # Rich locks and records a speed sample at every advance, host time that a GPU step of a few
+    # milliseconds should not spend, so the bar moves in strides (it redraws 10 times a second anyway).
+    every = 16
 
     def __init__(self, label: str, total_steps: int, epochs: int, interactive: bool | None = None):
         self.label = label
@@ -55,6 +60,7 @@ class TrainingProgress:
         self._task = None
         self._last_val: tuple[float, float | None] | None = None
         self.total_steps = total_steps
+        self._pending = 0  # steps done that the bar does not show yet
 
     def __enter__(self) -> "TrainingProgress":
         if self.interactive:
@@ -72,10 +78,17 @@ class TrainingProgress:
         return self
 
     def advance(self, steps: int = 1) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, steps)
+        self._pending += steps
+        if self._pending >= self.every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._progress is not None and self._pending:
+            self._progress.advance(self._task, self._pending)
+        self._pending = 0
 
     def epoch_done(self, row: dict[str, Any], evaluated: bool) -> None:
+        self._flush()
         speed = row.get("perf/samples_per_s")
         text = format_row(row, ROW_KEYS) + (f"  {speed:,.0f} samples/s" if speed else "")
         if self._progress is not None:
@@ -97,6 +110,7 @@ class TrainingProgress:
         return " ".join(parts)
 
     def __exit__(self, *exc: Any) -> None:
+        self._flush()
         if self._progress is not None:
             self._progress.__exit__(*exc)
             self._progress = None

@@ -57,9 +57,10 @@ class MemberRun:
 class Engine:
     """Trains `backend`'s members, member i into `runs[i]`; `run` returns how each ended.
 
-    `histograms` is tracker.watch when the engine logs gradient/parameter histograms itself
-    (several W&B runs alive in one process, where wandb's `watch` cannot serve), every
-    `log_freq` optimizer steps; "none" leaves them to the tracker's own `watch` (single runs)."""
+    `histograms` is tracker.watch: which of each member's gradient/parameter histograms go to
+    its tracker (`log_histograms`, computed on the device in one pass), at the end of every epoch
+    in which a multiple of `log_freq` optimizer steps (tracker.log_freq; None: once per
+    evaluation) was reached, joined to that epoch's row; "none" logs none."""
 
     def __init__(self, backend: Backend, runs: list[MemberRun], trainer_cfg: Any, *, label: str,
                  histograms: str = "none", log_freq: int | None = None):
@@ -171,7 +172,7 @@ class Engine:
                 row["gap/loss"] = row["val/loss"] - row["train/loss"]
                 row.update(norms[i])
             bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
-            if histograms:  # joined to the member's next row, as `watch` does
+            if histograms:  # joined to the row this epoch logs (or the next one logged)
                 run.tracker.log_histograms(self.histogram_tensors(i), len(run.rows))
             if logs_row(epoch, self.cfg.log_every, evaluated, diverging=bool(bad)):
                 self.log(run, row)

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from dropstudy.data import Dataset, TrainBatches, batches
+from dropstudy.data import Dataset, batches
 from dropstudy.dropout import DropoutSchedule, sites
 from dropstudy.models import build_model, weight_layers, weight_norms
 from dropstudy.runtime import FastPaths, seed_everything
@@ -155,7 +155,7 @@ class Ensemble:
             DropoutSchedule(m.model.dropout_schedule.kind, m.model.dropout_schedule.epochs or m.trainer.epochs)
             for m in self.cfgs
         ]
-        self.loaders = [TrainBatches(data.train, m.trainer.batch_size, m.seed, augment=data.augment) for m in self.cfgs]
+        self.loaders = [data.train_batches(m.trainer.batch_size, m.seed) for m in self.cfgs]
         self.skipped_steps = [0] * self.members
         self.weight_names = [f"{name}.weight" for name, _ in weight_layers(self.models[0])]
         # The last evaluation's MC-dropout predictions per split and member (the test set's feed
@@ -191,25 +191,24 @@ class Ensemble:
     # -- training ---------------------------------------------------------------------------
     def train_epoch(self, progress: Any) -> list[dict[str, float]]:
         m, device = self.members, self.data.train.targets.device
-        # Per member, accumulated on the device as Trainer.train_epoch does, read once per epoch.
+        # Per member, summed on the device as Single.train_epoch sums them (examples and skipped
+        # steps counted on the host), read in one host copy per epoch.
         loss_sum = torch.zeros(m, device=device)
-        correct = torch.zeros(m, device=device)
-        counted = torch.zeros(m, device=device)
-        skipped = torch.zeros(m, dtype=torch.long, device=device)
+        correct = torch.zeros(m, dtype=torch.long, device=device)
+        counted, skipped = [0] * m, [0] * m
         step = self._stacked_step if self.execution == "stacked" else self._sequential_step
         for member_batches in zip(*self.loaders):
             step(member_batches, loss_sum, correct, counted, skipped)
             progress.advance(1)
-        mean_loss = torch.where(counted > 0, loss_sum / counted, torch.full_like(loss_sum, float("nan")))
-        acc = correct / counted.clamp(min=1)
-        values = torch.stack([mean_loss, acc, skipped.to(acc.dtype)]).tolist()  # the one host sync
+        divisor = torch.tensor([max(n, 1) for n in counted], dtype=loss_sum.dtype)
+        values = (torch.stack([loss_sum, correct.to(loss_sum.dtype)]).cpu() / divisor).tolist()
         out = []
         for i in range(m):
-            metrics = {"train/loss": values[0][i]}
+            metrics = {"train/loss": values[0][i] if counted[i] else float("nan")}
             if self.classification:
                 metrics["train/acc"] = values[1][i]
             if self.trainer_cfg.on_nan == "skip":
-                self.skipped_steps[i] += int(values[2][i])
+                self.skipped_steps[i] += skipped[i]
                 metrics["train/skipped_steps"] = self.skipped_steps[i]
             out.append(metrics)
         return out
@@ -230,10 +229,12 @@ class Ensemble:
         self.optimizer.step()
         if self.max_norm is not None:
             self._stacked_max_norm()
-        loss_sum += losses.detach() * ys.shape[1]
-        counted += ys.shape[1]
-        if self.classification:
-            correct += (outs.detach().argmax(-1) == ys).sum(-1)
+        with torch.no_grad():
+            loss_sum.add_(losses, alpha=ys.shape[1])
+            if self.classification:
+                correct.add_(torch.count_nonzero(outs.argmax(-1) == ys, dim=-1))
+        for i in range(self.members):
+            counted[i] += ys.shape[1]
 
     @torch.no_grad()
     def _stacked_max_norm(self) -> None:
@@ -259,13 +260,14 @@ class Ensemble:
             optimizer.step()
             if self.max_norm is not None:
                 apply_max_norm(self.models[i], self.max_norm)
-            loss_sum[i] += loss.detach() * len(yb)
+            with torch.no_grad():
+                loss_sum[i].add_(loss, alpha=len(yb))
+                if self.classification:
+                    correct[i].add_(torch.count_nonzero(out.argmax(1) == yb))
             counted[i] += len(yb)
-            if self.classification:
-                correct[i] += (out.detach().argmax(1) == yb).sum()
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # autocast reuses casts across batches here, not under inference_mode
     def _outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for the same inputs, in evaluation mode."""
         if self.execution == "stacked":
@@ -273,19 +275,19 @@ class Ensemble:
                 return functional_call(self.template, (params, buffers), (x,))
 
             self.template.eval()
-            with self.fast.autocast():
+            with self.fast.autocast(reuse_casts=True):
                 outs = vmap(member, randomness="different")(self.params, self.buffers).float()
             self.template.train()
             return list(outs.unbind(0))
         outs = []
         for model, net in zip(self.models, self.nets):
             model.eval()
-            with self.fast.autocast():
+            with self.fast.autocast(reuse_casts=True):
                 outs.append(net(self.fast.inputs(x)).float())
             model.train()
         return outs
 
-    @torch.inference_mode()
+    @torch.no_grad()  # autocast reuses casts across batches here, not under inference_mode
     def evaluate(self, split: str) -> list[dict[str, float]]:
         """Each member's mean loss (and accuracy) over `split` in evaluation mode, summed as
         train.evaluate sums them, in batches of trainer.eval_batch_size; one host sync."""
@@ -294,11 +296,12 @@ class Ensemble:
         device = part.targets.device
         loss_sum = torch.zeros(m, device=device)
         correct = torch.zeros(m, device=device)
-        for xb, yb in batches(part, self.trainer_cfg.eval_batch_size):
-            for i, out in enumerate(self._outputs(data.prepare(xb))):
-                loss_sum[i] += self.loss_fn(out, yb, reduction="sum") / (out.shape[1] if data.task == "regression" else 1)
-                if self.classification:
-                    correct[i] += (out.argmax(1) == yb).sum()
+        with self.fast.autocast(reuse_casts=True):  # each weight cast once per evaluation (FastPaths.autocast)
+            for xb, yb in batches(part, self.trainer_cfg.eval_batch_size):
+                for i, out in enumerate(self._outputs(data.prepare(xb))):
+                    loss_sum[i] += self.loss_fn(out, yb, reduction="sum") / (out.shape[1] if data.task == "regression" else 1)
+                    if self.classification:
+                        correct[i] += (out.argmax(1) == yb).sum()
         values = torch.stack([loss_sum / len(part), correct / len(part)]).tolist()
         results = []
         for i in range(m):

@@ -195,13 +195,11 @@ def _train_run(
     )
     backend = Single(model=model, optimizer=optimizer, data=data, cfg=cfg, schedule=schedule, fast=fast)
     member = MemberRun(rd, tracker, resolved, n_train=len(data.train), lr=optimizer.param_groups[0]["lr"])
-    engine = Engine(backend, [member], cfg.trainer, label=label)
+    engine = Engine(backend, [member], cfg.trainer, label=label, histograms=cfg.tracker.watch,
+                    log_freq=cfg.tracker.log_freq)
     if state is not None:
         engine.resume([state])
         log.info(f"[{label}] resuming {rd.path} after epoch {state['epoch']} of {cfg.trainer.epochs}")
-    # Histograms once per evaluation unless tracker.log_freq says otherwise (wandb counts steps).
-    log_freq = cfg.tracker.log_freq or backend.steps_per_epoch * cfg.trainer.eval_every
-    tracker.watch(model, cfg.tracker.watch, log_freq)
     timings["setup"] = time.perf_counter() - clock
 
     result = RunResult(rd.path, label, "failed", None, sync_command=tracker.sync_command)

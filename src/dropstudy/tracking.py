@@ -1,7 +1,7 @@
 """Experiment tracking: the small interface the training loop talks to, and its W&B implementation.
 
-The loop only ever calls `watch`, `log`, `log_histograms`, `log_images`, `set_summary` and
-`finish` (`report` also logs tables with `log_table`). `WandbTracker` maps those onto one W&B
+The loop only ever calls `log`, `log_histograms`, `log_images`, `set_summary` and `finish`
+(`report` also logs tables with `log_table`). `WandbTracker` maps those onto one W&B
 run; `NullTracker` does nothing; `GuardedTracker` wraps a tracker so that a W&B failure
 (network down, service refused, a bug in a hook) is reported once and then
 ignored: training goes on, and the local metrics.jsonl/summary.json never depend on W&B.
@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from dropstudy.histograms import histograms
 
 log = logging.getLogger("dropstudy")
 
@@ -33,7 +34,6 @@ class Tracker(Protocol):
     url: str | None
     sync_command: str | None
 
-    def watch(self, model: nn.Module, what: str, log_freq: int) -> None: ...
     def log(self, row: dict[str, Any], step: int) -> None: ...
     def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None: ...
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None: ...
@@ -46,9 +46,6 @@ class NullTracker:
     run_id = None
     url = None
     sync_command = None
-
-    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
-        pass
 
     def log(self, row: dict[str, Any], step: int) -> None:
         pass
@@ -170,10 +167,8 @@ class WandbTracker:
             # id, which `wandb sync` merges).
             id=resume_id,
             resume="allow" if resume_id else None,
-            # Runs of a study are trained one after another in one process; `watch` logs through
-            # the global wandb.run, so each run must become the global one (not "create_new").
-            # The members of a vectorized sweep are alive together (shared_process): each is its
-            # own non-global run, which cannot `watch` and logs its histograms with log_histograms.
+            # Runs of a study are trained one after another in one process, each finishing the
+            # one before; the members of a vectorized sweep are alive together (shared_process).
             reinit="create_new" if shared_process else "finish_previous",
             # init_timeout bounds the wait for the server; offline, wandb's own default stays.
             settings=wandb.Settings(silent=True, console="off",
@@ -191,30 +186,15 @@ class WandbTracker:
         self.run.define_metric("val_mc/loss", step_metric="epoch", summary="min")
         self.run.define_metric("val_mc/acc", step_metric="epoch", summary="max")
 
-    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
-        if what != "none":
-            # idx=0: one model per W&B run, so keys stay `gradients/<param>` even when a study
-            # trains several models in one process (wandb numbers them globally otherwise).
-            self.run.watch(model, log=what, log_freq=log_freq, idx=0)
-
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log(row, step=step)
 
     def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
-        """Histograms (64 bins, as `watch` draws them) joined to the row logged next at `step`."""
-        histograms = {}
-        for key, tensor in tensors.items():
-            flat = tensor.detach().float().flatten()
-            flat = flat[torch.isfinite(flat)]
-            if flat.numel() == 0:
-                continue
-            low, high = flat.min().item(), flat.max().item()
-            if low == high:  # one value (a zero gradient): a bin either side, as `watch` does
-                low, high = low - 0.5, high + 0.5
-            counts = flat.histc(bins=64, min=low, max=high)
-            edges = torch.linspace(low, high, 65)
-            histograms[key] = self._wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
-        self.run.log(histograms, step=step, commit=False)
+        """Histograms (64 bins, as `watch` draws them, computed on the device in one pass),
+        joined to the row logged next at `step`."""
+        drawn = {key: self._wandb.Histogram(np_histogram=counts_edges)
+                 for key, counts_edges in histograms(tensors).items()}
+        self.run.log(drawn, step=step, commit=False)
 
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
         row: dict[str, Any] = {key: self._wandb.Image(str(path)) for key, path in images.items()}
@@ -265,9 +245,6 @@ class GuardedTracker:
                 type(exc).__name__,
                 exc,
             )
-
-    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
-        self._call("watch", model, what, log_freq)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self._call("log", row, step)

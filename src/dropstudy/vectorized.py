@@ -15,8 +15,8 @@ which vmap cannot batch. Masks are drawn here (`StackedMLP.drop`), one independe
 member, unit and example, from a generator of their own.
 
 Every member still gets a complete run directory (the same files, metric names and steps as
-`train_run` writes) and its own W&B run; several W&B runs are alive together, so histograms
-are logged by hand (`Tracker.log_histograms`) at the `tracker.log_freq` cadence, not `watch`.
+`train_run` writes) and its own W&B run, with its histograms at the `tracker.log_freq` cadence
+(`Tracker.log_histograms`, as for a single run).
 """
 
 from __future__ import annotations
