@@ -5,6 +5,9 @@ one paragraph and exit code 2 before anything is written. It then hands the same
 a `@hydra.main` task, which creates the run directory, saves `.hydra/` and sets up logging,
 exactly as a plain Hydra app would; sweeps reuse the same task with `--multirun`.
 
+Nothing here imports torch, wandb or matplotlib at module level: `--help` and every bad-input
+error (exit 2) are answered without them; each command imports what it runs.
+
 Before the task starts, the command resolves the directory Hydra will write (once, then hands
 it to Hydra explicitly), locks it and refuses one that already holds a run (`rundir.claim_run_dir`).
 """
@@ -29,7 +32,7 @@ from dropstudy.config import ConfigError, compose_run, conf_dir, hydra_value, pr
 from rich.console import Console
 
 from dropstudy.console import stderr
-from dropstudy.data import DataError, check_cifar10_available
+from dropstudy.datafiles import DataError, check_cifar10_available
 from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
 EXIT_BAD_INPUT = 2
@@ -102,14 +105,22 @@ def checked_config(
         cfg, run_dir = compose_run(overrides, command)
         if extra_check is not None:
             extra_check(cfg)
-        from dropstudy.runtime import select_device  # torch import deferred: --help stays fast
-
-        select_device(cfg.device)
         if check_data and cfg.data.name == "cifar10":
             check_cifar10_available(cfg.data)
+        check_device(cfg.device)
     except (ConfigError, DataError) as exc:
         raise fail(str(exc))
     return cfg, run_dir
+
+
+def check_device(device: str) -> None:
+    """An explicit accelerator must exist here, or ConfigError; `auto` and `cpu` always resolve,
+    so they are not put to torch, whose import costs seconds."""
+    if str(device) in ("auto", "cpu"):
+        return
+    from dropstudy.runtime import select_device
+
+    select_device(device)
 
 
 def claimed(path: Path, elsewhere: str, new: bool = True):
@@ -161,11 +172,9 @@ def run_hydra_task(command: str, overrides: list[str], run_dir: Path,
 
 
 def handle_run_errors(fn: Callable[[], Any]) -> Any:
-    from dropstudy.data import DataError as _DataError
-
     try:
         return fn()
-    except (ConfigError, _DataError) as exc:
+    except (ConfigError, DataError) as exc:
         raise fail(str(exc))
     except Exception as exc:
         cause = os_error_in(exc)
@@ -447,12 +456,10 @@ def load_saved_run(run_dir: Path) -> tuple[DictConfig, list[str]]:
 
 
 def check_runnable(cfg: DictConfig) -> None:
-    from dropstudy.runtime import select_device
-
     try:
-        select_device(cfg.device)
         if cfg.data.name == "cifar10":
             check_cifar10_available(cfg.data)
+        check_device(cfg.device)
     except (ConfigError, DataError) as exc:
         raise fail(str(exc))
 
@@ -479,12 +486,12 @@ def resume(
 
         dropstudy resume runs/regression/2026-11-22_09-00-00-sweep-3f2a
     """
-    from dropstudy.resume import directory_kind
-
     if not directory.exists():
         raise fail(f"{directory}: no such directory.")
     if not directory.is_dir():
         raise fail(f"{directory}: not a directory; give a run, study or sweep directory.")
+    from dropstudy.resume import directory_kind
+
     {"sweep": resume_sweep_dir, "study": resume_study_dir, "run": resume_run_dir}[directory_kind(directory)](directory)
 
 
@@ -715,10 +722,8 @@ def rerun(
 
     from dropstudy.console import setup_logging
     from dropstudy.rerun import compare_metrics, environment_differences, likely_cause
-    from dropstudy.rundir import RunDir, write_json_atomic
-    from dropstudy.runner import train_run
-
     from dropstudy.rerun import MembersError, members_of
+    from dropstudy.rundir import RunDir, write_json_atomic
 
     overrides = list(overrides or [])
     try:
@@ -735,6 +740,8 @@ def rerun(
         raise fail(f"{original.metrics_path}: missing or empty; there is nothing to compare with.")
     new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
     with claimed(new_dir, ELSEWHERE_OUT):
+        from dropstudy.runner import train_run
+
         setup_logging(new_dir / "rerun.log")
         RunDir(new_dir).write_config(cfg, [*saved_overrides, *overrides])
         previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
@@ -862,11 +869,12 @@ def report(
 
         dropstudy report runs/ --baseline model.dropout=0.5
     """
+    if not directory.is_dir():  # said before the report's imports (scipy, matplotlib) cost their seconds
+        raise fail(f"{directory}: no such directory; give a directory of runs (a sweep, a study, runs/).")
     from dropstudy.console import setup_logging
     from dropstudy.report import ReportError, caption, cells, header, make_report, table_rows
 
-    if directory.is_dir():
-        setup_logging(directory / "report" / "report.log")
+    setup_logging(directory / "report" / "report.log")
     try:
         result = make_report(directory, baseline)
     except ReportError as exc:

@@ -19,11 +19,11 @@ import netrc
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
+    from torch import Tensor, nn
 
 log = logging.getLogger("dropstudy")
 
@@ -202,6 +202,8 @@ class WandbTracker:
 
     def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
         """Histograms (64 bins, as `watch` draws them) joined to the row logged next at `step`."""
+        import torch
+
         histograms = {}
         for key, tensor in tensors.items():
             flat = tensor.detach().float().flatten()
