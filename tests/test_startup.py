@@ -16,13 +16,13 @@ from dropstudy.cli import app
 
 HEAVY = ("torch", "wandb", "matplotlib")
 
-# `python -m dropstudy ARGS`, then one JSON line on stderr: the exit code and the heavy modules loaded.
+# The CLI as `dropstudy ARGS` runs it (main() ends the process, so the probe calls the app it
+# runs), then one JSON line on stderr: the exit code and the heavy modules loaded.
 PROBE = """
 import json, sys
-from dropstudy.cli import main
-sys.argv = ["dropstudy", *sys.argv[1:]]
+from dropstudy.cli import app
 try:
-    main()
+    app(sys.argv[1:], prog_name="dropstudy")
     code = 0
 except SystemExit as exc:
     code = exc.code

@@ -14,15 +14,18 @@ it to Hydra explicitly), locks it and refuses one that already holds a run (`run
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
 import os
 import shlex
 import sys
+import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 import typer
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +40,7 @@ from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+IMPORTED = time.perf_counter()
 
 app = typer.Typer(
     name="dropstudy",
@@ -123,6 +127,26 @@ def check_device(device: str) -> None:
     select_device(device)
 
 
+def seconds_since_start() -> float:
+    """Wall seconds since this process started (/proc on Linux; elsewhere since this module was
+    imported, which misses the interpreter's own start-up)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - IMPORTED
+
+
+def time_line(result: Any) -> str:
+    """Where a study's time went, in one line: everything before the study started (imports,
+    config, Hydra), its own account (runner.study_timings), and what none of those covers."""
+    total = seconds_since_start()
+    parts = {"start-up": total - (time.perf_counter() - result.started), **result.timings}
+    parts["other"] = total - sum(parts.values())
+    return f"time: {total:.1f} s = " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
+
+
 def claimed(path: Path, elsewhere: str, new: bool = True):
     """claim_run_dir (this process's lock on `path`, and when `new` the check that it holds no
     run yet), or exit 2 with its message."""
@@ -201,6 +225,14 @@ def print_run(result: Any, indent: str = "") -> None:
         out(f"{indent}  W&B (offline): {result.sync_command}")
 
 
+def warm_up_wandb(cfg: DictConfig) -> None:
+    """W&B's import and service start, in the background from here on: they take as long as the
+    torch import and the run's set-up that follow, which they no longer wait behind."""
+    from dropstudy.tracking import warm_up
+
+    warm_up(cfg.tracker.mode)
+
+
 def show_config(overrides: list[str]) -> None:
     cfg, _ = checked_config(overrides, check_data=False)
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True))
@@ -232,10 +264,11 @@ def train(
     overrides = list(overrides or [])
     if cfg:
         return show_config(overrides)
-    _, run_dir = checked_config(overrides)
-    from dropstudy.runner import train_run
-
+    config, run_dir = checked_config(overrides)
     with claimed(run_dir, ELSEWHERE_RUN):
+        warm_up_wandb(config)
+        from dropstudy.runner import train_run
+
         result = handle_run_errors(lambda: run_hydra_task("train", overrides, run_dir, train_run))
     print_run(result)
     raise typer.Exit(result.exit_code)
@@ -263,11 +296,12 @@ def study(
     if cfg:
         return show_config(overrides)
     cfg, study_dir = checked_config(overrides, extra_check=validate_study, command="study")
-    from dropstudy.dropout import arm_label
-    from dropstudy.runner import run_study
-
     with ExitStack() as held:
         held.enter_context(claimed(study_dir, ELSEWHERE_RUN))
+        warm_up_wandb(cfg)
+        from dropstudy.dropout import arm_label
+        from dropstudy.runner import run_study
+
         for arm in cfg.study.arms:  # each arm's run dir, as run_study names it
             held.enter_context(claimed(study_dir / arm_label(arm, cfg.model.dropout_kind), ELSEWHERE_RUN, new=False))
         result = handle_run_errors(lambda: run_hydra_task("study", overrides, study_dir, run_study))
@@ -277,6 +311,7 @@ def study(
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
     typer.echo(f"study status: {result.status} (study.json)")
+    typer.echo(time_line(result))
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
 
@@ -959,8 +994,27 @@ def main() -> None:
     logging.raiseExceptions = False
     try:
         app(prog_name="dropstudy")
+    except SystemExit as exc:
+        exit_now(exc.code)
     except Exception as exc:  # a write outside a run's own error handling (a command's log file)
         cause = os_error_in(exc)
         if cause is None:
             raise
-        sys.exit(fail(describe(cause), EXIT_IO_ERROR).exit_code)
+        exit_now(fail(describe(cause), EXIT_IO_ERROR).exit_code)
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Exit with `code` once everything that waits for the end of the process has run (threads
+    still working, W&B's shutdown and every other exit handler, log files flushed), skipping
+    only the interpreter's teardown of its modules: over a second after a run (torch, matplotlib,
+    W&B loaded) that changes nothing on disk or on screen."""
+    if isinstance(code, str):  # what sys.exit("message") does
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
