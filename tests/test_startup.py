@@ -1,16 +1,20 @@
 """Start-up: `--help` and every bad-input error are answered without importing torch, wandb or
-matplotlib (seconds of imports a user would wait for to read one paragraph).
-
-Each case runs the real CLI in a fresh interpreter, then lists the heavy modules that got imported."""
+matplotlib (seconds of imports a user would wait for to read one paragraph; each case runs the
+real CLI in a fresh interpreter, then lists the heavy modules that got imported); and W&B's
+start runs beside the run's set-up instead of before it, losing nothing logged meanwhile."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import QUICK_REGRESSION
+from recording_tracker import RecordingTracker
+from wandb_offline import load_run
 
 from dropstudy.cli import app
 
@@ -83,3 +87,79 @@ def test_the_probe_sees_torch_where_a_check_needs_it(clean_env, tmp_path):
     code, heavy, output = probe(clean_env, tmp_path, "train", "device=cuda:99")
     assert code == 2 and "device=cuda:99" in output
     assert "torch" in heavy
+
+
+# --------------------------------------------------------------------------- W&B off the critical path
+
+
+def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
+    """W&B's import and service start run in their own thread from the command's start, while
+    the run loads its data, instead of in line before it."""
+    import wandb
+    from typer.testing import CliRunner
+
+    from dropstudy import runner, tracking
+
+    events: list[tuple[str, str]] = []
+    real_setup, real_load = wandb.setup, runner.load_dataset
+
+    def setup(*args, **kwargs):
+        events.append(("wandb.setup", threading.current_thread().name))
+        return real_setup(*args, **kwargs)
+
+    def load_dataset(*args, **kwargs):
+        events.append(("load_dataset", threading.current_thread().name))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "setup", setup)
+    monkeypatch.setattr(runner, "load_dataset", load_dataset)
+    monkeypatch.setattr(tracking, "_warm_up", None)
+    result = CliRunner().invoke(app, ["train", *QUICK_REGRESSION, "tracker.mode=offline", "hydra.run.dir=run"],
+                                prog_name="dropstudy")
+    assert result.exit_code == 0, result.output
+    assert events[0] == ("wandb.setup", "dropstudy-wandb-warm-up")
+    assert ("load_dataset", "MainThread") in events
+    assert load_run(tmp_path / "run").scalars("train/loss"), "the run still reached W&B"
+
+
+def test_calls_made_while_wandb_starts_reach_it_in_order_once_it_is_up():
+    """Nothing waits for W&B's start but what needs the run itself, and nothing logged meanwhile
+    is lost: rows, histograms (as they were when logged) and the summary arrive in order."""
+    import torch
+
+    from dropstudy.tracking import BackgroundTracker
+
+    release = threading.Event()
+    recorder = RecordingTracker()
+
+    def start():
+        release.wait(timeout=30)
+        return recorder
+
+    tracker = BackgroundTracker(start)
+    weight = torch.ones(3)
+    tracker.log({"epoch": 1, "train/loss": 1.0}, step=0)
+    tracker.log_histograms({"parameters/w": weight}, step=1)
+    weight.mul_(5)  # training goes on and changes the tensor before W&B is up
+    tracker.log({"epoch": 2, "train/loss": 0.5}, step=1)
+    tracker.set_summary({"status": "finished"})
+    assert not release.is_set() and recorder.calls == [], "the calls returned while W&B was starting"
+    release.set()
+    tracker.finish()
+    assert [name for name, _ in recorder.calls] == ["log", "log_histograms", "log", "set_summary", "finish"]
+    assert recorder.steps == [0, 1] and recorder.rows[1]["train/loss"] == 0.5
+    assert recorder.of("log_histograms")[0]["tensors"]["parameters/w"].tolist() == [1.0, 1.0, 1.0]
+    assert tracker.run_id == recorder.run_id
+
+
+def test_a_background_start_that_fails_leaves_training_without_wandb(caplog):
+    from dropstudy.tracking import BackgroundTracker
+
+    def start():
+        raise RuntimeError("no W&B here")
+
+    tracker = BackgroundTracker(start)
+    tracker.log({"epoch": 1}, step=0)
+    tracker.finish()
+    assert tracker.run_id is None and tracker.sync_command is None
+    assert any("W&B could not start (RuntimeError: no W&B here)" in r.getMessage() for r in caplog.records)
