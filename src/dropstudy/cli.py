@@ -40,6 +40,7 @@ from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# The clock's origin for the study's time line where /proc cannot say when the process started.
 IMPORTED = time.perf_counter()
 
 app = typer.Typer(
@@ -227,7 +228,8 @@ def print_run(result: Any, indent: str = "") -> None:
 
 def warm_up_wandb(cfg: DictConfig) -> None:
     """W&B's import and service start, in the background from here on: they take as long as the
-    torch import and the run's set-up that follow, which they no longer wait behind."""
+    torch import and the run's set-up that follow, which they no longer wait behind. (Before the
+    directory is claimed, so that the claim is held no longer than the run needs it.)"""
     from dropstudy.tracking import warm_up
 
     warm_up(cfg.tracker.mode)
@@ -265,10 +267,10 @@ def train(
     if cfg:
         return show_config(overrides)
     config, run_dir = checked_config(overrides)
-    with claimed(run_dir, ELSEWHERE_RUN):
-        warm_up_wandb(config)
-        from dropstudy.runner import train_run
+    warm_up_wandb(config)
+    from dropstudy.runner import train_run
 
+    with claimed(run_dir, ELSEWHERE_RUN):
         result = handle_run_errors(lambda: run_hydra_task("train", overrides, run_dir, train_run))
     print_run(result)
     raise typer.Exit(result.exit_code)
@@ -296,12 +298,12 @@ def study(
     if cfg:
         return show_config(overrides)
     cfg, study_dir = checked_config(overrides, extra_check=validate_study, command="study")
+    warm_up_wandb(cfg)
+    from dropstudy.dropout import arm_label
+    from dropstudy.runner import run_study
+
     with ExitStack() as held:
         held.enter_context(claimed(study_dir, ELSEWHERE_RUN))
-        warm_up_wandb(cfg)
-        from dropstudy.dropout import arm_label
-        from dropstudy.runner import run_study
-
         for arm in cfg.study.arms:  # each arm's run dir, as run_study names it
             held.enter_context(claimed(study_dir / arm_label(arm, cfg.model.dropout_kind), ELSEWHERE_RUN, new=False))
         result = handle_run_errors(lambda: run_hydra_task("study", overrides, study_dir, run_study))
@@ -1015,6 +1017,9 @@ def exit_now(code: int | str | None) -> NoReturn:
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`| head`), or a closed stream
+            pass
     os._exit(code or 0)
