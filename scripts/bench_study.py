@@ -10,8 +10,8 @@ on the same machine in one invocation, W&B offline in both:
               provenance, figures and the study's comparison)
 
 Each runs in its own process, alternating, --repeats times each; the medians are compared. Also
-times `dropstudy --help`. Prints JSON (with where each study's time went, from its summaries)
-and appends a dated row to BENCHMARKS.md.
+times `dropstudy --help`. Prints JSON (with where each study's time went: the `time:` line it
+ends with) and appends a dated row to BENCHMARKS.md.
 
     python scripts/bench_study.py                 # 3 runs each
     python scripts/bench_study.py --repeats 1 --no-record
@@ -93,16 +93,10 @@ def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> floa
     return wall
 
 
-def study_timings(study_dir: Path) -> dict[str, float]:
-    """The study's own account of where its time went (study.json), else its arms' summaries."""
-    record = json.loads((study_dir / "study.json").read_text())
-    if "timings_s" in record:
-        return record["timings_s"]
-    timings: dict[str, float] = {}
-    for summary in sorted(study_dir.glob("*/summary.json")):
-        for key, value in json.loads(summary.read_text()).get("timings_s", {}).items():
-            timings[key] = timings.get(key, 0.0) + value
-    return timings
+def time_line(log: Path) -> str:
+    """The study's own account of where its time went: the `time: ...` line it ends with."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith("time: ")]
+    return lines[-1] if lines else "?"
 
 
 def main() -> None:
@@ -125,7 +119,7 @@ def main() -> None:
     threads = [f"--threads={args.threads}"] if args.threads else []
     study_threads = [f"trainer.threads={args.threads}"] if args.threads else []
     load_start = load_average()
-    help_s, hand_s, study_s, where = [], [], [], []
+    help_s, hand_s, study_s, where = [], [], [], []  # where: each study's time line
     for i in range(args.repeats):
         work = out / str(i)
         work.mkdir(parents=True, exist_ok=True)
@@ -135,11 +129,11 @@ def main() -> None:
         study_dir = work / "study"
         study_s.append(timed([sys.executable, "-m", "dropstudy", "study", "experiment=regression", *study_threads,
                               f"hydra.run.dir={study_dir}"], env, work, work / "study.log"))
-        where.append(study_timings(study_dir))
+        where.append(time_line(work / "study.log"))
         print(f"run {i + 1}/{args.repeats}: hand loop {hand_s[-1]:.1f} s, dropstudy study {study_s[-1]:.1f} s, "
               f"--help {help_s[-1]:.2f} s", file=sys.stderr)
     median_study = statistics.median(study_s)
-    # The account of the run whose wall time is the median one.
+    # The account of the study whose wall time is the median one.
     account = where[study_s.index(sorted(study_s)[len(study_s) // 2])]
     import torch
 
@@ -154,7 +148,8 @@ def main() -> None:
         "study_median_s": round(median_study, 2),
         "help_median_s": round(statistics.median(help_s), 3),
         "study_over_hand_loop": round(median_study / statistics.median(hand_s), 2),
-        "study_timings_s": account,
+        "study_time_line": account,
+        "study_time_lines": where,
         "load_start": load_start,
         "load_end": load_average(),
         "runs": str(out),
@@ -163,11 +158,10 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in account.items() if k != "total")
         add_row(HEADING, TABLE,
                 f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['hand_loop_median_s']:.1f} "
                 f"| {result['study_median_s']:.1f} | {result['study_over_hand_loop']:.2f}x "
-                f"| {result['help_median_s']:.2f} | {parts} | {load_start} -> {result['load_end']} |\n")
+                f"| {result['help_median_s']:.2f} | {account} | {load_start} -> {result['load_end']} |\n")
 
 
 if __name__ == "__main__":
