@@ -212,8 +212,11 @@ def _train_run(
     result = RunResult(rd.path, label, "failed", None, timings=timings)
     started = time.time()
     try:
+        clock = time.perf_counter()
         (outcome,) = engine.run()
         timings.update(engine.timings)
+        # The loop's time outside its timed parts: each epoch's state snapshot, rows and progress.
+        timings["bookkeeping"] = time.perf_counter() - clock - sum(engine.timings.values())
         timings["wandb"] = getattr(tracker, "waited_s", 0.0)
         extra = {}
         if device.type == "cuda":
@@ -340,7 +343,8 @@ def conclude_run(
         "duration_s": round(duration_s, 3),
         **({} if timings is None else {
             # Where the time went: data loading, model and tracker set-up, training epochs,
-            # evaluation, metric logging, checkpoints, figures (W&B's finish comes after this).
+            # evaluation, metric logging, checkpoints, the loop's bookkeeping, waiting for W&B's
+            # start, figures (W&B's finish comes after this).
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}),
         "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
                   "url": tracker.url, "sync": tracker.sync_command},
@@ -371,7 +375,7 @@ class StudyResult:
 
 # What each part of a study's time is called in its account (study_timings), from the arms' timings_s.
 STUDY_PARTS = {"set-up": ("data", "setup"), "W&B": ("wandb",), "training": ("train", "eval"), "logging": ("log",),
-               "checkpoints": ("checkpoint",), "figures": ("figures",)}
+               "checkpoints": ("checkpoint",), "epoch bookkeeping": ("bookkeeping",), "figures": ("figures",)}
 
 
 def study_timings(arms: list[RunResult], comparison_s: float) -> dict[str, float]:
