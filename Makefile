@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-slow bench bench-sweep install clean
+.PHONY: run test test-slow bench bench-sweep bench-study install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 ## appends a row to BENCHMARKS.md. Shrink it with ARGS="--rates 0,0.5 --seeds 2 --epochs 200 --no-record"
 bench-sweep: $(STAMP)
 	$(BIN)/python scripts/bench_sweep.py $(ARGS)
+
+## start-up: `dropstudy study experiment=regression` vs the same two arms written by hand, and
+## `dropstudy --help`; appends a row to BENCHMARKS.md
+bench-study: $(STAMP)
+	$(BIN)/python scripts/bench_study.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -33,7 +33,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchlib import cpu_name
+from benchlib import add_row, cpu_name, load_average
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -54,8 +54,8 @@ LOOP_TABLE = (
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
 )
 # The engine's loop as summary.json's timings_s splits it: training epochs, evaluation, metric
-# rows and histograms, checkpoints; no data loading, W&B start or figures.
-LOOP_KEYS = ("train", "eval", "log", "checkpoint")
+# rows and histograms, checkpoints, each epoch's bookkeeping; no data loading, W&B start or figures.
+LOOP_KEYS = ("train", "eval", "log", "checkpoint", "bookkeeping")
 CLI_HEADING = "## Regression sweep end to end: `dropstudy sweep` vs one `dropstudy train` process per member"
 CLI_TABLE = (
     "| date (UTC) | machine | command | members x epochs | `dropstudy sweep` s | `dropstudy train` processes s "
@@ -106,13 +106,6 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads (CPU only)"
 
 
-def load_average() -> str:
-    try:
-        return "{:.1f}".format(os.getloadavg()[0])
-    except OSError:
-        return "?"
-
-
 def record(result: dict) -> None:
     if result["experiment"] == "cifar10":
         cli = result.get("cli", {})
@@ -149,27 +142,6 @@ def record(result: dict) -> None:
 
 def loop_seconds(summary: dict) -> float:
     return sum(summary.get("timings_s", {}).get(k, 0.0) for k in LOOP_KEYS)
-
-
-def add_row(heading: str, table: str, row: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if heading not in text:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + table + row
-    else:
-        # The row goes right after the last row of this section's table (prose may follow it;
-        # the next heading starts another section).
-        start = text.index(heading)
-        end = text.find("\n## ", start + len(heading))
-        end = len(text) if end < 0 else end
-        lines = text[start:end].split("\n")
-        last = max((i for i, line in enumerate(lines) if line.startswith("|")), default=None)
-        if last is None:
-            lines[1:1] = ["", table.rstrip("\n"), row.rstrip("\n")]
-        else:
-            lines.insert(last + 1, row.rstrip("\n"))
-        text = text[:start] + "\n".join(lines) + text[end:]
-    path.write_text(text)
 
 
 def main() -> None:

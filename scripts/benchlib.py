@@ -1,9 +1,13 @@
-"""What the benchmark scripts share: how they name the machine they ran on and what its CPU has."""
+"""What the benchmark scripts share: how they name the machine they ran on and what its CPU has,
+its load, and how a row joins its table in BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def cpu_name() -> str:
@@ -26,3 +30,32 @@ def cpu_bf16_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def load_average() -> str:
+    try:
+        return "{:.1f}".format(os.getloadavg()[0])
+    except OSError:
+        return "?"
+
+
+def add_row(heading: str, table: str, row: str) -> None:
+    """`row` joins the table under `heading` in BENCHMARKS.md; the section and table are made if missing."""
+    path = BENCHMARKS
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + table + row
+    else:
+        # The row goes right after the last row of this section's table (prose may follow it;
+        # the next heading starts another section).
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        end = len(text) if end < 0 else end
+        lines = text[start:end].split("\n")
+        last = max((i for i, line in enumerate(lines) if line.startswith("|")), default=None)
+        if last is None:
+            lines[1:1] = ["", table.rstrip("\n"), row.rstrip("\n")]
+        else:
+            lines.insert(last + 1, row.rstrip("\n"))
+        text = text[:start] + "\n".join(lines) + text[end:]
+    path.write_text(text)

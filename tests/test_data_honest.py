@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from wandb_offline import load_run
 
 from dropstudy.cli import app
+from dropstudy.datafiles import check_cifar10_available
 from dropstudy.data import (
     DataError,
-    check_cifar10_available,
     load_cifar10,
     load_dataset,
     read_cifar10,

@@ -205,7 +205,8 @@ def test_an_augmented_bf16_run_trains_and_reports_where_its_time_went(dropstudy,
     assert "bf16 autocast" in result.output and "augmented: crop + flip" in result.output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "finished"
-    assert set(summary["timings_s"]) == {"data", "setup", "train", "eval", "log", "checkpoint", "figures"}
+    assert set(summary["timings_s"]) == {"data", "setup", "train", "eval", "log", "checkpoint", "bookkeeping",
+                                         "wandb", "figures"}
     assert summary["timings_s"]["train"] > 0
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
     assert {"shuffle", "augment"} <= set(state["rng"])

@@ -81,7 +81,9 @@ def test_wandb_offline_file_holds_metrics_histograms_images_and_config(dropstudy
 
 def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_path):
     # Full length (2000 epochs): the classic demo's result, not just its plumbing.
+    started = time.perf_counter()
     result = dropstudy("study", "hydra.run.dir=study")
+    wall = time.perf_counter() - started
     assert result.code == 0, result.output
     study = tmp_path / "study"
     arms = {arm: study / arm for arm in ("dropout-0", "dropout-0.5")}
@@ -113,6 +115,27 @@ def test_study_trains_both_arms_on_the_same_data_and_compares(dropstudy, tmp_pat
     comparison = load_run(study)
     assert comparison.job_type == "comparison" and comparison.group == runs["dropout-0"].group
     assert {"study/regression_fit", "study/study_curves", "study/weight_norms"} <= set(comparison.images())
+
+    # The last line says where the time went: the arms' own accounts (summary.json), summed.
+    total, parts = time_line(result.stdout.strip().splitlines()[-1])
+    timings = [json.loads((run / "summary.json").read_text())["timings_s"] for run in arms.values()]
+    assert parts["training"] == pytest.approx(sum(t["train"] + t["eval"] for t in timings), abs=0.06)
+    assert parts["set-up"] == pytest.approx(sum(t["data"] + t["setup"] for t in timings), abs=0.06)
+    assert parts["W&B"] >= sum(t["wandb"] for t in timings) - 0.06  # the summaries are written before W&B's finish
+    assert min(parts.values()) >= -0.05, "no second counted twice"
+    assert 0 < total <= wall
+
+
+def time_line(line: str) -> tuple[float, dict[str, float]]:
+    """`time: 9.1 s = start-up 2.0 s, W&B 0.4 s, ...` as (9.1, {"start-up": 2.0, "W&B": 0.4, ...})."""
+    head, _, tail = line.partition(" = ")
+    assert head.startswith("time: ") and head.endswith(" s"), line
+    parts = {}
+    for part in tail.split(", "):
+        name, seconds, unit = part.rsplit(" ", 2)
+        assert unit == "s", line
+        parts[name] = float(seconds)
+    return float(head[len("time: "):-2]), parts
 
 
 @pytest.mark.slow

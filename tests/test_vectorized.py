@@ -90,7 +90,8 @@ def test_every_member_gets_a_complete_run_directory(sweep):
         assert summary["status"] == "finished" and summary["seed"] == member.cfg.seed
         assert summary["final"]["test/loss"] == rows[-1]["test/loss"]
         # The whole batch's time, split as a single run's is (the benchmark reads the loop's share).
-        assert set(summary["timings_s"]) == {"data", "setup", "train", "eval", "log", "checkpoint", "figures"}
+        assert set(summary["timings_s"]) == {"data", "setup", "train", "eval", "log", "checkpoint", "bookkeeping",
+                                             "figures"}
         assert summary["timings_s"]["train"] > 0 and summary["timings_s"]["eval"] > 0
         assert {p.name for p in (run / "plots").iterdir()} == {"learning_curves.png", "regression_fit.png"}
         for figure in (run / "plots").iterdir():

@@ -5,21 +5,27 @@ one paragraph and exit code 2 before anything is written. It then hands the same
 a `@hydra.main` task, which creates the run directory, saves `.hydra/` and sets up logging,
 exactly as a plain Hydra app would; sweeps reuse the same task with `--multirun`.
 
+Nothing here imports torch, wandb or matplotlib at module level: `--help` and every bad-input
+error (exit 2) are answered without them; each command imports what it runs.
+
 Before the task starts, the command resolves the directory Hydra will write (once, then hands
 it to Hydra explicitly), locks it and refuses one that already holds a run (`rundir.claim_run_dir`).
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
 import os
 import shlex
 import sys
+import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 import typer
 from omegaconf import DictConfig, OmegaConf
@@ -29,11 +35,13 @@ from dropstudy.config import ConfigError, compose_run, conf_dir, hydra_value, pr
 from rich.console import Console
 
 from dropstudy.console import stderr
-from dropstudy.data import DataError, check_cifar10_available
+from dropstudy.datafiles import DataError, check_cifar10_available
 from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# The clock's origin for the study's time line where /proc cannot say when the process started.
+IMPORTED = time.perf_counter()
 
 app = typer.Typer(
     name="dropstudy",
@@ -102,14 +110,42 @@ def checked_config(
         cfg, run_dir = compose_run(overrides, command)
         if extra_check is not None:
             extra_check(cfg)
-        from dropstudy.runtime import select_device  # torch import deferred: --help stays fast
-
-        select_device(cfg.device)
         if check_data and cfg.data.name == "cifar10":
             check_cifar10_available(cfg.data)
+        check_device(cfg.device)
     except (ConfigError, DataError) as exc:
         raise fail(str(exc))
     return cfg, run_dir
+
+
+def check_device(device: str) -> None:
+    """An explicit accelerator must exist here, or ConfigError; `auto` and `cpu` always resolve,
+    so they are not put to torch, whose import costs seconds."""
+    if str(device) in ("auto", "cpu"):
+        return
+    from dropstudy.runtime import select_device
+
+    select_device(device)
+
+
+def seconds_since_start() -> float:
+    """Wall seconds since this process started (/proc on Linux; elsewhere since this module was
+    imported, which misses the interpreter's own start-up)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - IMPORTED
+
+
+def time_line(result: Any) -> str:
+    """Where a study's time went, in one line: everything before the study started (imports,
+    config, Hydra), its own account (runner.study_timings), and what none of those covers."""
+    total = seconds_since_start()
+    parts = {"start-up": total - (time.perf_counter() - result.started), **result.timings}
+    parts["other"] = total - sum(parts.values())
+    return f"time: {total:.1f} s = " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
 
 
 def claimed(path: Path, elsewhere: str, new: bool = True):
@@ -161,11 +197,9 @@ def run_hydra_task(command: str, overrides: list[str], run_dir: Path,
 
 
 def handle_run_errors(fn: Callable[[], Any]) -> Any:
-    from dropstudy.data import DataError as _DataError
-
     try:
         return fn()
-    except (ConfigError, _DataError) as exc:
+    except (ConfigError, DataError) as exc:
         raise fail(str(exc))
     except Exception as exc:
         cause = os_error_in(exc)
@@ -190,6 +224,15 @@ def print_run(result: Any, indent: str = "") -> None:
         out(f"{indent}  W&B: {result.tracker_url}")
     elif result.sync_command:
         out(f"{indent}  W&B (offline): {result.sync_command}")
+
+
+def warm_up_wandb(cfg: DictConfig) -> None:
+    """W&B's import and service start, in the background from here on: they take as long as the
+    torch import and the run's set-up that follow, which they no longer wait behind. (Before the
+    directory is claimed, so that the claim is held no longer than the run needs it.)"""
+    from dropstudy.tracking import warm_up
+
+    warm_up(cfg.tracker.mode)
 
 
 def show_config(overrides: list[str]) -> None:
@@ -223,7 +266,8 @@ def train(
     overrides = list(overrides or [])
     if cfg:
         return show_config(overrides)
-    _, run_dir = checked_config(overrides)
+    config, run_dir = checked_config(overrides)
+    warm_up_wandb(config)
     from dropstudy.runner import train_run
 
     with claimed(run_dir, ELSEWHERE_RUN):
@@ -254,6 +298,7 @@ def study(
     if cfg:
         return show_config(overrides)
     cfg, study_dir = checked_config(overrides, extra_check=validate_study, command="study")
+    warm_up_wandb(cfg)
     from dropstudy.dropout import arm_label
     from dropstudy.runner import run_study
 
@@ -268,6 +313,7 @@ def study(
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
     typer.echo(f"study status: {result.status} (study.json)")
+    typer.echo(time_line(result))
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
 
@@ -447,12 +493,10 @@ def load_saved_run(run_dir: Path) -> tuple[DictConfig, list[str]]:
 
 
 def check_runnable(cfg: DictConfig) -> None:
-    from dropstudy.runtime import select_device
-
     try:
-        select_device(cfg.device)
         if cfg.data.name == "cifar10":
             check_cifar10_available(cfg.data)
+        check_device(cfg.device)
     except (ConfigError, DataError) as exc:
         raise fail(str(exc))
 
@@ -479,12 +523,12 @@ def resume(
 
         dropstudy resume runs/regression/2026-11-22_09-00-00-sweep-3f2a
     """
-    from dropstudy.resume import directory_kind
-
     if not directory.exists():
         raise fail(f"{directory}: no such directory.")
     if not directory.is_dir():
         raise fail(f"{directory}: not a directory; give a run, study or sweep directory.")
+    from dropstudy.resume import directory_kind
+
     {"sweep": resume_sweep_dir, "study": resume_study_dir, "run": resume_run_dir}[directory_kind(directory)](directory)
 
 
@@ -715,10 +759,8 @@ def rerun(
 
     from dropstudy.console import setup_logging
     from dropstudy.rerun import compare_metrics, environment_differences, likely_cause
-    from dropstudy.rundir import RunDir, write_json_atomic
-    from dropstudy.runner import train_run
-
     from dropstudy.rerun import MembersError, members_of
+    from dropstudy.rundir import RunDir, write_json_atomic
 
     overrides = list(overrides or [])
     try:
@@ -735,6 +777,8 @@ def rerun(
         raise fail(f"{original.metrics_path}: missing or empty; there is nothing to compare with.")
     new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
     with claimed(new_dir, ELSEWHERE_OUT):
+        from dropstudy.runner import train_run
+
         setup_logging(new_dir / "rerun.log")
         RunDir(new_dir).write_config(cfg, [*saved_overrides, *overrides])
         previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
@@ -862,11 +906,12 @@ def report(
 
         dropstudy report runs/ --baseline model.dropout=0.5
     """
+    if not directory.is_dir():  # said before the report's imports (scipy, matplotlib) cost their seconds
+        raise fail(f"{directory}: no such directory; give a directory of runs (a sweep, a study, runs/).")
     from dropstudy.console import setup_logging
     from dropstudy.report import ReportError, caption, cells, header, make_report, table_rows
 
-    if directory.is_dir():
-        setup_logging(directory / "report" / "report.log")
+    setup_logging(directory / "report" / "report.log")
     try:
         result = make_report(directory, baseline)
     except ReportError as exc:
@@ -951,8 +996,30 @@ def main() -> None:
     logging.raiseExceptions = False
     try:
         app(prog_name="dropstudy")
+    except SystemExit as exc:
+        exit_now(exc.code)
     except Exception as exc:  # a write outside a run's own error handling (a command's log file)
         cause = os_error_in(exc)
         if cause is None:
             raise
-        sys.exit(fail(describe(cause), EXIT_IO_ERROR).exit_code)
+        exit_now(fail(describe(cause), EXIT_IO_ERROR).exit_code)
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Exit with `code` once everything that waits for the end of the process has run (threads
+    still working, W&B's shutdown and every other exit handler, log files flushed), skipping
+    only the interpreter's teardown of its modules: over a second after a run (torch, matplotlib,
+    W&B loaded) that changes nothing on disk or on screen."""
+    if isinstance(code, str):  # what sys.exit("message") does
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`| head`), or a closed stream
+            pass
+    os._exit(code or 0)

@@ -10,16 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from dropstudy.dropout import make_dropout  # noqa: E402
+if TYPE_CHECKING:  # each demo imports these itself, so that `dropstudy demo --list` and a bad name need neither
+    import matplotlib.pyplot as plt
+    import torch
 
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 
@@ -34,6 +29,8 @@ class DemoResult:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    from dropstudy.plots import plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -42,6 +39,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def _normal_pdf(xs: torch.Tensor, mean: float, sd: float) -> torch.Tensor:
+    import torch
+
     return torch.exp(-0.5 * ((xs - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
 
 
@@ -51,6 +50,12 @@ def _normal_pdf(xs: torch.Tensor, mean: float, sd: float) -> torch.Tensor:
 def scaling(out: Path, seed: int) -> DemoResult:
     """Dropout(0.5) -> Linear(10000 -> 1, no bias, weights 1) -> ReLU on 10,000 ones, inverted
     and vanilla: the training-mode output around its expectation, the evaluation output exact."""
+    import torch
+    from torch import nn
+
+    from dropstudy.dropout import make_dropout
+    from dropstudy.plots import plt
+
     n, p, draws = 10_000, 0.5, 1_000
     keep = 1.0 - p
     x = torch.ones(1, n)
@@ -116,6 +121,11 @@ def scaling(out: Path, seed: int) -> DemoResult:
 def masks(out: Path, seed: int) -> DemoResult:
     """The masks inverted dropout draws for a layer of 12 units over a few steps, and the
     empirical drop rate against p over many steps."""
+    import torch
+
+    from dropstudy.dropout import make_dropout
+    from dropstudy.plots import plt
+
     units, shown, steps = 12, 8, 10_000
     rates = (0.1, 0.2, 0.5, 0.8)
     p = 0.5
@@ -178,6 +188,12 @@ def equivalence(out: Path, seed: int) -> DemoResult:
     """Inverted dropout with weights w and vanilla dropout with weights w/(1-p) (the weights a
     vanilla network learns to give the same training signal) have the same expected output:
     Monte Carlo estimates with 95% confidence intervals."""
+    import torch
+    from torch import nn
+
+    from dropstudy.dropout import make_dropout
+    from dropstudy.plots import plt
+
     d, p, draws = 50, 0.5, 20_000
     keep = 1.0 - p
     g = torch.Generator().manual_seed(seed)

@@ -38,12 +38,14 @@ import zipfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dropstudy.failures import WriteError, writing
+
+if TYPE_CHECKING:  # torch is imported where a tensor is read or written: claiming a directory needs none
+    import torch
 
 STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "config")
@@ -57,7 +59,9 @@ class RunDirError(Exception):
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    # A tensor exists only once torch is imported; claiming a directory must not import it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, Path):
         return str(value)
@@ -87,6 +91,8 @@ def write_json_atomic(path: Path, payload: dict, base: Path | None = None) -> No
 def save_torch_atomic(obj: Any, path: Path, base: Path | None = None) -> None:
     """torch.save through memory: torch's own file writer reports a full disk as a RuntimeError
     without errno, and Python's write gives the OSError that says why."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes_atomic(path, buffer.getbuffer(), base)
@@ -250,6 +256,8 @@ class RunDir:
         path = self.checkpoint_path
         if not path.is_file():
             raise RunDirError(f"{path}: missing; the run stopped before its first checkpoint, so start it again instead.")
+        import torch
+
         try:
             # The checkpoint holds NumPy/Python RNG states, which weights_only loading refuses;
             # it is the user's own file from their own run directory.
@@ -305,7 +313,7 @@ def computation_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_fits(path: Path, state: dict[str, Any], model: "torch.nn.Module") -> None:
+def check_fits(path: Path, state: dict[str, Any], model: torch.nn.Module) -> None:
     """The checkpoint's weights must match the model the config builds, name for name and shape
     for shape."""
     own = model.state_dict()
@@ -354,6 +362,8 @@ def package_versions() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    import torch
+
     versions["cuda"] = torch.version.cuda
     versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return versions

@@ -3,6 +3,8 @@
 `train_run` sets up device, seeds, data, model, optimizer and tracker, trains (a `Single`
 backend driven by the `Engine`), draws the figures and writes the summary; the tracker is always finished, whatever happens. `run_study`
 trains every arm of `study.arms` that way on the same data and seed and draws the comparison.
+W&B starts in the background (`tracking.BackgroundTracker`) while the rest is set up, so its
+start waits in line only where a call needs the run itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dropstudy.models import build_model
 from dropstudy.failures import describe
 from dropstudy.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
-from dropstudy.tracking import flatten, make_tracker
+from dropstudy.tracking import BackgroundTracker, flatten, make_tracker, resolve_mode
 from dropstudy.backends import Single
 from dropstudy.engine import Engine, MemberRun
 from dropstudy.train import NonFiniteLoss, Outcome, make_optimizer
@@ -46,6 +48,8 @@ class RunResult:
     fit: plots.FitCurve | None = None
     tracker_url: str | None = None
     sync_command: str | None = None
+    # Seconds per part of the run (summary.json's timings_s, plus W&B's finish under "wandb").
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -191,7 +195,7 @@ def _train_run(
     job_type = job_type or cfg.tracker.job_type or label
     tracker = make_run_tracker(
         cfg, rd, data, label, dropout_sites, provenance, group=group, job_type=job_type, extra_tags=extra_tags,
-        resume_id=state.get("tracker_run_id") if state is not None else None,
+        resume_id=state.get("tracker_run_id") if state is not None else None, background=True,
     )
     backend = Single(model=model, optimizer=optimizer, data=data, cfg=cfg, schedule=schedule, fast=fast)
     member = MemberRun(rd, tracker, resolved, n_train=len(data.train), lr=optimizer.param_groups[0]["lr"])
@@ -202,11 +206,15 @@ def _train_run(
         log.info(f"[{label}] resuming {rd.path} after epoch {state['epoch']} of {cfg.trainer.epochs}")
     timings["setup"] = time.perf_counter() - clock
 
-    result = RunResult(rd.path, label, "failed", None, sync_command=tracker.sync_command)
+    result = RunResult(rd.path, label, "failed", None, timings=timings)
     started = time.time()
     try:
+        clock = time.perf_counter()
         (outcome,) = engine.run()
         timings.update(engine.timings)
+        # The loop's time outside its timed parts: each epoch's state snapshot, rows and progress.
+        timings["bookkeeping"] = time.perf_counter() - clock - sum(engine.timings.values())
+        timings["wandb"] = getattr(tracker, "waited_s", 0.0)
         extra = {}
         if device.type == "cuda":
             extra["gpu_memory_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -218,7 +226,8 @@ def _train_run(
         raise
     finally:
         tracker.finish(exit_code=result.exit_code)
-        result.tracker_url = tracker.url
+        timings["wandb"] = getattr(tracker, "waited_s", 0.0)
+        result.tracker_url, result.sync_command = tracker.url, tracker.sync_command
         rd.close()
     return result
 
@@ -236,10 +245,16 @@ def make_run_tracker(
     extra_tags: tuple[str, ...],
     resume_id: str | None = None,
     shared_process: bool = False,
+    background: bool = False,
 ):
     """The run's W&B run: named after experiment, arm and seed, in its study's or sweep's group,
-    tagged, with the resolved config (flat) and the provenance as its config."""
+    tagged, with the resolved config (flat) and the provenance as its config. `background`:
+    started in a thread (a `BackgroundTracker`), unless tracking is disabled."""
     tags = [cfg.experiment, label, *cfg.tracker.tags, *extra_tags] + (["synthetic-data"] if data.synthetic else [])
+    if background and resolve_mode(cfg.tracker.mode) != "disabled":
+        return BackgroundTracker(lambda: make_run_tracker(
+            cfg, rd, data, label, dropout_sites, provenance, group=group, job_type=job_type, extra_tags=extra_tags,
+            resume_id=resume_id, shared_process=shared_process))
     return make_tracker(
         cfg.tracker,
         run_dir=rd.path,
@@ -325,7 +340,8 @@ def conclude_run(
         "duration_s": round(duration_s, 3),
         **({} if timings is None else {
             # Where the time went: data loading, model and tracker set-up, training epochs,
-            # evaluation, metric logging, checkpoints, figures (W&B's finish comes after this).
+            # evaluation, metric logging, checkpoints, the loop's bookkeeping, waiting for W&B's
+            # start, figures (W&B's finish comes after this).
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}),
         "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
                   "url": tracker.url, "sync": tracker.sync_command},
@@ -349,6 +365,20 @@ class StudyResult:
     figures: dict[str, Path]
     group: str
     status: str = "finished"
+    # Where the study's time went (study_timings), and when it started (time.perf_counter()).
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0
+
+
+# What each part of a study's time is called in its account (study_timings), from the arms' timings_s.
+STUDY_PARTS = {"set-up": ("data", "setup"), "W&B": ("wandb",), "training": ("train", "eval"), "logging": ("log",),
+               "checkpoints": ("checkpoint",), "epoch bookkeeping": ("bookkeeping",), "figures": ("figures",)}
+
+
+def study_timings(arms: list[RunResult], comparison_s: float) -> dict[str, float]:
+    """The arms' timings summed into the parts a user recognises, and the comparison's time."""
+    parts = {part: sum(arm.timings.get(k, 0.0) for arm in arms for k in keys) for part, keys in STUDY_PARTS.items()}
+    return {**parts, "comparison": comparison_s}
 
 
 @dataclass
@@ -407,6 +437,7 @@ def study_status(statuses: list[str]) -> str:
 
 def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyResult:
     """Every arm of study.arms on the same data and seed, one W&B group, then the comparison."""
+    started = time.perf_counter()
     group = study_group(cfg, study_dir)
     arms = study_arms(cfg, study_dir, overrides)
     # The record exists from the start, so a study stopped in any way is found by `resume`.
@@ -421,8 +452,10 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
             break
     records = [ArmRecord.from_result(r) for r in results]
     records += [ArmRecord(arm.label, arm.run_dir, "not run") for arm in arms[len(results):]]
+    clock = time.perf_counter()
     figures, status = conclude_study(cfg, study_dir, group, records)
-    return StudyResult(study_dir, results, figures, group, status)
+    timings = study_timings(results, time.perf_counter() - clock)
+    return StudyResult(study_dir, results, figures, group, status, timings, started)
 
 
 def conclude_study(
@@ -432,7 +465,39 @@ def conclude_study(
     its arms as they stand; run at the end of `study` and again by every `resume` that changes
     an arm. Returns the figures and the study's status."""
     out = RunDir(study_dir)
-    started = [a for a in arms if a.status != "not run"]
+    record_path = study_dir / "study.json"
+    previous = json_or_empty(record_path).get("wandb", {})
+    # A redrawn study logs into the same comparison run, one step further on (W&B drops a
+    # step it has already seen).
+    step = previous.get("step", -1) + 1 if previous.get("run_id") else 0
+    # The comparison run starts while its figures are drawn (the arms' runs are finished by now,
+    # so it needs no other run to finish: shared_process).
+    comparison = BackgroundTracker(lambda: make_tracker(
+        cfg.tracker,
+        run_dir=study_dir,
+        group=group,
+        job_type="comparison",
+        tags=[cfg.experiment, "study", "comparison"],
+        name=f"{group}-comparison",
+        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(a.run_dir) for a in arms]},
+        resume_id=previous.get("run_id"),
+        shared_process=True,
+    ))
+    try:
+        figures = draw_study_figures(cfg, out, [a for a in arms if a.status != "not run"], data)
+    except BaseException:
+        comparison.finish(exit_code=1)
+        raise
+    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0, step=step)
+    comparison.finish()
+    status = study_status([a.status for a in arms])
+    write_study_record(study_dir, cfg, group, status, arms, figures,
+                       {"run_id": comparison.run_id, "step": step, "sync": comparison.sync_command})
+    return figures, status
+
+
+def draw_study_figures(cfg: DictConfig, out: RunDir, started: list[ArmRecord], data: Dataset | None) -> dict[str, Path]:
+    """The arms side by side: learning curves, weight norms and, for regression, the fits."""
     title = f"{cfg.experiment}: " + " vs ".join(a.label for a in started) + f", seed {cfg.seed}"
     if cfg.data.get("synthetic"):
         title += " (SYNTHETIC data)"
@@ -448,27 +513,7 @@ def conclude_study(
         figures["regression_fit"] = plots.regression_fit(
             _points(data.train), _points(data.test), fits, out.plot_path("regression_fit.png"), title
         )
-    record_path = study_dir / "study.json"
-    previous = json_or_empty(record_path).get("wandb", {})
-    # A redrawn study logs into the same comparison run, one step further on (W&B drops a
-    # step it has already seen).
-    step = previous.get("step", -1) + 1 if previous.get("run_id") else 0
-    comparison = make_tracker(
-        cfg.tracker,
-        run_dir=study_dir,
-        group=group,
-        job_type="comparison",
-        tags=[cfg.experiment, "study", "comparison"],
-        name=f"{group}-comparison",
-        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(a.run_dir) for a in arms]},
-        resume_id=previous.get("run_id"),
-    )
-    comparison.log_images({f"study/{k}": v for k, v in figures.items()}, epoch=0, step=step)
-    comparison.finish()
-    status = study_status([a.status for a in arms])
-    write_study_record(study_dir, cfg, group, status, arms, figures,
-                       {"run_id": comparison.run_id, "step": step, "sync": comparison.sync_command})
-    return figures, status
+    return figures
 
 
 def write_study_record(

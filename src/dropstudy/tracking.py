@@ -10,6 +10,11 @@ ignored: training goes on, and the local metrics.jsonl/summary.json never depend
 waits at most `tracker.init_timeout` seconds; when online W&B cannot start, the run is logged
 by offline W&B instead (so `wandb sync` uploads it later), and every later run of the same
 process goes offline directly.
+
+W&B's start costs seconds (its import, its service process, `wandb.init`), none of which
+training needs, so none of it waits in line: `warm_up` imports W&B and starts its service in a
+thread as soon as a command knows it will train, and `BackgroundTracker` runs a run's
+`make_tracker` in a thread while the run sets up, holding the calls made meanwhile.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import logging
 import netrc
 import os
 import shlex
+import threading
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import urlparse
 
-from torch import Tensor
-
-from dropstudy.histograms import histograms
+if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
+    from torch import Tensor, nn
 
 log = logging.getLogger("dropstudy")
 
@@ -192,6 +198,8 @@ class WandbTracker:
     def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
         """Histograms (64 bins, as `watch` draws them, computed on the device in one pass),
         joined to the row logged next at `step`."""
+        from dropstudy.histograms import histograms
+
         drawn = {key: self._wandb.Histogram(np_histogram=counts_edges)
                  for key, counts_edges in histograms(tensors).items()}
         self.run.log(drawn, step=step, commit=False)
@@ -271,6 +279,36 @@ class GuardedTracker:
         self._call("finish", exit_code=exit_code)
 
 
+# The thread that imports W&B and starts its service ahead of the first run (warm_up).
+_warm_up: threading.Thread | None = None
+
+
+def warm_up(mode: str) -> None:
+    """Import W&B, start its service and list the installed packages (each run's
+    requirements.txt), in a background thread, unless `mode` resolves to disabled; the first
+    run's `make_tracker` waits for it. Nothing here contacts the server."""
+    global _warm_up
+    if _warm_up is None and resolve_mode(mode) != "disabled":
+        _warm_up = threading.Thread(target=_import_and_start_wandb, name="dropstudy-wandb-warm-up", daemon=True)
+        _warm_up.start()
+
+
+def _import_and_start_wandb() -> None:
+    try:
+        import wandb
+
+        cache_installed_packages(wandb)
+        wandb.util.working_set()
+        wandb.setup()
+    except Exception:  # the run's own start meets the same failure and reports it (make_tracker)
+        pass
+
+
+def _wait_for_warm_up() -> None:
+    if _warm_up is not None:
+        _warm_up.join()
+
+
 # Why online W&B failed to start in this process, once it has: the later runs of a study or a
 # sweep go offline at once instead of each waiting tracker.init_timeout again.
 _online_failed: str | None = None
@@ -298,6 +336,7 @@ def make_tracker(
     mode = resolve_mode(tracker_cfg.mode)
     if mode == "disabled":
         return GuardedTracker(NullTracker())
+    _wait_for_warm_up()
     # Configs saved before tracker.init_timeout existed (resume, rerun) take its default.
     timeout = tracker_cfg.get("init_timeout") or TrackerConfig.init_timeout
 
@@ -343,6 +382,91 @@ def make_tracker(
         log.warning(f"W&B: {fallback}; logging offline instead (this process's later runs too). "
                     f"To upload later: {inner.sync_command}")
     return GuardedTracker(inner)
+
+
+class BackgroundTracker:
+    """A tracker whose start-up (`start`: a `make_tracker` call, W&B's import, service and
+    `wandb.init` with every fallback) runs in a thread, so that W&B starts while the caller sets
+    up data and model instead of before.
+
+    Calls made while it starts are kept, in order (histogram tensors copied, since the model
+    changes them), and delivered from the calling thread at the first call after it is up, or by
+    `finish`, which waits for it: every metric still reaches W&B, in the order it was logged.
+    `watch` and the run's id, url and sync command wait for it too (wandb's hooks must be on the
+    model before the first step; a checkpoint names the run). `waited_s`: seconds the caller spent
+    on W&B: waiting for its start, and in `finish`."""
+
+    def __init__(self, start: Callable[[], Tracker]):
+        self._tracker: Tracker | None = None
+        self._held: list[tuple[str, tuple]] = []
+        self.waited_s = 0.0
+        self._thread = threading.Thread(target=self._start, args=(start,), name="dropstudy-wandb-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, start: Callable[[], Tracker]) -> None:
+        try:
+            self._tracker = start()
+        except Exception as exc:  # make_tracker falls back by itself; anything else must not stop training
+            log.warning("W&B could not start (%s: %s); training without it. Metrics go to metrics.jsonl as always.",
+                        type(exc).__name__, first_line(exc))
+            self._tracker = GuardedTracker(NullTracker())
+
+    def wait(self) -> Tracker:
+        """The started tracker, once every held call has reached it."""
+        if self._thread.is_alive():
+            start = time.perf_counter()
+            self._thread.join()
+            self.waited_s += time.perf_counter() - start
+        tracker = self._tracker
+        assert tracker is not None
+        while self._held:
+            method, args = self._held.pop(0)
+            getattr(tracker, method)(*args)
+        return tracker
+
+    def _deliver(self, method: str, *args: Any) -> None:
+        if self._thread.is_alive():
+            self._held.append((method, args))
+        else:
+            getattr(self.wait(), method)(*args)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wait().run_id
+
+    @property
+    def url(self) -> str | None:
+        return self.wait().url
+
+    @property
+    def sync_command(self) -> str | None:
+        return self.wait().sync_command
+
+    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
+        self.wait().watch(model, what, log_freq)
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self._deliver("log", dict(row), step)
+
+    def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
+        if self._thread.is_alive():
+            tensors = {key: tensor.detach().clone() for key, tensor in tensors.items()}
+        self._deliver("log_histograms", tensors, step)
+
+    def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None:
+        self._deliver("log_images", dict(images), epoch, step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self._deliver("log_table", key, columns, rows, step)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        self._deliver("set_summary", dict(values))
+
+    def finish(self, exit_code: int = 0) -> None:
+        tracker = self.wait()
+        start = time.perf_counter()
+        tracker.finish(exit_code=exit_code)
+        self.waited_s += time.perf_counter() - start
 
 
 def first_line(exc: BaseException) -> str:

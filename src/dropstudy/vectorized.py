@@ -486,6 +486,9 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
     started = time.time()
     engine.run()
     duration = time.time() - started
+    timings.update(engine.timings)
+    # The loop's time outside its timed parts: each epoch's state snapshot, rows and progress.
+    timings["bookkeeping"] = max(0.0, duration - sum(engine.timings.values()))
     # Every member's figures are started before any member concludes, so that they draw side by
     # side on worker processes (one per CPU) while this process logs and writes summaries.
     with plots.Drawer(figure_workers(len(concluding))) as drawer:
@@ -498,7 +501,7 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
                          rec.run.tracker, rec.result, rec.dropout_sites, rec.group, rec.job_type,
                          duration_s=duration,
                          extra_summary={"vectorized": {"members": len(records), "index": i}},
-                         timings={**timings, **engine.timings},  # the whole batch's, shared
+                         timings=dict(timings),  # the whole batch's, shared
                          figures=figures)
     for rec in records:
         if not rec.trained:  # set aside before this resume: its summary stands
