@@ -251,7 +251,12 @@ class SweepJob:
         try:
             # The sweep dir was new when the sweep claimed it; the job's lock keeps others out of its run.
             with claim_run_dir(run_dir, new=False):
-                result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
+                if (run_dir / "summary.json").is_file():
+                    result = self._continue(cfg, run_dir, overrides)
+                    if result is None:
+                        return {"run_dir": str(run_dir), "status": read_status(run_dir)[0]}
+                else:
+                    result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one job's failure never stops the others
@@ -262,10 +267,26 @@ class SweepJob:
         if result.status == "interrupted":
             from dropstudy.runtime import Interrupted
 
+            if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+                hand_back_to_slurm(result.exit_code - 128)
             # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
             # and let the sweep exit with the signal's code.
             raise Interrupted(result.exit_code - 128)
         return {"run_dir": str(run_dir), "status": result.status}
+
+    def _continue(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
+        """The same job started again in a run dir an earlier attempt of it wrote: SLURM requeued
+        it (`scontrol requeue`, a preemption, a time limit). Continues that attempt with the
+        single-run resume path, from its last checkpoint (or from scratch without one); None when
+        the earlier attempt had concluded."""
+        from dropstudy.resume import plan_step, run_step
+
+        step = plan_step(f"sweep job {run_dir}", run_dir, cfg, overrides, "it stopped before its first checkpoint")
+        restarts = os.environ.get("SLURM_RESTART_COUNT")
+        log.info(step.describe() + (f" (SLURM restart {restarts})" if restarts else ""))
+        if step.action == "keep":
+            return None
+        return run_step(step, group=self.group, job_type=None, extra_tags=("sweep",))
 
     def _release_wandb(self) -> None:
         """In a worker process (joblib's loky, submitit), shut W&B's service down with the job:
@@ -276,6 +297,25 @@ class SweepJob:
                 sys.modules["wandb"].teardown()
             except Exception as exc:
                 log.warning(f"W&B teardown after the job failed ({type(exc).__name__}: {exc})")
+
+
+def hand_back_to_slurm(signum: int) -> None:
+    """End a SLURM job whose run was interrupted and checkpointed, the way SLURM will start it
+    again. SIGUSR2 (the time limit is near) goes to submitit's handler, which requeues the job
+    (at most hydra.launcher.max_num_timeout times) and exits; after SIGTERM (`scontrol requeue`,
+    a preemption, `scancel`) the job exits 143 without a result, so SLURM either starts it again
+    or reports it cancelled."""
+    import signal
+
+    if signum == signal.SIGUSR2:
+        log.warning("SLURM time limit near (SIGUSR2): checkpoint written; requeueing the job, which continues from it")
+        handler = signal.getsignal(signal.SIGUSR2)  # submitit's, restored when training stopped
+        if callable(handler):
+            handler(signum, None)
+    else:
+        log.warning(f"stopped by SLURM ({signal.Signals(signum).name}): checkpoint written; "
+                    "if SLURM requeues the job, it continues from it")
+        raise SystemExit(128 + signum)
 
 
 def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
