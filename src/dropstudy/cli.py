@@ -277,13 +277,17 @@ def print_sweep_table(title: str, outcomes: list) -> None:
     from dropstudy.sweep import key_metric
 
     table = Table(title=title, title_justify="left")
-    for column in ("#", "overrides", "status", "metric", "run dir"):
+    on_slurm = any(o.slurm for o in outcomes)
+    for column in ("#", "overrides", "status", "metric", "run dir") + (("SLURM job",) if on_slurm else ()):
         table.add_column(column, justify="right" if column in ("#", "metric") else "left")
     for o in outcomes:
         name, value = key_metric(o.final)
         metric = f"{name} {value:.4g}" if isinstance(value, (int, float)) else "-"
         color = "green" if o.ok else "red"
-        table.add_row(str(o.num), o.setting, f"[{color}]{o.status}[/]", metric, str(o.run_dir))
+        row = [str(o.num), o.setting, f"[{color}]{o.status}[/]", metric, str(o.run_dir)]
+        if on_slurm:  # where a job that did not finish says why
+            row.append("-" if not o.slurm else o.slurm["job_id"] + ("" if o.ok else f" log: {o.slurm['stderr']}"))
+        table.add_row(*row)
     Console(width=max(Console().width, 160)).print(table)
 
 

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,12 +329,30 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
         hc = HydraConfig.get()
         return job(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
 
-    saved_argv = sys.argv
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [saved_argv[0], "--multirun", *plan.argv]
+    if plan.launcher in SLURM_LAUNCHERS:
+        # Raised rather than printed by Hydra (and exit 1): a SLURM job's failure is the table's to report.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         sweep_job()
+    except Exception as exc:
+        if plan.launcher not in SLURM_LAUNCHERS:
+            raise
+        # submitit raises at the first job that ended without a result (it failed on the node,
+        # was cancelled, ran out of memory); the table says which, once the others are done.
+        log.error(f"a SLURM job of the sweep ended without a result: {str(exc).strip().splitlines()[0]}")
+        wait_for_slurm_jobs(plan.sweep_dir)
+    else:
+        if plan.launcher in SLURM_LAUNCHERS:
+            # A job's result comes a moment before SLURM records it COMPLETED; the table shows the latter.
+            wait_for_slurm_jobs(plan.sweep_dir, timeout_s=60)
     finally:
         sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
 
 
 def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
@@ -402,6 +421,7 @@ class JobOutcome:
     run_dir: Path
     reason: str | None
     final: dict[str, Any]
+    slurm: dict[str, Any] | None = None  # job id, state, log paths, for hydra/launcher=slurm
 
     @property
     def ok(self) -> bool:
@@ -410,13 +430,98 @@ class JobOutcome:
 
 def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
     varying = set(plan.varying)
+    cluster = slurm_jobs(plan.sweep_dir) if plan.launcher in SLURM_LAUNCHERS else {}
     outcomes = []
     for job in plan.jobs:
         status, summary = read_status(job.run_dir)
         setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
-        outcomes.append(JobOutcome(job.num, job.overrides, setting, status, job.run_dir, summary.get("reason"),
-                                   summary.get("final", {})))
+        outcome = JobOutcome(job.num, job.overrides, setting, status, job.run_dir, summary.get("reason"),
+                             summary.get("final", {}), cluster.get(job.num))
+        if outcome.slurm is not None:
+            explain_slurm_failure(outcome)
+        outcomes.append(outcome)
     return outcomes
+
+
+# --------------------------------------------------------------------------- SLURM's side of a sweep
+
+SLURM_LAUNCHERS = ("slurm", "submitit_slurm")
+# SLURM states after which a job runs no more (unless it is requeued, which makes it PENDING again).
+SLURM_ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+               "PREEMPTED", "COMPLETED")
+_SUBMITIT_JOB_DIR = re.compile(r"^(\d+)(?:_(\d+))?$")
+
+
+def slurm_jobs(sweep_dir: Path) -> dict[int, dict[str, Any]]:
+    """Each job's SLURM record, by job number: id, state (from sacct, when accounting answers),
+    and its log files. hydra-submitit-launcher keeps a job's files in <sweep dir>/.submitit/<id>/
+    (`<array id>_<index>` in an array, whose index is the job's place in its batch), and submits
+    the batches of a sweep in order, so sorting the ids gives the job numbers."""
+    root = sweep_dir / ".submitit"
+    found = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        match = _SUBMITIT_JOB_DIR.match(folder.name)
+        if match and (folder / f"{folder.name}_submitted.pkl").is_file():
+            found.append((int(match.group(1)), int(match.group(2) or 0), folder))
+    states = slurm_states([folder.name for *_, folder in found])
+    jobs = {}
+    for num, (_, _, folder) in enumerate(sorted(found)):
+        jobs[num] = {"job_id": folder.name, "state": states.get(folder.name),
+                     "stdout": str(folder / f"{folder.name}_0_log.out"),
+                     "stderr": str(folder / f"{folder.name}_0_log.err")}
+    return jobs
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """sacct's state of each job (e.g. COMPLETED, FAILED, CANCELLED by 0); empty without accounting."""
+    import shutil
+    import subprocess
+
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,ExitCode", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        job_id, state, exit_code = (line.split("|") + ["", ""])[:3]
+        states[job_id] = f"{state} (exit {exit_code})" if exit_code not in ("", "0:0") else state
+    return states
+
+
+def explain_slurm_failure(outcome: JobOutcome) -> None:
+    """A job SLURM ended before its run could say how it ended (its summary is missing, or still
+    says running) is failed, and its reason names SLURM's state and the job's log; a failed
+    run's reason gains the log too."""
+    slurm = outcome.slurm
+    state = slurm["state"] or "unknown state"
+    ended = any(state.startswith(s) for s in SLURM_ENDED)
+    if outcome.status in ("not run", "running") and ended:
+        when = "before the run started" if outcome.status == "not run" else "while it ran"
+        outcome.status, outcome.reason = "failed", f"SLURM job {slurm['job_id']} ended {state} {when}"
+    if outcome.status == "failed":
+        outcome.reason = f"{outcome.reason or 'failed'}; log: {slurm['stderr']}"
+
+
+def wait_for_slurm_jobs(sweep_dir: Path, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
+    """Until no job of the sweep is queued or running (submitit stops waiting at the first job
+    that ended without a result; the others still run), or timeout_s."""
+    import subprocess
+    import time
+
+    ids = sorted({record["job_id"].split("_")[0] for record in slurm_jobs(sweep_dir).values()})
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while ids and (deadline is None or time.monotonic() < deadline):
+        try:
+            queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True,
+                                    text=True, timeout=30).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            return
+        if not queued:
+            return
+        time.sleep(poll_s)
 
 
 def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
@@ -445,7 +550,8 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
             "failed": [o.num for o in outcomes if not o.ok],
             "jobs": [
                 {"num": o.num, "overrides": o.overrides, "setting": o.setting, "status": o.status,
-                 "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final}
+                 "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final,
+                 **({"slurm": o.slurm} if o.slurm is not None else {})}
                 for o in outcomes
             ],
             **(extra or {}),
