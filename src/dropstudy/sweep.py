@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ LAUNCHER_PLUGINS = {
     "slurm": "hydra_plugins.hydra_submitit_launcher",
 }
 LAUNCHERS = ("basic", *LAUNCHER_PLUGINS)
+# hydra/sweeper=NAME -> its plugin module; `basic` (Hydra's grid) is the default.
+SWEEPER_PLUGINS = {"optuna": "hydra_plugins.hydra_optuna_sweeper"}
 
 
 @dataclass
@@ -56,6 +58,15 @@ class PlannedJob:
 
 
 @dataclass
+class SearchSpec:
+    sweeper: str
+    objective: str  # sweep.objective, e.g. val/loss
+    direction: str  # minimize | maximize, from the objective's name
+    n_trials: int
+    space: dict[str, str]  # key -> the search override's value as given, e.g. interval(0,0.8)
+
+
+@dataclass
 class SweepPlan:
     sweep_dir: Path
     launcher: str
@@ -63,6 +74,9 @@ class SweepPlan:
     argv: list[str]  # the overrides handed to Hydra's multirun (sweep dir made explicit)
     jobs: list[PlannedJob]
     master: DictConfig = field(repr=False)  # the multirun config (with hydra), for multirun.yaml
+    # An Optuna search (hydra/sweeper=optuna): `jobs` are then the points its config checks
+    # composed, and the trials are read back from the run dirs Hydra numbers as it goes.
+    search: SearchSpec | None = None
 
     @property
     def varying(self) -> list[str]:
@@ -94,6 +108,24 @@ def check_launcher(name: str) -> None:
             f"hydra/launcher={name} needs the {package} plugin, which is not installed; install the "
             "launchers with: pip install 'dropstudy[cluster]'"
         )
+
+
+def sweeper_choice(overrides: list[str]) -> str:
+    choice = "basic"
+    for arg in overrides:
+        if arg.startswith("hydra/sweeper="):
+            choice = arg.split("=", 1)[1]
+    return choice
+
+
+def check_sweeper(name: str) -> None:
+    if name != "basic" and name not in SWEEPER_PLUGINS:
+        raise ConfigError(f"hydra/sweeper={name}: no such sweeper; choose basic (a grid) or "
+                          f"{', '.join(SWEEPER_PLUGINS)}.")
+    module = SWEEPER_PLUGINS.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"hydra/sweeper={name} needs the hydra-optuna-sweeper plugin, which is not installed; "
+                          "install it with: pip install 'dropstudy[cluster]'")
 
 
 def _hydra():
@@ -128,6 +160,10 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
 
     launcher = launcher_choice(overrides)
     check_launcher(launcher)
+    sweeper = sweeper_choice(overrides)
+    check_sweeper(sweeper)
+    if sweeper != "basic":
+        return plan_search(overrides, sweeper, new)
     setup_globals()
     args = [*overrides, "hydra.job.name=sweep"]
     try:
@@ -193,6 +229,78 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     return SweepPlan(Path(sweep_dir), launcher, group, args, jobs, master)
 
 
+def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPlan:
+    """An Optuna search, checked before it starts: each searched key at the ends of its range
+    (an interval's lower end and the largest value below its upper end, every value of a
+    choice) is composed and validated like a grid point; then the sweeper's own config and
+    the objective, whose name sets the direction Optuna is told."""
+    import math
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    from dropstudy.config import objective_direction
+
+    parser = OverridesParser.create()
+    space: dict[str, str] = {}
+    checks: list[str] = []
+    own = [a for a in overrides if a.startswith(("hydra/sweeper=", "hydra.sweeper."))]
+    for arg in overrides:
+        if arg in own:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception as exc:
+            raise ConfigError(f"{arg}: {explain_composition_error(exc)}") from exc
+        if _is_hydra_override(arg) or not override.is_sweep_override():
+            checks.append(arg)
+            continue
+        key = override.get_key_element()
+        space[key] = arg.split("=", 1)[1]
+        if override.value_type == ValueType.INTERVAL_SWEEP:
+            interval = override.value()
+            high = interval.end if isinstance(interval.end, int) else math.nextafter(interval.end, interval.start)
+            checks.append(f"{key}={interval.start},{high}")
+        else:
+            checks.append(arg)
+    if not space:
+        raise ConfigError(f"hydra/sweeper={sweeper}: nothing to search; give at least one key a range or choices, "
+                          "e.g. 'model.dropout=interval(0,0.8)' or 'optim.lr=tag(log,interval(1e-4,1e-1))' or "
+                          "trainer.batch_size=choice(32,64).")
+    checked = plan_sweep(checks, new=new)
+    argv = [*overrides, "hydra.job.name=sweep", sweep_dir_override(str(checked.sweep_dir))]
+    objective = str(checked.jobs[0].cfg.sweep.objective)
+    direction = objective_direction(objective)
+    given = [a.split("=", 1)[1] for a in own if a.startswith("hydra.sweeper.direction=")]
+    if given and given[-1] != direction:
+        raise ConfigError(f"hydra.sweeper.direction={given[-1]}: sweep.objective={objective} is "
+                          f"{direction}d; leave hydra.sweeper.direction out (dropstudy sets it from the objective).")
+    argv.append(f"hydra.sweeper.direction={direction}")
+    if not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in own):
+        # A trial that diverges is an answer about its region, not a reason to stop the search.
+        argv.append("hydra.sweeper.max_failure_rate=1.0")
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        master = _hydra().config_loader.load_configuration(config_name="config", overrides=argv,
+                                                             run_mode=RunMode.MULTIRUN)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(explain_composition_error(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    n_trials = master.hydra.sweeper.n_trials
+    if n_trials < 1:
+        raise ConfigError(f"hydra.sweeper.n_trials={n_trials}: a search needs at least 1 trial.")
+    if master.hydra.sweeper.n_jobs < 1:
+        raise ConfigError(f"hydra.sweeper.n_jobs={master.hydra.sweeper.n_jobs}: the trials launched at once "
+                          "must be at least 1.")
+    search = SearchSpec(sweeper, objective, direction, n_trials, space)
+    return SweepPlan(checked.sweep_dir, checked.launcher, checked.group, argv, checked.jobs, master, search)
+
+
 def refuse_used_sweep_dir(sweep_dir: Path) -> None:
     """A sweep never writes into a directory that already holds a sweep, a study or a run (the
     command checks again once it holds the directory's lock)."""
@@ -237,15 +345,30 @@ def value_changes(parser: Any, repository: Any, first_args: list[str], job_args:
 # --------------------------------------------------------------------------- running the jobs
 
 
+class TrialFailed(Exception):
+    """A search's trial ended without a value of its objective (it diverged or failed)."""
+
+
 @dataclass
 class SweepJob:
     """One job of a sweep, run by the launcher in any process: it must pickle (cloudpickle for
     joblib and submitit), so it holds plain values only and returns a small dict."""
 
     group: str
+    objective: str | None = None  # set in an Optuna search: the job returns this metric's value
     launched_from: int = field(default_factory=os.getpid)  # the `dropstudy sweep` process
 
-    def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
+        record = self.train(cfg, run_dir, overrides)
+        if self.objective is None:
+            return record
+        value = objective_value(read_status(run_dir)[1], self.objective, record["status"])
+        if value != value:
+            # Hydra hands the exception to the sweeper, which records the trial as failed and goes on.
+            raise TrialFailed(f"{run_dir}: {record['status']}, no {self.objective}")
+        return value
+
+    def train(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         from dropstudy.rundir import claim_run_dir
         from dropstudy.runner import train_run
 
@@ -331,12 +454,16 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
 
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [saved_argv[0], "--multirun", *plan.argv]
-    if plan.launcher in SLURM_LAUNCHERS:
-        # Raised rather than printed by Hydra (and exit 1): a SLURM job's failure is the table's to report.
+    if plan.launcher in SLURM_LAUNCHERS or plan.search is not None:
+        # Raised rather than printed by Hydra (and exit 1): a job's failure is the table's to report.
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         sweep_job()
     except Exception as exc:
+        if plan.search is not None and plan.launcher not in SLURM_LAUNCHERS:
+            # e.g. Optuna's "no trials are completed yet" when every trial failed.
+            log.error(f"the {plan.search.sweeper} search stopped: {type(exc).__name__}: {exc}")
+            return
         if plan.launcher not in SLURM_LAUNCHERS:
             raise
         # submitit raises at the first job that ended without a result (it failed on the node,
@@ -359,6 +486,8 @@ def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
     """The vectorized module when it can train this plan as one batched model, else why not."""
     if not plan.jobs[0].cfg.sweep.vectorize:
         return None, "sweep.vectorize=false"
+    if plan.search is not None:
+        return None, f"hydra/sweeper={plan.search.sweeper} picks each trial after the ones before"
     if plan.launcher != "basic":
         return None, f"hydra/launcher={plan.launcher} runs one job per member"
     from dropstudy import vectorized
@@ -428,19 +557,90 @@ class JobOutcome:
         return self.status == "finished"
 
 
+    objective_name: str = "val/loss"  # in a search: sweep.objective
+    objective: float | None = None  # in a search: the value Optuna was told
+    rank: int | None = None  # in a search: 1 = the best finished trial
+
+    @property
+    def metric(self) -> tuple[str, Any]:
+        """What the table shows of the job: its objective in a search, else key_metric."""
+        return key_metric(self.final) if self.objective is None else (self.objective_name, self.objective)
+
+
+def objective_value(summary: dict[str, Any], objective: str, status: str | None = None) -> float:
+    """A run's objective: the metric's best value over its evaluations, else its final value
+    (test metrics, calibration errors); NaN for a run that did not finish."""
+    if (status or summary.get("status")) != "finished":
+        return float("nan")
+    for part in ("best", "final", "calibration"):
+        value = summary.get(part, {}).get(objective)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return float("nan")
+
+
+def trial_jobs(sweep_dir: Path) -> list[tuple[int, list[str], Path]]:
+    """The trials a search ran, as Hydra numbered their run dirs: (number, overrides, run dir)."""
+    trials = []
+    for run_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
+        saved = run_dir / ".hydra" / "overrides.yaml"
+        if run_dir.name.isdigit() and saved.is_file():
+            trials.append((int(run_dir.name), [str(o) for o in OmegaConf.load(saved)], run_dir))
+    return sorted(trials)
+
+
 def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
-    varying = set(plan.varying)
+    """Every job's outcome from its run dir (and SLURM's record); a search's trials ranked by
+    their objective, best first, the unfinished after them."""
+    if plan.search is None:
+        jobs = [(job.num, job.overrides, job.run_dir) for job in plan.jobs]
+        varying = set(plan.varying)
+    else:
+        jobs = trial_jobs(plan.sweep_dir)
+        varying = set(plan.search.space)
     cluster = slurm_jobs(plan.sweep_dir) if plan.launcher in SLURM_LAUNCHERS else {}
     outcomes = []
-    for job in plan.jobs:
-        status, summary = read_status(job.run_dir)
-        setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
-        outcome = JobOutcome(job.num, job.overrides, setting, status, job.run_dir, summary.get("reason"),
-                             summary.get("final", {}), cluster.get(job.num))
+    for num, overrides, run_dir in jobs:
+        status, summary = read_status(run_dir)
+        setting = " ".join(o for o in overrides if o.partition("=")[0] in varying)
+        outcome = JobOutcome(num, overrides, setting, status, run_dir, summary.get("reason"),
+                             summary.get("final", {}), cluster.get(num))
         if outcome.slurm is not None:
             explain_slurm_failure(outcome)
+        if plan.search is not None:
+            outcome.objective_name = plan.search.objective
+            outcome.objective = objective_value(summary, plan.search.objective, outcome.status)
         outcomes.append(outcome)
+    if plan.search is not None:
+        sign = 1 if plan.search.direction == "minimize" else -1
+        ranked = sorted((o for o in outcomes if o.objective == o.objective), key=lambda o: (sign * o.objective, o.num))
+        for rank, outcome in enumerate(ranked, 1):
+            outcome.rank = rank
+        outcomes = ranked + [o for o in outcomes if o.rank is None]
     return outcomes
+
+
+def best_trial(plan: SweepPlan, outcomes: list[JobOutcome]) -> dict[str, Any] | None:
+    """The best trial of a search: its parameters (the searched keys' values), objective, run dir."""
+    best = next((o for o in outcomes if o.rank == 1), None)
+    if best is None:
+        return None
+    params = {}
+    for override in best.overrides:
+        key, _, value = override.partition("=")
+        if key in plan.search.space:
+            params[key] = yaml_value(value)
+    return {"objective": plan.search.objective, "direction": plan.search.direction, "value": best.objective,
+            "params": params, "trial": best.num, "overrides": best.overrides, "run_dir": str(best.run_dir)}
+
+
+def yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 # --------------------------------------------------------------------------- SLURM's side of a sweep
@@ -533,8 +733,13 @@ def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
 
 def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: bool, mode: str,
                      extra: dict[str, Any] | None = None) -> Path:
-    """The sweep's table as sweep.json; `extra` adds keys (`resume` records its resumes)."""
+    """The sweep's table as sweep.json (a search's best trial also as best.json); `extra` adds
+    keys (`resume` records its resumes)."""
     from dropstudy.rundir import write_json_atomic
+
+    best = best_trial(plan, outcomes) if plan.search is not None else None
+    if best is not None:
+        write_json_atomic(plan.sweep_dir / "best.json", best)
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     path = plan.sweep_dir / "sweep.json"
@@ -551,9 +756,12 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
             "jobs": [
                 {"num": o.num, "overrides": o.overrides, "setting": o.setting, "status": o.status,
                  "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final,
-                 **({"slurm": o.slurm} if o.slurm is not None else {})}
+                 **({"slurm": o.slurm} if o.slurm is not None else {}),
+                 **({"objective": None if o.objective != o.objective else o.objective, "rank": o.rank}
+                    if plan.search is not None else {})}
                 for o in outcomes
             ],
+            **({"search": {**asdict(plan.search), "best": best_trial(plan, outcomes)}} if plan.search else {}),
             **(extra or {}),
         },
     )
