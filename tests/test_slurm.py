@@ -190,3 +190,21 @@ def test_a_requeued_and_timed_out_job_continues_to_an_uninterrupted_runs_metrics
     assert table["jobs"][0]["status"] == "finished" and table["jobs"][0]["slurm"]["job_id"] == job_id
     log = (tmp_path / table["jobs"][0]["slurm"]["stderr"]).read_text()
     assert "(SLURM restart 1)" in log and "(SLURM restart 2)" in log and "SIGUSR2" in log
+
+
+def test_an_optuna_search_runs_its_trials_as_slurm_job_arrays(clean_env, tmp_path):
+    """Optuna asks for hydra.sweeper.n_jobs trials at a time; each batch is one job array, and
+    the trials' numbers follow the arrays' order."""
+    from test_search import SEARCH, assert_ranked_search
+
+    proc = sweep(tmp_path, clean_env, *SEARCH, "hydra.sweeper.n_jobs=2", *ON_SLURM, "hydra.sweep.dir=sw")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = assert_ranked_search(tmp_path / "sw", proc.stdout, 4)
+    ids = {j["num"]: j["slurm"]["job_id"] for j in table["jobs"]}
+    arrays = sorted({job_id.split("_")[0] for job_id in ids.values()}, key=int)
+    assert len(arrays) == 2 and [ids[n] for n in range(4)] == [f"{a}_{i}" for a in arrays for i in range(2)]
+    for job in table["jobs"]:
+        overrides = (tmp_path / "sw" / str(job["num"]) / ".hydra" / "overrides.yaml").read_text()
+        # The job SLURM ran under that id trained that trial: its log shows the trial's dropout rate.
+        rate = float(job["overrides"][0].removeprefix("model.dropout="))
+        assert f"model.dropout={rate}" in overrides and f"p={rate:g}" in (tmp_path / job["slurm"]["stderr"]).read_text()
