@@ -337,6 +337,8 @@ def sweep(
     hydra.launcher.partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb, array_parallelism).
     The plugins: pip install 'dropstudy[cluster]'. With sweep.vectorize=true (the default) and the
     basic launcher, a regression grid is trained as one batched model when it can be.
+    hydra/sweeper=optuna searches instead (interval(), choice()): each trial returns sweep.objective
+    (default val/loss), the table ranks the trials and best.json holds the best parameters.
 
     Examples:
 
@@ -351,6 +353,8 @@ def sweep(
         dropstudy sweep --dry-run model.dropout=0,0.5 seed=range(0,3)
 
         dropstudy sweep --wandb --method random model.dropout=0,0.1,0.25,0.5 seed=range(0,5)
+
+        dropstudy sweep hydra/sweeper=optuna 'model.dropout=interval(0,0.8)' hydra.sweeper.n_trials=20
     """
     from dropstudy.sweep import (SweepJob, collect_outcomes, launch_multirun, plan_sweep, train_vectorized,
                                  vectorized_reason, write_sweep_json)
