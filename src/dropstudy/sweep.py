@@ -6,7 +6,9 @@ all before anything is launched; bad input anywhere in the grid is a `ConfigErro
 `launch_multirun` then hands the same overrides to a `@hydra.main` task with `--multirun`, so
 the launcher (basic, joblib, submitit) owns the jobs. `SweepJob` is what each job runs, in
 whatever process the launcher picks: one `train_run`, its own W&B run in the sweep's group,
-and a small picklable record back. The table is built from each job's summary.json, the
+and a small picklable record back (in an Optuna search, `dropstudy.search`, the objective);
+started again in a run dir it wrote before (SLURM requeued it, `dropstudy.slurm`), it
+continues that run from its checkpoint. The table is built from each job's summary.json, the
 source of truth whichever process wrote it.
 
 With `sweep.vectorize` on, a grid that `dropstudy.vectorized` can train as one batched model
@@ -21,15 +23,17 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dropstudy.config import ConfigError, conf_dir, explain_composition_error, hydra_value, validate
+
+if TYPE_CHECKING:
+    from dropstudy.search import SearchSpec
 
 log = logging.getLogger("dropstudy")
 
@@ -55,15 +59,6 @@ class PlannedJob:
     @property
     def label(self) -> str:
         return " ".join(self.overrides)
-
-
-@dataclass
-class SearchSpec:
-    sweeper: str
-    objective: str  # sweep.objective, e.g. val/loss
-    direction: str  # minimize | maximize, from the objective's name
-    n_trials: int
-    space: dict[str, str]  # key -> the search override's value as given, e.g. interval(0,0.8)
 
 
 @dataclass
@@ -163,6 +158,8 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     sweeper = sweeper_choice(overrides)
     check_sweeper(sweeper)
     if sweeper != "basic":
+        from dropstudy.search import plan_search
+
         return plan_search(overrides, sweeper, new)
     setup_globals()
     args = [*overrides, "hydra.job.name=sweep"]
@@ -229,78 +226,6 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     return SweepPlan(Path(sweep_dir), launcher, group, args, jobs, master)
 
 
-def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPlan:
-    """An Optuna search, checked before it starts: each searched key at the ends of its range
-    (an interval's lower end and the largest value below its upper end, every value of a
-    choice) is composed and validated like a grid point; then the sweeper's own config and
-    the objective, whose name sets the direction Optuna is told."""
-    import math
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
-
-    from dropstudy.config import objective_direction
-
-    parser = OverridesParser.create()
-    space: dict[str, str] = {}
-    checks: list[str] = []
-    own = [a for a in overrides if a.startswith(("hydra/sweeper=", "hydra.sweeper."))]
-    for arg in overrides:
-        if arg in own:
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except Exception as exc:
-            raise ConfigError(f"{arg}: {explain_composition_error(exc)}") from exc
-        if _is_hydra_override(arg) or not override.is_sweep_override():
-            checks.append(arg)
-            continue
-        key = override.get_key_element()
-        space[key] = arg.split("=", 1)[1]
-        if override.value_type == ValueType.INTERVAL_SWEEP:
-            interval = override.value()
-            high = interval.end if isinstance(interval.end, int) else math.nextafter(interval.end, interval.start)
-            checks.append(f"{key}={interval.start},{high}")
-        else:
-            checks.append(arg)
-    if not space:
-        raise ConfigError(f"hydra/sweeper={sweeper}: nothing to search; give at least one key a range or choices, "
-                          "e.g. 'model.dropout=interval(0,0.8)' or 'optim.lr=tag(log,interval(1e-4,1e-1))' or "
-                          "trainer.batch_size=choice(32,64).")
-    checked = plan_sweep(checks, new=new)
-    argv = [*overrides, "hydra.job.name=sweep", sweep_dir_override(str(checked.sweep_dir))]
-    objective = str(checked.jobs[0].cfg.sweep.objective)
-    direction = objective_direction(objective)
-    given = [a.split("=", 1)[1] for a in own if a.startswith("hydra.sweeper.direction=")]
-    if given and given[-1] != direction:
-        raise ConfigError(f"hydra.sweeper.direction={given[-1]}: sweep.objective={objective} is "
-                          f"{direction}d; leave hydra.sweeper.direction out (dropstudy sets it from the objective).")
-    argv.append(f"hydra.sweeper.direction={direction}")
-    if not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in own):
-        # A trial that diverges is an answer about its region, not a reason to stop the search.
-        argv.append("hydra.sweeper.max_failure_rate=1.0")
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        master = _hydra().config_loader.load_configuration(config_name="config", overrides=argv,
-                                                             run_mode=RunMode.MULTIRUN)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(explain_composition_error(exc)) from exc
-    finally:
-        GlobalHydra.instance().clear()
-    n_trials = master.hydra.sweeper.n_trials
-    if n_trials < 1:
-        raise ConfigError(f"hydra.sweeper.n_trials={n_trials}: a search needs at least 1 trial.")
-    if master.hydra.sweeper.n_jobs < 1:
-        raise ConfigError(f"hydra.sweeper.n_jobs={master.hydra.sweeper.n_jobs}: the trials launched at once "
-                          "must be at least 1.")
-    search = SearchSpec(sweeper, objective, direction, n_trials, space)
-    return SweepPlan(checked.sweep_dir, checked.launcher, checked.group, argv, checked.jobs, master, search)
-
-
 def refuse_used_sweep_dir(sweep_dir: Path) -> None:
     """A sweep never writes into a directory that already holds a sweep, a study or a run (the
     command checks again once it holds the directory's lock)."""
@@ -345,10 +270,6 @@ def value_changes(parser: Any, repository: Any, first_args: list[str], job_args:
 # --------------------------------------------------------------------------- running the jobs
 
 
-class TrialFailed(Exception):
-    """A search's trial ended without a value of its objective (it diverged or failed)."""
-
-
 @dataclass
 class SweepJob:
     """One job of a sweep, run by the launcher in any process: it must pickle (cloudpickle for
@@ -362,6 +283,8 @@ class SweepJob:
         record = self.train(cfg, run_dir, overrides)
         if self.objective is None:
             return record
+        from dropstudy.search import TrialFailed, objective_value
+
         value = objective_value(read_status(run_dir)[1], self.objective, record["status"])
         if value != value:
             # Hydra hands the exception to the sweeper, which records the trial as failed and goes on.
@@ -392,6 +315,8 @@ class SweepJob:
             from dropstudy.runtime import Interrupted
 
             if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+                from dropstudy.slurm import hand_back_to_slurm
+
                 hand_back_to_slurm(result.exit_code - 128)
             # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
             # and let the sweep exit with the signal's code.
@@ -423,29 +348,12 @@ class SweepJob:
                 log.warning(f"W&B teardown after the job failed ({type(exc).__name__}: {exc})")
 
 
-def hand_back_to_slurm(signum: int) -> None:
-    """End a SLURM job whose run was interrupted and checkpointed, the way SLURM will start it
-    again. SIGUSR2 (the time limit is near) goes to submitit's handler, which requeues the job
-    (at most hydra.launcher.max_num_timeout times) and exits; after SIGTERM (`scontrol requeue`,
-    a preemption, `scancel`) the job exits 143 without a result, so SLURM either starts it again
-    or reports it cancelled."""
-    import signal
-
-    if signum == signal.SIGUSR2:
-        log.warning("SLURM time limit near (SIGUSR2): checkpoint written; requeueing the job, which continues from it")
-        handler = signal.getsignal(signal.SIGUSR2)  # submitit's, restored when training stopped
-        if callable(handler):
-            handler(signum, None)
-    else:
-        log.warning(f"stopped by SLURM ({signal.Signals(signum).name}): checkpoint written; "
-                    "if SLURM requeues the job, it continues from it")
-        raise SystemExit(128 + signum)
-
-
 def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
     """Run the plan's jobs as a Hydra multirun on its launcher (the same task `train` runs)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+
+    from dropstudy.slurm import SLURM_LAUNCHERS, wait_for_slurm_jobs
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def sweep_job(cfg: DictConfig) -> dict[str, Any]:
@@ -567,31 +475,12 @@ class JobOutcome:
         return key_metric(self.final) if self.objective is None else (self.objective_name, self.objective)
 
 
-def objective_value(summary: dict[str, Any], objective: str, status: str | None = None) -> float:
-    """A run's objective: the metric's best value over its evaluations, else its final value
-    (test metrics, calibration errors); NaN for a run that did not finish."""
-    if (status or summary.get("status")) != "finished":
-        return float("nan")
-    for part in ("best", "final", "calibration"):
-        value = summary.get(part, {}).get(objective)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return float("nan")
-
-
-def trial_jobs(sweep_dir: Path) -> list[tuple[int, list[str], Path]]:
-    """The trials a search ran, as Hydra numbered their run dirs: (number, overrides, run dir)."""
-    trials = []
-    for run_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
-        saved = run_dir / ".hydra" / "overrides.yaml"
-        if run_dir.name.isdigit() and saved.is_file():
-            trials.append((int(run_dir.name), [str(o) for o in OmegaConf.load(saved)], run_dir))
-    return sorted(trials)
-
-
 def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
     """Every job's outcome from its run dir (and SLURM's record); a search's trials ranked by
     their objective, best first, the unfinished after them."""
+    from dropstudy.search import objective_value, trial_jobs
+    from dropstudy.slurm import SLURM_LAUNCHERS, explain_slurm_failure, slurm_jobs
+
     if plan.search is None:
         jobs = [(job.num, job.overrides, job.run_dir) for job in plan.jobs]
         varying = set(plan.varying)
@@ -620,110 +509,6 @@ def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
     return outcomes
 
 
-def best_trial(plan: SweepPlan, outcomes: list[JobOutcome]) -> dict[str, Any] | None:
-    """The best trial of a search: its parameters (the searched keys' values), objective, run dir."""
-    best = next((o for o in outcomes if o.rank == 1), None)
-    if best is None:
-        return None
-    params = {}
-    for override in best.overrides:
-        key, _, value = override.partition("=")
-        if key in plan.search.space:
-            params[key] = yaml_value(value)
-    return {"objective": plan.search.objective, "direction": plan.search.direction, "value": best.objective,
-            "params": params, "trial": best.num, "overrides": best.overrides, "run_dir": str(best.run_dir)}
-
-
-def yaml_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-# --------------------------------------------------------------------------- SLURM's side of a sweep
-
-SLURM_LAUNCHERS = ("slurm", "submitit_slurm")
-# SLURM states after which a job runs no more (unless it is requeued, which makes it PENDING again).
-SLURM_ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-               "PREEMPTED", "COMPLETED")
-_SUBMITIT_JOB_DIR = re.compile(r"^(\d+)(?:_(\d+))?$")
-
-
-def slurm_jobs(sweep_dir: Path) -> dict[int, dict[str, Any]]:
-    """Each job's SLURM record, by job number: id, state (from sacct, when accounting answers),
-    and its log files. hydra-submitit-launcher keeps a job's files in <sweep dir>/.submitit/<id>/
-    (`<array id>_<index>` in an array, whose index is the job's place in its batch), and submits
-    the batches of a sweep in order, so sorting the ids gives the job numbers."""
-    root = sweep_dir / ".submitit"
-    found = []
-    for folder in root.iterdir() if root.is_dir() else ():
-        match = _SUBMITIT_JOB_DIR.match(folder.name)
-        if match and (folder / f"{folder.name}_submitted.pkl").is_file():
-            found.append((int(match.group(1)), int(match.group(2) or 0), folder))
-    states = slurm_states([folder.name for *_, folder in found])
-    jobs = {}
-    for num, (_, _, folder) in enumerate(sorted(found)):
-        jobs[num] = {"job_id": folder.name, "state": states.get(folder.name),
-                     "stdout": str(folder / f"{folder.name}_0_log.out"),
-                     "stderr": str(folder / f"{folder.name}_0_log.err")}
-    return jobs
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """sacct's state of each job (e.g. COMPLETED, FAILED, CANCELLED by 0); empty without accounting."""
-    import shutil
-    import subprocess
-
-    if not job_ids or shutil.which("sacct") is None:
-        return {}
-    try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,ExitCode", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    states = {}
-    for line in out.splitlines():
-        job_id, state, exit_code = (line.split("|") + ["", ""])[:3]
-        states[job_id] = f"{state} (exit {exit_code})" if exit_code not in ("", "0:0") else state
-    return states
-
-
-def explain_slurm_failure(outcome: JobOutcome) -> None:
-    """A job SLURM ended before its run could say how it ended (its summary is missing, or still
-    says running) is failed, and its reason names SLURM's state and the job's log; a failed
-    run's reason gains the log too."""
-    slurm = outcome.slurm
-    state = slurm["state"] or "unknown state"
-    ended = any(state.startswith(s) for s in SLURM_ENDED)
-    if outcome.status in ("not run", "running") and ended:
-        when = "before the run started" if outcome.status == "not run" else "while it ran"
-        outcome.status, outcome.reason = "failed", f"SLURM job {slurm['job_id']} ended {state} {when}"
-    if outcome.status == "failed":
-        outcome.reason = f"{outcome.reason or 'failed'}; log: {slurm['stderr']}"
-
-
-def wait_for_slurm_jobs(sweep_dir: Path, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
-    """Until no job of the sweep is queued or running (submitit stops waiting at the first job
-    that ended without a result; the others still run), or timeout_s."""
-    import subprocess
-    import time
-
-    ids = sorted({record["job_id"].split("_")[0] for record in slurm_jobs(sweep_dir).values()})
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while ids and (deadline is None or time.monotonic() < deadline):
-        try:
-            queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True,
-                                    text=True, timeout=30).stdout.split()
-        except (OSError, subprocess.SubprocessError):
-            return
-        if not queued:
-            return
-        time.sleep(poll_s)
-
-
 def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
     for key in ("val/loss", "train/loss"):
         if key in final:
@@ -736,6 +521,7 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
     """The sweep's table as sweep.json (a search's best trial also as best.json); `extra` adds
     keys (`resume` records its resumes)."""
     from dropstudy.rundir import write_json_atomic
+    from dropstudy.search import best_trial
 
     best = best_trial(plan, outcomes) if plan.search is not None else None
     if best is not None:
