@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from dropstudy.config import ConfigError, explain_composition_error
 from dropstudy.sweep import JobOutcome, SweepPlan, _hydra, _is_hydra_override, plan_sweep, sweep_dir_override
 
+
 @dataclass
 class SearchSpec:
     sweeper: str
@@ -28,14 +29,17 @@ class SearchSpec:
     space: dict[str, str]  # key -> the search override's value as given, e.g. interval(0,0.8)
 
 
-
 def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPlan:
     """An Optuna search, checked before it starts: each searched key at the ends of its range
     (an interval's lower end and the largest value below its upper end, every value of a
     choice) is composed and validated like a grid point; then the sweeper's own config and
     the objective, whose name sets the direction Optuna is told."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     from dropstudy.config import objective_direction
 
@@ -77,11 +81,6 @@ def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPl
     if not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in own):
         # A trial that diverges is an answer about its region, not a reason to stop the search.
         argv.append("hydra.sweeper.max_failure_rate=1.0")
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         master = _hydra().config_loader.load_configuration(config_name="config", overrides=argv,
                                                              run_mode=RunMode.MULTIRUN)
@@ -99,10 +98,8 @@ def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPl
     return SweepPlan(checked.sweep_dir, checked.launcher, checked.group, argv, checked.jobs, master, search)
 
 
-
 class TrialFailed(Exception):
     """A search's trial ended without a value of its objective (it diverged or failed)."""
-
 
 
 def objective_value(summary: dict[str, Any], objective: str, status: str | None = None) -> float:
@@ -125,7 +122,6 @@ def trial_jobs(sweep_dir: Path) -> list[tuple[int, list[str], Path]]:
         if run_dir.name.isdigit() and saved.is_file():
             trials.append((int(run_dir.name), [str(o) for o in OmegaConf.load(saved)], run_dir))
     return sorted(trials)
-
 
 
 def best_trial(plan: SweepPlan, outcomes: list[JobOutcome]) -> dict[str, Any] | None:
