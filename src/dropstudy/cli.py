@@ -384,7 +384,7 @@ def sweep(
                        + " ".join(f"{k}={v}" for k, v in plan.search.space.items())
                        + f", {plan.search.direction} {plan.search.objective}; its ends checked as:")
         for job in plan.jobs:
-            typer.echo(f"  #{job.num} {job.label} -> {job.run_dir}")
+            typer.echo(f"  {job.label}" if plan.search else f"  #{job.num} {job.label} -> {job.run_dir}")
         raise typer.Exit()
 
     with claimed(plan.sweep_dir, ELSEWHERE_SWEEP):
