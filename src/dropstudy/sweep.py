@@ -459,15 +459,13 @@ class JobOutcome:
     reason: str | None
     final: dict[str, Any]
     slurm: dict[str, Any] | None = None  # job id, state, log paths, for hydra/launcher=slurm
+    objective_name: str = "val/loss"  # in a search: sweep.objective
+    objective: float | None = None  # in a search: the value Optuna was told
+    rank: int | None = None  # in a search: 1 = the best finished trial
 
     @property
     def ok(self) -> bool:
         return self.status == "finished"
-
-
-    objective_name: str = "val/loss"  # in a search: sweep.objective
-    objective: float | None = None  # in a search: the value Optuna was told
-    rank: int | None = None  # in a search: 1 = the best finished trial
 
     @property
     def metric(self) -> tuple[str, Any]:
