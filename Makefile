@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-slow bench bench-sweep bench-study install clean
+.PHONY: run test test-slow test-cluster bench bench-sweep bench-study install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 ## the slow statistical tests as well
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## the tests that need a SLURM (start one on this machine with `sudo scripts/local_slurm.sh start`);
+## without one they are skipped, and -rs prints why (DROPSTUDY_REQUIRE_SLURM=1 makes that a failure)
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -m slurm
 
 ## training throughput: the tutorial loop vs dropstudy (tracked, untracked); a row in BENCHMARKS.md
 BENCH_ARGS ?= --epochs 2 --repeats 3

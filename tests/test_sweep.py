@@ -113,7 +113,7 @@ def test_a_launcher_whose_plugin_is_missing_says_what_to_install(clean_env, monk
 
 # conf/hydra/launcher/slurm.yaml's defaults, as submitit_slurm's keys.
 SLURM_DEFAULTS = {"partition": None, "timeout_min": 60, "gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 16,
-                  "array_parallelism": 32}
+                  "array_parallelism": 32, "signal_delay_s": 120, "max_num_timeout": 3}
 
 
 def test_dry_run_lists_jobs_and_the_slurm_launcher_config(clean_env, tmp_path):
@@ -157,10 +157,10 @@ def test_a_slurm_sweep_hands_submitit_the_launcher_config_and_its_jobs_run(clean
                     "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
                     "hydra.launcher.gpus_per_node=0", "hydra.sweep.dir=sw")
     assert result.exit_code == 0, result.output
-    assert seen["cluster"] == "slurm" and seen["jobs"] == 2
+    assert seen["cluster"] == "slurm" and seen["jobs"] == 2 and seen["init"] == {"slurm_max_num_timeout": 3}
     assert seen["folder"] == str(Path("sw") / ".submitit" / "%j")
     expected = {"slurm_partition": "gpu", "timeout_min": 30, "gpus_per_node": 0, "cpus_per_task": 4, "mem_gb": 16,
-                "slurm_array_parallelism": 32}
+                "slurm_array_parallelism": 32, "slurm_signal_delay_s": 120}
     assert {k: seen["params"].get(k) for k in expected} == expected
     table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert table["launcher"] == "slurm" and [j["status"] for j in table["jobs"]] == ["finished", "finished"]

@@ -320,16 +320,21 @@ def study(
 def print_sweep_table(title: str, outcomes: list) -> None:
     from rich.table import Table
 
-    from dropstudy.sweep import key_metric
-
     table = Table(title=title, title_justify="left")
-    for column in ("#", "overrides", "status", "metric", "run dir"):
-        table.add_column(column, justify="right" if column in ("#", "metric") else "left")
+    on_slurm = any(o.slurm for o in outcomes)
+    ranked = any(o.rank for o in outcomes)  # an Optuna search: best trial first
+    for column in (("rank",) if ranked else ()) + ("#", "overrides", "status", "metric", "run dir") + (
+            ("SLURM job",) if on_slurm else ()):
+        table.add_column(column, justify="right" if column in ("rank", "#", "metric") else "left")
     for o in outcomes:
-        name, value = key_metric(o.final)
-        metric = f"{name} {value:.4g}" if isinstance(value, (int, float)) else "-"
+        name, value = o.metric
+        metric = f"{name} {value:.4g}" if isinstance(value, (int, float)) and value == value else "-"
         color = "green" if o.ok else "red"
-        table.add_row(str(o.num), o.setting, f"[{color}]{o.status}[/]", metric, str(o.run_dir))
+        row = ([str(o.rank or "-")] if ranked else []) + [str(o.num), o.setting, f"[{color}]{o.status}[/]", metric,
+                                                          str(o.run_dir)]
+        if on_slurm:  # where a job that did not finish says why
+            row.append("-" if not o.slurm else o.slurm["job_id"] + ("" if o.ok else f" log: {o.slurm['stderr']}"))
+        table.add_row(*row)
     Console(width=max(Console().width, 160)).print(table)
 
 
@@ -378,6 +383,8 @@ def sweep(
     hydra.launcher.partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb, array_parallelism).
     The plugins: pip install 'dropstudy[cluster]'. With sweep.vectorize=true (the default) and the
     basic launcher, a regression grid is trained as one batched model when it can be.
+    hydra/sweeper=optuna searches instead (interval(), choice()): each trial returns sweep.objective
+    (default val/loss), the table ranks the trials and best.json holds the best parameters.
 
     Examples:
 
@@ -392,6 +399,8 @@ def sweep(
         dropstudy sweep --dry-run model.dropout=0,0.5 seed=range(0,3)
 
         dropstudy sweep --wandb --method random model.dropout=0,0.1,0.25,0.5 seed=range(0,5)
+
+        dropstudy sweep hydra/sweeper=optuna 'model.dropout=interval(0,0.8)' hydra.sweeper.n_trials=20
     """
     from dropstudy.sweep import (SweepJob, collect_outcomes, launch_multirun, plan_sweep, train_vectorized,
                                  vectorized_reason, write_sweep_json)
@@ -416,8 +425,12 @@ def sweep(
     mode = "vectorized" if vectorized else plan.launcher
     if dry_run:
         typer.echo(f"sweep dir: {plan.sweep_dir}  launcher: {mode}  W&B group: {plan.group}")
+        if plan.search:
+            typer.echo(f"{plan.search.sweeper} search: {plan.search.n_trials} trials over "
+                       + " ".join(f"{k}={v}" for k, v in plan.search.space.items())
+                       + f", {plan.search.direction} {plan.search.objective}; its ends checked as:")
         for job in plan.jobs:
-            typer.echo(f"  #{job.num} {job.label} -> {job.run_dir}")
+            typer.echo(f"  {job.label}" if plan.search else f"  #{job.num} {job.label} -> {job.run_dir}")
         raise typer.Exit()
 
     with claimed(plan.sweep_dir, ELSEWHERE_SWEEP):
@@ -436,7 +449,7 @@ def sweep(
                 except Exception as exc:  # the table below says which members got how far
                     logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
             else:
-                launch_multirun(plan, SweepJob(plan.group))
+                launch_multirun(plan, SweepJob(plan.group, plan.search and plan.search.objective))
         except KeyboardInterrupt as exc:
             interrupted, exit_interrupted = True, getattr(exc, "exit_code", EXIT_INTERRUPTED)
 
@@ -444,6 +457,9 @@ def sweep(
         print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
         summary = write_sweep_json(plan, outcomes, interrupted, mode)
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
+    if plan.search and outcomes and outcomes[0].rank == 1:
+        typer.echo(f"best: #{outcomes[0].num} {outcomes[0].setting}  {plan.search.objective} {outcomes[0].objective:.4g}"
+                   f"  ({plan.sweep_dir / 'best.json'})")
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
         what = "every member from its last checkpoint" if vectorized else "what was interrupted"

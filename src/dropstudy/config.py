@@ -205,6 +205,10 @@ class SweepConfig:
     # forward/backward for all), sequential (in turn, one process, one copy of the data) or auto
     # (stacked on CUDA and for the MLP; sequential for the CNN on a CPU).
     member_execution: MemberExecution = MemberExecution.auto
+    # What an Optuna search (hydra/sweeper=optuna) optimises: a metric's best value over the
+    # run's evaluations (its final value when none is kept), minimized for losses, MSE and ECE,
+    # maximized for accuracies (objective_direction).
+    objective: str = "val/loss"
 
 
 @dataclass
@@ -373,6 +377,35 @@ def validate_study(cfg: DictConfig) -> None:
         )
 
 
+OBJECTIVE_SPLITS = ("train", "val", "test", "val_mc", "test_mc", "gap")
+# What the last part of a metric's name says about which way is better.
+OBJECTIVE_DIRECTIONS = {"loss": "minimize", "mse": "minimize", "ece": "minimize", "acc": "maximize"}
+
+
+def objective_direction(metric: str) -> str:
+    """`minimize` or `maximize` for a metric name such as val/loss or val/acc."""
+    return OBJECTIVE_DIRECTIONS[metric.rpartition("/")[2]]
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """sweep.objective names a metric this run logs, one whose better direction is known."""
+    metric = str(cfg.sweep.objective)
+    split, _, name = metric.partition("/")
+    examples = "val/loss (the default), val/acc, test/loss, val_mc/loss, test_mc/ece"
+    if split not in OBJECTIVE_SPLITS or name not in OBJECTIVE_DIRECTIONS:
+        raise ConfigError(
+            f"sweep.objective={metric!r}: name a metric as <split>/<name>, split one of "
+            f"{', '.join(OBJECTIVE_SPLITS)} and name one of {', '.join(OBJECTIVE_DIRECTIONS)} (loss, mse and ece "
+            f"are minimized, acc maximized), e.g. {examples}.")
+    if name in ("acc", "ece") and cfg.data.name != "cifar10":
+        raise ConfigError(f"sweep.objective={metric}: the {cfg.experiment} experiment logs no {name}; "
+                          "use a loss, e.g. val/loss.")
+    if split.endswith("_mc") and not cfg.eval.mc_samples:
+        raise ConfigError(f"sweep.objective={metric}: MC-dropout metrics need eval.mc_samples (e.g. 20).")
+    if name == "ece" and not split.endswith("_mc") and split != "test":
+        raise ConfigError(f"sweep.objective={metric}: the ECE is logged as test/ece and val_mc/ece, test_mc/ece.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks that the schema's types cannot express."""
     if not DEVICE_PATTERN.match(str(cfg.device)):
@@ -408,6 +441,7 @@ def validate(cfg: DictConfig) -> None:
             f"sweep.member_execution={cfg.sweep.member_execution!r}: use auto, stacked (members vmap'd "
             "together) or sequential (members in turn)."
         )
+    check_objective(cfg)
     if cfg.optim.name not in tuple(OptimName):
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use {' or '.join(OptimName)}.")
     if cfg.optim.lr <= 0:

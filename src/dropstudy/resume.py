@@ -269,6 +269,10 @@ def plan_sweep_resume(sweep_dir: Path) -> SweepResume:
     except Exception as exc:
         raise ResumeError(f"{sweep_dir}/multirun.yaml: not a readable Hydra multirun record "
                           f"({type(exc).__name__}: {exc}).") from exc
+    if plan.search is not None:
+        raise ResumeError(f"{sweep_dir}: an {plan.search.sweeper} search is not resumed (each trial was picked "
+                          "from the ones before it); its finished trials stand as they are, and a new search "
+                          "starts with dropstudy sweep.")
     recorded = record.get("jobs", [])
     if recorded and (len(recorded) != len(plan.jobs) or any(
             r["overrides"] != job.overrides

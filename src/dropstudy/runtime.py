@@ -180,18 +180,19 @@ class FastPaths:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (what SLURM sends before it kills a job) during training."""
+    """Ctrl-C, SIGTERM (what SLURM sends before it kills a job) or SIGUSR2 (what SLURM sends
+    `--signal=USR2@N` seconds before a job's time limit, as submitit asks it to) during training."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, 140 for SIGUSR2, as shells report them
 
 
 @contextmanager
 def signals_interrupt_training() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into `Interrupted` while training, so the loop can checkpoint
-    and say so. Also undoes a SIG_IGN for SIGINT inherited from a non-interactive shell."""
+    """Turn SIGINT, SIGTERM and SIGUSR2 into `Interrupted` while training, so the loop can
+    checkpoint and say so. Also undoes a SIG_IGN for SIGINT inherited from a non-interactive shell."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -199,7 +200,7 @@ def signals_interrupt_training() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     for s in previous:
         signal.signal(s, handler)
     try:

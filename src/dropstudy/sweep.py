@@ -6,7 +6,9 @@ all before anything is launched; bad input anywhere in the grid is a `ConfigErro
 `launch_multirun` then hands the same overrides to a `@hydra.main` task with `--multirun`, so
 the launcher (basic, joblib, submitit) owns the jobs. `SweepJob` is what each job runs, in
 whatever process the launcher picks: one `train_run`, its own W&B run in the sweep's group,
-and a small picklable record back. The table is built from each job's summary.json, the
+and a small picklable record back (in an Optuna search, `dropstudy.search`, the objective);
+started again in a run dir it wrote before (SLURM requeued it, `dropstudy.slurm`), it
+continues that run from its checkpoint. The table is built from each job's summary.json, the
 source of truth whichever process wrote it.
 
 With `sweep.vectorize` on, a grid that `dropstudy.vectorized` can train as one batched model
@@ -22,13 +24,16 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dropstudy.config import ConfigError, conf_dir, explain_composition_error, hydra_value, validate
+
+if TYPE_CHECKING:
+    from dropstudy.search import SearchSpec
 
 log = logging.getLogger("dropstudy")
 
@@ -40,6 +45,8 @@ LAUNCHER_PLUGINS = {
     "slurm": "hydra_plugins.hydra_submitit_launcher",
 }
 LAUNCHERS = ("basic", *LAUNCHER_PLUGINS)
+# hydra/sweeper=NAME -> its plugin module; `basic` (Hydra's grid) is the default.
+SWEEPER_PLUGINS = {"optuna": "hydra_plugins.hydra_optuna_sweeper"}
 
 
 @dataclass
@@ -62,6 +69,9 @@ class SweepPlan:
     argv: list[str]  # the overrides handed to Hydra's multirun (sweep dir made explicit)
     jobs: list[PlannedJob]
     master: DictConfig = field(repr=False)  # the multirun config (with hydra), for multirun.yaml
+    # An Optuna search (hydra/sweeper=optuna): `jobs` are then the points its config checks
+    # composed, and the trials are read back from the run dirs Hydra numbers as it goes.
+    search: SearchSpec | None = None
 
     @property
     def varying(self) -> list[str]:
@@ -93,6 +103,24 @@ def check_launcher(name: str) -> None:
             f"hydra/launcher={name} needs the {package} plugin, which is not installed; install the "
             "launchers with: pip install 'dropstudy[cluster]'"
         )
+
+
+def sweeper_choice(overrides: list[str]) -> str:
+    choice = "basic"
+    for arg in overrides:
+        if arg.startswith("hydra/sweeper="):
+            choice = arg.split("=", 1)[1]
+    return choice
+
+
+def check_sweeper(name: str) -> None:
+    if name != "basic" and name not in SWEEPER_PLUGINS:
+        raise ConfigError(f"hydra/sweeper={name}: no such sweeper; choose basic (a grid) or "
+                          f"{', '.join(SWEEPER_PLUGINS)}.")
+    module = SWEEPER_PLUGINS.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"hydra/sweeper={name} needs the hydra-optuna-sweeper plugin, which is not installed; "
+                          "install it with: pip install 'dropstudy[cluster]'")
 
 
 def _hydra():
@@ -127,6 +155,12 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
 
     launcher = launcher_choice(overrides)
     check_launcher(launcher)
+    sweeper = sweeper_choice(overrides)
+    check_sweeper(sweeper)
+    if sweeper != "basic":
+        from dropstudy.search import plan_search
+
+        return plan_search(overrides, sweeper, new)
     setup_globals()
     args = [*overrides, "hydra.job.name=sweep"]
     try:
@@ -242,16 +276,35 @@ class SweepJob:
     joblib and submitit), so it holds plain values only and returns a small dict."""
 
     group: str
+    objective: str | None = None  # set in an Optuna search: the job returns this metric's value
     launched_from: int = field(default_factory=os.getpid)  # the `dropstudy sweep` process
 
-    def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
+        record = self.train(cfg, run_dir, overrides)
+        if self.objective is None:
+            return record
+        from dropstudy.rundir import read_status
+        from dropstudy.search import TrialFailed, objective_value
+
+        value = objective_value(read_status(run_dir)[1], self.objective, record["status"])
+        if value != value:
+            # Hydra hands the exception to the sweeper, which records the trial as failed and goes on.
+            raise TrialFailed(f"{run_dir}: {record['status']}, no {self.objective}")
+        return value
+
+    def train(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         from dropstudy.rundir import claim_run_dir, read_status
         from dropstudy.runner import train_run
 
         try:
             # The sweep dir was new when the sweep claimed it; the job's lock keeps others out of its run.
             with claim_run_dir(run_dir, new=False):
-                result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
+                if (run_dir / "summary.json").is_file():
+                    result = self._continue(cfg, run_dir, overrides)
+                    if result is None:
+                        return {"run_dir": str(run_dir), "status": read_status(run_dir)[0]}
+                else:
+                    result = train_run(cfg, run_dir, overrides, group=self.group, extra_tags=("sweep",))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one job's failure never stops the others
@@ -262,10 +315,28 @@ class SweepJob:
         if result.status == "interrupted":
             from dropstudy.runtime import Interrupted
 
+            if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+                from dropstudy.slurm import hand_back_to_slurm
+
+                hand_back_to_slurm(result.exit_code - 128)
             # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
             # and let the sweep exit with the signal's code.
             raise Interrupted(result.exit_code - 128)
         return {"run_dir": str(run_dir), "status": result.status}
+
+    def _continue(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
+        """The same job started again in a run dir an earlier attempt of it wrote: SLURM requeued
+        it (`scontrol requeue`, a preemption, a time limit). Continues that attempt with the
+        single-run resume path, from its last checkpoint (or from scratch without one); None when
+        the earlier attempt had concluded."""
+        from dropstudy.resume import plan_step, run_step
+
+        step = plan_step(f"sweep job {run_dir}", run_dir, cfg, overrides, "it stopped before its first checkpoint")
+        restarts = os.environ.get("SLURM_RESTART_COUNT")
+        log.info(step.describe() + (f" (SLURM restart {restarts})" if restarts else ""))
+        if step.action == "keep":
+            return None
+        return run_step(step, group=self.group, job_type=None, extra_tags=("sweep",))
 
     def _release_wandb(self) -> None:
         """In a worker process (joblib's loky, submitit), shut W&B's service down with the job:
@@ -283,23 +354,49 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from dropstudy.slurm import SLURM_LAUNCHERS, wait_for_slurm_jobs
+
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def sweep_job(cfg: DictConfig) -> dict[str, Any]:
         hc = HydraConfig.get()
         return job(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
 
-    saved_argv = sys.argv
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [saved_argv[0], "--multirun", *plan.argv]
+    if plan.launcher in SLURM_LAUNCHERS or plan.search is not None:
+        # Raised rather than printed by Hydra (and exit 1): a job's failure is the table's to report.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         sweep_job()
+    except Exception as exc:
+        if plan.search is not None and plan.launcher not in SLURM_LAUNCHERS:
+            # e.g. Optuna's "no trials are completed yet" when every trial failed.
+            log.error(f"the {plan.search.sweeper} search stopped: {type(exc).__name__}: {exc}")
+            return
+        if plan.launcher not in SLURM_LAUNCHERS:
+            raise
+        # submitit raises at the first job that ended without a result (it failed on the node,
+        # was cancelled, ran out of memory); the table says which, once the others are done.
+        log.error(f"a SLURM job of the sweep ended without a result: {str(exc).strip().splitlines()[0]}")
+        wait_for_slurm_jobs(plan.sweep_dir)
+    else:
+        if plan.launcher in SLURM_LAUNCHERS:
+            # A job's result comes a moment before SLURM records it COMPLETED; the table shows the latter.
+            wait_for_slurm_jobs(plan.sweep_dir, timeout_s=60)
     finally:
         sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
 
 
 def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
     """The vectorized module when it can train this plan as one batched model, else why not."""
     if not plan.jobs[0].cfg.sweep.vectorize:
         return None, "sweep.vectorize=false"
+    if plan.search is not None:
+        return None, f"hydra/sweeper={plan.search.sweeper} picks each trial after the ones before"
     if plan.launcher != "basic":
         return None, f"hydra/launcher={plan.launcher} runs one job per member"
     from dropstudy import vectorized
@@ -347,22 +444,53 @@ class JobOutcome:
     run_dir: Path
     reason: str | None
     final: dict[str, Any]
+    slurm: dict[str, Any] | None = None  # job id, state, log paths, for hydra/launcher=slurm
+    objective_name: str = "val/loss"  # in a search: sweep.objective
+    objective: float | None = None  # in a search: the value Optuna was told
+    rank: int | None = None  # in a search: 1 = the best finished trial
 
     @property
     def ok(self) -> bool:
         return self.status == "finished"
 
+    @property
+    def metric(self) -> tuple[str, Any]:
+        """What the table shows of the job: its objective in a search, else key_metric."""
+        return key_metric(self.final) if self.objective is None else (self.objective_name, self.objective)
+
 
 def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
+    """Every job's outcome from its run dir (and SLURM's record); a search's trials ranked by
+    their objective, best first, the unfinished after them."""
     from dropstudy.rundir import read_status
+    from dropstudy.search import objective_value, trial_jobs
+    from dropstudy.slurm import SLURM_LAUNCHERS, explain_slurm_failure, slurm_jobs
 
-    varying = set(plan.varying)
+    if plan.search is None:
+        jobs = [(job.num, job.overrides, job.run_dir) for job in plan.jobs]
+        varying = set(plan.varying)
+    else:
+        jobs = trial_jobs(plan.sweep_dir)
+        varying = set(plan.search.space)
+    cluster = slurm_jobs(plan.sweep_dir) if plan.launcher in SLURM_LAUNCHERS else {}
     outcomes = []
-    for job in plan.jobs:
-        status, summary = read_status(job.run_dir)
-        setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
-        outcomes.append(JobOutcome(job.num, job.overrides, setting, status, job.run_dir, summary.get("reason"),
-                                   summary.get("final", {})))
+    for num, overrides, run_dir in jobs:
+        status, summary = read_status(run_dir)
+        setting = " ".join(o for o in overrides if o.partition("=")[0] in varying)
+        outcome = JobOutcome(num, overrides, setting, status, run_dir, summary.get("reason"),
+                             summary.get("final", {}), cluster.get(num))
+        if outcome.slurm is not None:
+            explain_slurm_failure(outcome)
+        if plan.search is not None:
+            outcome.objective_name = plan.search.objective
+            outcome.objective = objective_value(summary, plan.search.objective, outcome.status)
+        outcomes.append(outcome)
+    if plan.search is not None:
+        sign = 1 if plan.search.direction == "minimize" else -1
+        ranked = sorted((o for o in outcomes if o.objective == o.objective), key=lambda o: (sign * o.objective, o.num))
+        for rank, outcome in enumerate(ranked, 1):
+            outcome.rank = rank
+        outcomes = ranked + [o for o in outcomes if o.rank is None]
     return outcomes
 
 
@@ -375,8 +503,14 @@ def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
 
 def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: bool, mode: str,
                      extra: dict[str, Any] | None = None) -> Path:
-    """The sweep's table as sweep.json; `extra` adds keys (`resume` records its resumes)."""
+    """The sweep's table as sweep.json (a search's best trial also as best.json); `extra` adds
+    keys (`resume` records its resumes)."""
     from dropstudy.rundir import write_json_atomic
+    from dropstudy.search import best_trial
+
+    best = best_trial(plan, outcomes) if plan.search is not None else None
+    if best is not None:
+        write_json_atomic(plan.sweep_dir / "best.json", best)
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     path = plan.sweep_dir / "sweep.json"
@@ -392,9 +526,13 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
             "failed": [o.num for o in outcomes if not o.ok],
             "jobs": [
                 {"num": o.num, "overrides": o.overrides, "setting": o.setting, "status": o.status,
-                 "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final}
+                 "reason": o.reason, "run_dir": str(o.run_dir), "final": o.final,
+                 **({"slurm": o.slurm} if o.slurm is not None else {}),
+                 **({"objective": None if o.objective != o.objective else o.objective, "rank": o.rank}
+                    if plan.search is not None else {})}
                 for o in outcomes
             ],
+            **({"search": {**asdict(plan.search), "best": best_trial(plan, outcomes)}} if plan.search else {}),
             **(extra or {}),
         },
     )
