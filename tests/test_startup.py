@@ -101,7 +101,11 @@ def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
     from dropstudy import runner, tracking
 
     events: list[tuple[str, str]] = []
-    real_setup, real_load = wandb.setup, runner.load_dataset
+    real_warm_up, real_setup, real_load = tracking._import_and_start_wandb, wandb.setup, runner.load_dataset
+
+    def warm_up():
+        events.append(("warm-up", threading.current_thread().name))
+        real_warm_up()
 
     def setup(*args, **kwargs):
         events.append(("wandb.setup", threading.current_thread().name))
@@ -111,14 +115,15 @@ def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
         events.append(("load_dataset", threading.current_thread().name))
         return real_load(*args, **kwargs)
 
+    monkeypatch.setattr(tracking, "_import_and_start_wandb", warm_up)
     monkeypatch.setattr(wandb, "setup", setup)
     monkeypatch.setattr(runner, "load_dataset", load_dataset)
     monkeypatch.setattr(tracking, "_warm_up", None)
     result = CliRunner().invoke(app, ["train", *QUICK_REGRESSION, "tracker.mode=offline", "hydra.run.dir=run"],
                                 prog_name="dropstudy")
     assert result.exit_code == 0, result.output
-    assert events[0] == ("wandb.setup", "dropstudy-wandb-warm-up")
-    assert ("load_dataset", "MainThread") in events
+    assert events[0] == ("warm-up", "dropstudy-wandb-warm-up"), "started before the run loads its data"
+    assert ("wandb.setup", "dropstudy-wandb-warm-up") in events and ("load_dataset", "MainThread") in events
     assert load_run(tmp_path / "run").scalars("train/loss"), "the run still reached W&B"
 
 
