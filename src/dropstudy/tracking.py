@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
-    from torch import Tensor, nn
+    from torch import Tensor
 
 log = logging.getLogger("dropstudy")
 
@@ -392,9 +392,8 @@ class BackgroundTracker:
     Calls made while it starts are kept, in order (histogram tensors copied, since the model
     changes them), and delivered from the calling thread at the first call after it is up, or by
     `finish`, which waits for it: every metric still reaches W&B, in the order it was logged.
-    `watch` and the run's id, url and sync command wait for it too (wandb's hooks must be on the
-    model before the first step; a checkpoint names the run). `waited_s`: seconds the caller spent
-    on W&B: waiting for its start, and in `finish`."""
+    The run's id, url and sync command wait for it too (a checkpoint names the run). `waited_s`:
+    seconds the caller spent on W&B: waiting for its start, and in `finish`."""
 
     def __init__(self, start: Callable[[], Tracker]):
         self._tracker: Tracker | None = None
@@ -441,9 +440,6 @@ class BackgroundTracker:
     @property
     def sync_command(self) -> str | None:
         return self.wait().sync_command
-
-    def watch(self, model: nn.Module, what: str, log_freq: int) -> None:
-        self.wait().watch(model, what, log_freq)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self._deliver("log", dict(row), step)
