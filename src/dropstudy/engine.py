@@ -25,9 +25,12 @@ from typing import Any
 from dropstudy.backends import Backend, snapshot
 from dropstudy.console import TrainingProgress
 from dropstudy.rundir import RunDir
-from dropstudy.runtime import Interrupted, signals_interrupt_training
+from dropstudy.runtime import InterruptGate, Interrupted, signals_interrupt_training
 from dropstudy.tracking import Tracker
 from dropstudy.train import NonFiniteLoss, Outcome, conclude, logs_row
+
+# Epochs shorter than this hold a training signal until their end (see runtime.InterruptGate).
+DEFER_SIGNALS_BELOW_S = 0.25
 
 log = logging.getLogger("dropstudy")
 
@@ -72,6 +75,9 @@ class Engine:
         self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
         self.start_epoch = 1
         self._mark_boundary(0)
+        self.gate = InterruptGate()  # run() installs the real one
+        self.current_epoch = 0
+        self._last_epoch_s = math.inf
 
     @property
     def checkpoint_every(self) -> int:
@@ -133,13 +139,15 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> list[Outcome]:
         epochs, steps = self.cfg.epochs, self.backend.steps_per_epoch
-        with signals_interrupt_training(), TrainingProgress(self.label, epochs * steps, epochs) as progress:
+        with signals_interrupt_training() as self.gate, TrainingProgress(self.label, epochs * steps, epochs) as progress:
             progress.advance((self.start_epoch - 1) * steps)
             try:
                 for epoch in range(self.start_epoch, epochs + 1):
                     self.epoch(epoch, progress)
                     if not any(run.active for run in self.runs):
                         break
+                self.gate.defer = False
+                self.gate.raise_pending()  # one that came with the last epoch
             except KeyboardInterrupt as exc:
                 self.interrupted(exc)
                 return [conclude(run.outcome) for run in self.runs]
@@ -148,6 +156,11 @@ class Engine:
 
     def epoch(self, epoch: int, progress: TrainingProgress) -> None:
         backend, epochs = self.backend, self.cfg.epochs
+        begun = time.perf_counter()
+        self.current_epoch = epoch
+        # Short epochs (the full-batch regression's are well under a millisecond) hold a signal
+        # until their end instead of copying the state at every boundary in case one lands.
+        self.gate.defer = self._last_epoch_s < DEFER_SIGNALS_BELOW_S
         rates = backend.set_epoch(epoch)  # the p this epoch trains with
         start = time.perf_counter()
         train = backend.train_epoch(progress)
@@ -184,11 +197,15 @@ class Engine:
         if shown:
             progress.epoch_done(shown[0] if len(self.runs) == 1 else mean_row(shown, epoch), evaluated)
         if any(run.active for run in self.runs):
-            self._mark_boundary(epoch)
-            if epoch % self.checkpoint_every == 0 or epoch == epochs:
+            due = epoch % self.checkpoint_every == 0 or epoch == epochs
+            if due or not self.gate.defer or self.gate.pending is not None:
+                self._mark_boundary(epoch)
+            if due:
                 for i, run in enumerate(self.runs):
                     if run.active:
                         self.checkpoint(i)
+        self._last_epoch_s = time.perf_counter() - begun
+        self.gate.raise_pending()
 
     def histogram_tensors(self, i: int) -> dict[str, Any]:
         """Member i's `gradients/*` and/or `parameters/*`, as tracker.watch names them."""
@@ -197,8 +214,9 @@ class Engine:
         return {k: v for k, v in self.backend.histogram_tensors(i).items() if k.startswith(wanted)}
 
     def diverged(self, i: int, epoch: int, metric: str, value: float) -> None:
-        """Set member i aside: status diverged, and its checkpoint is the last good state, from
-        before the bad epoch. trainer.on_nan=raise stops everything with an exception."""
+        """Set member i aside: status diverged, and its checkpoint is the last good state kept,
+        from before the bad epoch (the one before it, or while signals are deferred the last
+        checkpoint's; the checkpoint says which). trainer.on_nan=raise stops everything with an exception."""
         run = self.runs[i]
         run.active = False
         outcome = run.outcome
@@ -222,7 +240,9 @@ class Engine:
             outcome = run.outcome
             outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
             outcome.epoch = self.boundary_epoch  # what the checkpoint holds
-            outcome.reason = f"{signal.Signals(signum).name} during epoch {outcome.epoch + 1} of {self.cfg.epochs}"
+            # A signal held to the end of a short epoch leaves that epoch in the checkpoint.
+            during = max(self.current_epoch, outcome.epoch + 1) if self.current_epoch > outcome.epoch else outcome.epoch
+            outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.cfg.epochs}"
             run.active = False
             self.checkpoint(i)
 

@@ -189,22 +189,44 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, 140 for SIGUSR2, as shells report them
 
 
+class InterruptGate:
+    """Where a training signal goes: raised at once as `Interrupted`, or, while `defer` is on,
+    held in `pending` until the loop reaches its next epoch boundary and raises it there. The loop
+    defers only while its epochs are short, so the wait is imperceptible, and then it need not
+    copy the training state at every boundary in case a signal lands mid-epoch. A second signal
+    while one is held is raised at once."""
+
+    def __init__(self) -> None:
+        self.defer = False
+        self.pending: int | None = None
+
+    def raise_pending(self) -> None:
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
+
 @contextmanager
-def signals_interrupt_training() -> Iterator[None]:
-    """Turn SIGINT, SIGTERM and SIGUSR2 into `Interrupted` while training, so the loop can
-    checkpoint and say so. Also undoes a SIG_IGN for SIGINT inherited from a non-interactive shell."""
+def signals_interrupt_training() -> Iterator[InterruptGate]:
+    """Turn SIGINT, SIGTERM and SIGUSR2 into `Interrupted` while training (through the gate it
+    yields), so the loop can checkpoint and say so. Also undoes a SIG_IGN for SIGINT inherited
+    from a non-interactive shell."""
+    gate = InterruptGate()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield gate
         return
 
     def handler(signum: int, frame: Any) -> None:
+        if gate.defer and gate.pending is None:
+            gate.pending = signum
+            return
         raise Interrupted(signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     for s in previous:
         signal.signal(s, handler)
     try:
-        yield
+        yield gate
     finally:
         # Restore only what is still ours: after an interruption the trainer installs an
         # exit-at-once handler for a second Ctrl-C, which must outlive the loop.
