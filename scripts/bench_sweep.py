@@ -170,6 +170,12 @@ def main() -> None:
     reason = why_not_vectorizable([cfg for _, cfg in members])
     if reason:
         sys.exit(f"bench_sweep: {reason}")
+    # One short run first, untimed: the process's first-use costs (lazy imports, first kernels,
+    # synthetic data) would otherwise fall on whichever way runs first.
+    warm_overrides = [*members[0][0], "trainer.epochs=1"]
+    warm_cfg = compose(warm_overrides)
+    RunDir(out / "warm-up").write_config(warm_cfg, warm_overrides)
+    train_run(warm_cfg, out / "warm-up", warm_overrides, group="bench-warm-up")
     load_start = load_average()
 
     started = time.perf_counter()

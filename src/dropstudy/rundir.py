@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -342,9 +343,12 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+@functools.lru_cache(maxsize=None)
 def git_state() -> tuple[dict, str]:
     """Commit and dirty flag of the checkout dropstudy runs from (else the working directory's),
-    and the diff against that commit when the tree is dirty."""
+    and the diff against that commit when the tree is dirty. Asked once per process: the code a
+    process runs is what it imported at its start, and a sweep's members would otherwise each
+    pay four git calls."""
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         commit = _git(["rev-parse", "HEAD"], where)
         if commit:
@@ -372,6 +376,7 @@ def package_versions() -> dict:
 def collect_provenance(device: str, overrides: list[str], data_source: str, data_sha256: str, run: RunDir) -> dict:
     """Everything needed to say what produced a run; a dirty tree's diff goes to git.diff."""
     git, diff = git_state()
+    git = dict(git)  # the cached one stays as git said
     if diff:
         with writing(run.path / "git.diff", base=run.path):
             (run.path / "git.diff").write_text(diff + "\n")
