@@ -84,10 +84,12 @@ class SweepPlan:
         return [k for k, values in keys.items() if len(values) > 1 or len(self.jobs) == 1]
 
 
-def launcher_choice(overrides: list[str]) -> str:
+def hydra_choice(group: str, overrides: list[str]) -> str:
+    """The option picked for Hydra's config group `group` (hydra/launcher, hydra/sweeper): the
+    last override of it wins, as in Hydra; basic when none."""
     choice = "basic"
     for arg in overrides:
-        if arg.startswith("hydra/launcher="):
+        if arg.startswith(group + "="):
             choice = arg.split("=", 1)[1]
     return choice
 
@@ -103,14 +105,6 @@ def check_launcher(name: str) -> None:
             f"hydra/launcher={name} needs the {package} plugin, which is not installed; install the "
             "launchers with: pip install 'dropstudy[cluster]'"
         )
-
-
-def sweeper_choice(overrides: list[str]) -> str:
-    choice = "basic"
-    for arg in overrides:
-        if arg.startswith("hydra/sweeper="):
-            choice = arg.split("=", 1)[1]
-    return choice
 
 
 def check_sweeper(name: str) -> None:
@@ -153,9 +147,9 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
 
     from dropstudy.hydra_internals import apply_overrides, split_sweep_arguments
 
-    launcher = launcher_choice(overrides)
+    launcher = hydra_choice("hydra/launcher", overrides)
     check_launcher(launcher)
-    sweeper = sweeper_choice(overrides)
+    sweeper = hydra_choice("hydra/sweeper", overrides)
     check_sweeper(sweeper)
     if sweeper != "basic":
         from dropstudy.search import plan_search
