@@ -87,14 +87,28 @@ def wait_for_slurm_jobs(sweep_dir: Path, poll_s: float = 1.0, timeout_s: float |
 
     ids = sorted({record["job_id"].split("_")[0] for record in slurm_jobs(sweep_dir).values()})
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    errors, empty = 0, 0
     while ids and (deadline is None or time.monotonic() < deadline):
         try:
-            queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True,
-                                    text=True, timeout=30).stdout.split()
+            answer = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True,
+                                    text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return
-        if not queued:
-            return
+        if answer.returncode != 0 and "Invalid job id" not in answer.stderr:
+            # slurmctld busy (e.g. while it requeues a job): ask again rather than take silence for done.
+            errors += 1
+            if errors > 30:
+                return
+            time.sleep(poll_s)
+            continue
+        errors = 0
+        if answer.stdout.split():
+            empty = 0
+        else:
+            # A job being requeued can be out of squeue's list for a moment: done when it stays out.
+            empty += 1
+            if empty >= 3:
+                return
         time.sleep(poll_s)
 
 

@@ -370,9 +370,11 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
         if plan.launcher not in SLURM_LAUNCHERS:
             raise
         # submitit raises at the first job that ended without a result (it failed on the node,
-        # was cancelled, ran out of memory); the table says which, once the others are done.
-        log.error(f"a SLURM job of the sweep ended without a result: {str(exc).strip().splitlines()[0]}")
-        wait_for_slurm_jobs(plan.sweep_dir)
+        # was cancelled, ran out of memory; or SLURM is requeueing it); the table says which,
+        # once every job of the sweep has left the queue.
+        log.warning(f"a SLURM job of the sweep ended without a result: {str(exc).strip().splitlines()[0]}; "
+                    "waiting for the sweep's jobs to leave the queue (a requeued one runs again)")
+        wait_for_slurm_jobs(plan.sweep_dir, poll_s=2.0)
     else:
         if plan.launcher in SLURM_LAUNCHERS:
             # A job's result comes a moment before SLURM records it COMPLETED; the table shows the latter.
