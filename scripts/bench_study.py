@@ -20,7 +20,6 @@ ends with) and appends a dated row to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -31,7 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchlib import add_row, cpu_name, load_average
+from benchlib import add_row, cpu_name, load_average, print_result
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Regression study end to end: `dropstudy study` vs the hand-written loop (scripts/bench_study.py)"
@@ -154,9 +153,7 @@ def main() -> None:
         "load_end": load_average(),
         "runs": str(out),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(result, args.json)
     if not args.no_record:
         add_row(HEADING, TABLE,
                 f"| {result['date']} | {result['machine']} | `{result['command']}` | {result['hand_loop_median_s']:.1f} "

@@ -33,7 +33,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchlib import add_row, cpu_name, load_average
+from benchlib import add_row, cpu_name, load_average, print_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -238,9 +238,7 @@ def main() -> None:
         "run_dirs": str(out),
         **({"cli": cli} if cli else {}),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(result, args.json)
     if not args.no_record:
         record(result)
 

@@ -3,6 +3,7 @@ its load, and how a row joins its table in BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -59,3 +60,11 @@ def add_row(heading: str, table: str, row: str) -> None:
             lines.insert(last + 1, row.rstrip("\n"))
         text = text[:start] + "\n".join(lines) + text[end:]
     path.write_text(text)
+
+
+def print_result(result: dict, json_path: Path | None) -> None:
+    """The result as JSON on stdout, and in `json_path` when one was given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        json_path.write_text(text + "\n")

@@ -87,17 +87,6 @@ def test_a_search_is_checked_before_anything_runs(clean_env, tmp_path):
     assert "choose basic (a grid) or optuna" in refused("hydra/sweeper=nevergrad", "model.dropout=0,0.5")
 
 
-def test_a_search_without_the_sweeper_plugin_says_what_to_install(clean_env, monkeypatch):
-    from dropstudy import sweep
-
-    real = sweep.importlib.util.find_spec
-    monkeypatch.setattr(sweep.importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_optuna") else real(name, *a))
-    result = invoke("sweep", "hydra/sweeper=optuna", "model.dropout=interval(0,0.5)")
-    assert result.exit_code == 2
-    assert "hydra-optuna-sweeper" in result.output and "pip install 'dropstudy[cluster]'" in " ".join(result.output.split())
-
-
 def test_the_objective_sets_the_direction_optuna_is_told(clean_env):
     from dropstudy.sweep import plan_sweep
 

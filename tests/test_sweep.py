@@ -100,15 +100,20 @@ def test_every_grid_point_is_checked_before_anything_runs(clean_env, tmp_path):
     assert result.exit_code == 2 and "basic, joblib, submitit_local, submitit_slurm" in " ".join(result.output.split())
 
 
-def test_a_launcher_whose_plugin_is_missing_says_what_to_install(clean_env, monkeypatch):
+@pytest.mark.parametrize("plugin, args, package", [
+    ("hydra_plugins.hydra_joblib", ("hydra/launcher=joblib", "seed=0,1"), "hydra-joblib-launcher"),
+    ("hydra_plugins.hydra_optuna", ("hydra/sweeper=optuna", "model.dropout=interval(0,0.5)"), "hydra-optuna-sweeper"),
+], ids=["launcher", "sweeper"])
+def test_a_launcher_or_sweeper_whose_plugin_is_missing_says_what_to_install(clean_env, monkeypatch, plugin, args,
+                                                                            package):
     from dropstudy import sweep
 
     real = sweep.importlib.util.find_spec
     monkeypatch.setattr(sweep.importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_joblib") else real(name, *a))
-    result = invoke("sweep", "hydra/launcher=joblib", "seed=0,1")
+                        lambda name, *a: None if name.startswith(plugin) else real(name, *a))
+    result = invoke("sweep", *args)
     assert result.exit_code == 2
-    assert "pip install 'dropstudy[cluster]'" in " ".join(result.output.split())
+    assert package in result.output and "pip install 'dropstudy[cluster]'" in " ".join(result.output.split())
 
 
 # conf/hydra/launcher/slurm.yaml's defaults, as submitit_slurm's keys.
