@@ -23,6 +23,9 @@ SLURM_LAUNCHERS = ("slurm", "submitit_slurm")
 # SLURM states after which a job runs no more (unless it is requeued, which makes it PENDING again).
 SLURM_ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                "PREEMPTED", "COMPLETED")
+# States of a job that will still run (or run again): submitit's "not done" ones, and requeue's.
+SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
+               "PREEMPTED", "SUSPENDED", "RESIZING")
 _SUBMITIT_JOB_DIR = re.compile(r"^(\d+)(?:_(\d+))?$")
 
 
@@ -105,10 +108,13 @@ def wait_for_slurm_jobs(sweep_dir: Path, poll_s: float = 1.0, timeout_s: float |
         if answer.stdout.split():
             empty = 0
         else:
-            # A job being requeued can be out of squeue's list for a moment: done when it stays out.
+            # A job being requeued is out of squeue's list while its old step is killed (up to
+            # SLURM's KillWait): done when it stays out and accounting no longer calls it alive.
             empty += 1
             if empty >= 3:
-                return
+                alive = [s for s in slurm_states(ids).values() if s.split(" ")[0] in SLURM_ALIVE]
+                if not alive or empty * poll_s > 180:
+                    return
         time.sleep(poll_s)
 
 
