@@ -8,6 +8,7 @@ import glob
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,20 @@ def test_later_runs_of_a_process_go_offline_without_asking_again(clean_env, tmp_
     messages = [r.getMessage() for r in caplog.records]
     assert sum("W&B: connecting" in m for m in messages) == 1
     assert sum("logging offline instead" in m for m in messages) == 1
-    assert load_run(tmp_path / "dropout-0.5").scalars("train/loss") == [1.0]
+    assert load_when_written(tmp_path / "dropout-0.5").scalars("train/loss") == [1.0]
+
+
+def load_when_written(run_dir, timeout_s: float = 30.0):
+    """The offline run, once W&B's service has written it: `finish` returns in this process
+    while the service may still be writing the file's last records."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return load_run(run_dir)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_when_offline_wandb_fails_too_the_run_trains_without_it(clean_env, tmp_path, monkeypatch, caplog):
