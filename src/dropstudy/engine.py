@@ -241,7 +241,7 @@ class Engine:
             outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
             outcome.epoch = self.boundary_epoch  # what the checkpoint holds
             # A signal held to the end of a short epoch leaves that epoch in the checkpoint.
-            during = max(self.current_epoch, outcome.epoch + 1) if self.current_epoch > outcome.epoch else outcome.epoch
+            during = max(self.current_epoch, outcome.epoch)
             outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.cfg.epochs}"
             run.active = False
             self.checkpoint(i)
