@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,39 @@ def test_every_member_of_a_vectorized_sweep_sends_its_own_tracker_its_rows_and_h
         assert tracker.summary["best/val/loss"] == summary["best"]["val/loss"] == best_and_epoch(rows, "val/loss")[0]
         assert tracker.calls[-1] == ("finish", {"exit_code": 0})
     assert not torch.equal(first_weights[0], first_weights[1]), "each seed its own initial weights"
+
+
+LAUNCH_PROBE = """
+import json, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from dropstudy.tracking import LAUNCH_INPUTS_MODULE, make_tracker
+
+cfg = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "init_timeout": 30})
+out = Path(sys.argv[1])
+
+def start(name):
+    (out / name).mkdir()
+    tracker = make_tracker(cfg, run_dir=out / name, group="g", job_type=name, tags=[], name=name, config={})
+    tracker.finish()
+    return type(tracker.inner).__name__
+
+report = {"first": start("first"), "loaded_by_init": LAUNCH_INPUTS_MODULE in sys.modules}
+import wandb.sdk.launch.inputs.internal as staged  # what a W&B Launch job's config API loads
+applied = []
+staged.StagedLaunchInputs.apply = lambda self, run: applied.append(run.id)
+report["second"] = start("second")
+report["applied"] = len(applied)
+print(json.dumps(report))
+"""
+
+
+def test_wandb_looks_for_launch_inputs_only_where_they_can_be_staged(clean_env, tmp_path):
+    """skip_unstaged_launch_inputs: a run's start does not load W&B Launch (nothing could have
+    staged inputs), and once Launch's inputs module is loaded, W&B applies staged inputs as it
+    always did. In a fresh interpreter, so that no earlier test has loaded Launch."""
+    proc = subprocess.run([sys.executable, "-c", LAUNCH_PROBE, str(tmp_path)], env=clean_env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"first": "WandbTracker", "loaded_by_init": False, "second": "WandbTracker", "applied": 1}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -65,17 +66,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
-def set_deterministic(enabled: bool) -> None:
+def set_deterministic(enabled: bool, compiled: bool = False) -> None:
     """Deterministic kernels where the device has them; a warning (not an error) where it does not."""
     if enabled:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    use_deterministic_algorithms(enabled, compiled)
     # Deterministic mode also fills every uninitialised tensor with NaN (dozens of extra fill_ a
     # training step); nothing here reads memory before writing it, so results are the same without.
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+def use_deterministic_algorithms(enabled: bool, compiled: bool) -> None:
+    """`torch.use_deterministic_algorithms(enabled, warn_only=True)`, without importing the
+    inductor compiler unless this process compiles. The public call imports
+    `torch._inductor.config` only to pass the flag on to it: 1.5 s of every process's start on a
+    2-core CPU. Without trainer.compile (and with inductor not loaded) the flag itself is all
+    there is to set; where torch lacks the private setter, the public call does it all."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if compiled or setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(enabled, warn_only=True)
+    else:
+        setter(enabled, warn_only=True)
 
 
 # torch's own choice (one per physical core, or OMP_NUM_THREADS), read before anything changes it.
@@ -107,7 +121,7 @@ def set_up_process(cfg: Any) -> torch.device:
     alike: its device, torch's CPU threads (trainer.threads) and deterministic algorithms."""
     device = select_device(cfg.device)
     set_threads(cfg.trainer.threads)
-    set_deterministic(cfg.deterministic)
+    set_deterministic(cfg.deterministic, compiled=bool(cfg.trainer.get("compile", False)))
     return device
 
 

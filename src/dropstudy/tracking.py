@@ -23,6 +23,7 @@ import logging
 import netrc
 import os
 import shlex
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,28 @@ def cache_installed_packages(wandb: Any) -> None:
     util.working_set = working_set
 
 
+def skip_unstaged_launch_inputs(wandb: Any) -> None:
+    """At the end of every `wandb.init`, W&B applies the inputs a W&B Launch job staged in this
+    process, importing its Launch package to look for them: 1.5 s of CPU a process (most of it
+    pydantic reading docstrings), spent on the GIL beside training. Inputs can only have been
+    staged through that package's module, so while it is not imported there are none and the
+    look is skipped; once it is (a Launch job), W&B's own method runs as before."""
+    run_class = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
+    original = getattr(run_class, "_detect_and_apply_job_inputs", None)
+    if original is None or getattr(original, "dropstudy_skips_unstaged", False):
+        return
+
+    def detect_and_apply_job_inputs(run: Any) -> None:
+        if LAUNCH_INPUTS_MODULE in sys.modules:
+            original(run)
+
+    detect_and_apply_job_inputs.dropstudy_skips_unstaged = True  # type: ignore[attr-defined]
+    run_class._detect_and_apply_job_inputs = detect_and_apply_job_inputs
+
+
+LAUNCH_INPUTS_MODULE = "wandb.sdk.launch.inputs.internal"
+
+
 class WandbTracker:
     """One W&B run, its files inside the run directory."""
 
@@ -157,6 +180,7 @@ class WandbTracker:
         import wandb
 
         cache_installed_packages(wandb)
+        skip_unstaged_launch_inputs(wandb)
         self._wandb = wandb
         self.mode = mode
         self.run = wandb.init(
@@ -298,6 +322,7 @@ def _import_and_start_wandb() -> None:
         import wandb
 
         cache_installed_packages(wandb)
+        skip_unstaged_launch_inputs(wandb)
         wandb.util.working_set()
         wandb.setup()
     except Exception:  # the run's own start meets the same failure and reports it (make_tracker)
