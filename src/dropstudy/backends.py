@@ -17,7 +17,7 @@ from torch import nn
 
 from dropstudy.rundir import RunDirError
 from dropstudy.data import Dataset
-from dropstudy.dropout import DropoutSchedule
+from dropstudy.dropout import DropoutSchedule, sites
 from dropstudy.models import weight_norms
 from dropstudy.runtime import FastPaths
 from dropstudy.train import (
@@ -115,6 +115,7 @@ class Single:
         self.net = self.fast.forward(model)
         self.loader = data.train_batches(cfg.trainer.batch_size, cfg.seed)
         self.skipped_steps = 0
+        self.sites = sites(model)  # looked up once: the schedule sets their p every epoch
         # MC-dropout predictions of the last evaluation of each split, for the calibration figure.
         self.mc_predictions: dict[str, list[Predictions]] = {}
 
@@ -124,11 +125,12 @@ class Single:
         return 1 if bs is None else math.ceil(len(self.data.train) / bs)
 
     def set_epoch(self, epoch: int) -> list[dict[str, float]]:
-        return [self.schedule.apply(self.model, epoch)]
+        return [self.schedule.apply_to(self.sites, epoch)]
 
     def train_epoch(self, progress: Any) -> list[dict[str, float]]:
         model, data, fast = self.model, self.data, self.fast
-        model.train()
+        if not model.training:  # every evaluation puts the whole model back as it found it
+            model.train()
         # Summed on the device in two in-place ops a step and read in one host copy per epoch.
         device = data.train.targets.device
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)

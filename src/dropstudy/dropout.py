@@ -240,8 +240,12 @@ class DropoutSchedule:
 
     def apply(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Set every site's p for `epoch`; return them as metrics `dropout/p/<site>`."""
+        return self.apply_to(sites(model), epoch)
+
+    def apply_to(self, named_sites: list[tuple[str, SiteDropout]], epoch: int) -> dict[str, float]:
+        """`apply` on a model's `sites`, looked up once."""
         rates = {}
-        for name, site in sites(model):
+        for name, site in named_sites:
             site.p = self.rate(site.base_p, epoch)
             rates[f"dropout/p/{name}"] = site.p
         return rates

@@ -70,6 +70,10 @@ class Engine:
         assert len(runs) == backend.members
         self.backend, self.runs, self.cfg, self.label = backend, runs, trainer_cfg, label
         self.histograms = histograms
+        # The cadences as plain ints, read every epoch (a config lookup costs microseconds each).
+        self.epochs, self.eval_every = int(trainer_cfg.epochs), int(trainer_cfg.eval_every)
+        self.log_every = int(trainer_cfg.log_every)
+        self.checkpoint_every = int(trainer_cfg.checkpoint_every or trainer_cfg.eval_every)
         self.log_freq = log_freq or backend.steps_per_epoch * trainer_cfg.eval_every
         # Seconds spent in each part of run(), for summary.json: where the time goes.
         self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
@@ -78,10 +82,6 @@ class Engine:
         self.gate = InterruptGate()  # run() installs the real one
         self.current_epoch = 0
         self._last_epoch_s = math.inf
-
-    @property
-    def checkpoint_every(self) -> int:
-        return self.cfg.checkpoint_every or self.cfg.eval_every
 
     # -- state ------------------------------------------------------------------------------
     def _mark_boundary(self, epoch: int) -> None:
@@ -138,7 +138,7 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> list[Outcome]:
-        epochs, steps = self.cfg.epochs, self.backend.steps_per_epoch
+        epochs, steps = self.epochs, self.backend.steps_per_epoch
         with signals_interrupt_training() as self.gate, TrainingProgress(self.label, epochs * steps, epochs) as progress:
             progress.advance((self.start_epoch - 1) * steps)
             try:
@@ -155,7 +155,7 @@ class Engine:
         return [conclude(run.outcome) for run in self.runs]
 
     def epoch(self, epoch: int, progress: TrainingProgress) -> None:
-        backend, epochs = self.backend, self.cfg.epochs
+        backend, epochs = self.backend, self.epochs
         begun = time.perf_counter()
         self.current_epoch = epoch
         # Short epochs (the full-batch regression's are well under a millisecond) hold a signal
@@ -166,7 +166,7 @@ class Engine:
         train = backend.train_epoch(progress)
         seconds = time.perf_counter() - start
         self.timings["train"] += seconds
-        evaluated = epoch % self.cfg.eval_every == 0 or epoch == epochs
+        evaluated = epoch % self.eval_every == 0 or epoch == epochs
         if evaluated:
             start = time.perf_counter()
             val = backend.evaluate("val")
@@ -187,7 +187,7 @@ class Engine:
             bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
             if histograms:  # joined to the row this epoch logs (or the next one logged)
                 run.tracker.log_histograms(self.histogram_tensors(i), len(run.rows))
-            if logs_row(epoch, self.cfg.log_every, evaluated, diverging=bool(bad)):
+            if logs_row(epoch, self.log_every, evaluated, diverging=bool(bad)):
                 self.log(run, row)
             shown.append(row)
             if bad:
