@@ -4,6 +4,9 @@ casts reused across an evaluation, the progress bar moved in strides."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -170,3 +173,51 @@ def test_the_progress_bar_moves_in_strides_and_ends_on_the_total():
         total = progress._progress.tasks[0].completed
     assert sum(advanced) == total == 100
     assert advanced == [16, 16, 16, 2] * 2  # every 16 steps, and the rest at the epoch's end
+
+
+FAULTS_PROBE = """
+import json, resource, sys
+import torch
+from dropstudy.backends import Single
+from dropstudy.config import compose
+from dropstudy.data import load_dataset
+from dropstudy.models import build_model
+from dropstudy.runtime import FastPaths, retain_freed_memory, seed_everything, set_up_process
+from dropstudy.train import make_optimizer
+
+class NoProgress:
+    def advance(self, steps=1):
+        pass
+
+cfg = compose(sys.argv[1:])
+device = set_up_process(cfg)
+seed_everything(cfg.seed)
+data = load_dataset(cfg.data, device, lambda *a: None)
+model = build_model(cfg.model)
+backend = Single(model=model, optimizer=make_optimizer(cfg.optim, model), data=data, cfg=cfg,
+                 fast=FastPaths.resolve(cfg.trainer, device))
+for _ in range(3):  # warm-up: Adam's state, oneDNN's kernels, the heap grown to a step's size
+    backend.train_epoch(NoProgress())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    backend.train_epoch(NoProgress())
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+print(json.dumps({"retained": retain_freed_memory(), "faults_per_step": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults as Linux counts them")
+@pytest.mark.parametrize("malloc_env", [{}, {"MALLOC_TOP_PAD_": "131072"}], ids=["retained", "glibc-defaults"])
+def test_a_cnn_step_reuses_the_memory_the_last_one_freed(clean_env, tmp_path, malloc_env):
+    """runtime.retain_freed_memory: after warm-up a CPU training step of the CNN (fp32, batch 64)
+    takes its temporaries from memory the step before freed, instead of mapping fresh pages
+    (thousands of page faults a step with glibc's defaults, which a user gets back by setting any
+    of malloc's environment variables: the second case, which shows what the first one saves)."""
+    proc = subprocess.run([sys.executable, "-c", FAULTS_PROBE, *CNN_STEP], cwd=tmp_path,
+                          env={**clean_env, **malloc_env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if malloc_env:
+        assert not report["retained"] and report["faults_per_step"] > 1000, report
+    else:
+        assert report["retained"] and report["faults_per_step"] < 100, report

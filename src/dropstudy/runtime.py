@@ -116,9 +116,39 @@ def set_threads(requested: int | None) -> int:
     return requested
 
 
+# glibc's malloc tunables (mallopt's parameter numbers) and the environment variables that set
+# them at start; a user who sets any of these keeps glibc's behaviour as they asked for it.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+# Blocks up to this size come from the heap and stay there once freed: a CIFAR-10 step's
+# activations (7.4 MB for the first conv block at batch 64); whole data splits, larger, are mapped.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 1 << 30
+
+
+def retain_freed_memory() -> bool:
+    """Keep the memory training frees for the next step instead of handing it back to the
+    kernel. With glibc's defaults every CPU training step of the CNN maps its large temporaries
+    afresh and unmaps them when freed: about 5,000 page faults a step at batch 64 in fp32, a
+    third of the step's time spent in the kernel (tests/test_step_cost.py counts them). Raising
+    the mmap and trim thresholds makes freed blocks reusable, with the same peak memory.
+    Linux with glibc only; a no-op elsewhere, or where the environment sets malloc's tunables."""
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's; musl and macOS have none
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def set_up_process(cfg: Any) -> torch.device:
     """The process-wide settings a run asks for, for the single path and a vectorized sweep
-    alike: its device, torch's CPU threads (trainer.threads) and deterministic algorithms."""
+    alike: its device, torch's CPU threads (trainer.threads), deterministic algorithms, and
+    freed memory kept for reuse (`retain_freed_memory`)."""
+    retain_freed_memory()
     device = select_device(cfg.device)
     set_threads(cfg.trainer.threads)
     set_deterministic(cfg.deterministic, compiled=bool(cfg.trainer.get("compile", False)))
