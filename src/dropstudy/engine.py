@@ -75,8 +75,9 @@ class Engine:
         self.log_every = int(trainer_cfg.log_every)
         self.checkpoint_every = int(trainer_cfg.checkpoint_every or trainer_cfg.eval_every)
         self.log_freq = log_freq or backend.steps_per_epoch * trainer_cfg.eval_every
-        # Seconds spent in each part of run(), for summary.json: where the time goes.
-        self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
+        # Seconds spent in each part of run(), for summary.json: where the time goes; bookkeeping
+        # is the loop's time outside the timed parts (each epoch's rows, state snapshot, progress).
+        self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0, "bookkeeping": 0.0}
         self.start_epoch = 1
         self._mark_boundary(0)
         self.gate = InterruptGate()  # run() installs the real one
@@ -138,6 +139,14 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> list[Outcome]:
+        started = time.perf_counter()
+        try:
+            return self._run()
+        finally:
+            timed = sum(v for k, v in self.timings.items() if k != "bookkeeping")
+            self.timings["bookkeeping"] = max(0.0, time.perf_counter() - started - timed)
+
+    def _run(self) -> list[Outcome]:
         epochs, steps = self.epochs, self.backend.steps_per_epoch
         with signals_interrupt_training() as self.gate, TrainingProgress(self.label, epochs * steps, epochs) as progress:
             progress.advance((self.start_epoch - 1) * steps)
@@ -242,7 +251,7 @@ class Engine:
             outcome.epoch = self.boundary_epoch  # what the checkpoint holds
             # A signal held to the end of a short epoch leaves that epoch in the checkpoint.
             during = max(self.current_epoch, outcome.epoch)
-            outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.cfg.epochs}"
+            outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.epochs}"
             run.active = False
             self.checkpoint(i)
 

@@ -158,6 +158,7 @@ class Ensemble:
         ]
         self.loaders = [data.train_batches(m.trainer.batch_size, m.seed) for m in self.cfgs]
         self.skipped_steps = [0] * self.members
+        self.skip_bad = self.trainer_cfg.on_nan == "skip"  # checked at every sequential step
         self.weight_names = [f"{name}.weight" for name, _ in weight_layers(self.models[0])]
         # The last evaluation's MC-dropout predictions per split and member (the test set's feed
         # the calibration figure).
@@ -198,9 +199,12 @@ class Ensemble:
         correct = torch.zeros(m, dtype=torch.long, device=device)
         counted, skipped = [0] * m, [0] * m
         if self.execution == "stacked":
+            # Every member steps on a batch of the same size (and none skips: why_not), so one count serves all.
+            examples = 0
             for member_batches in zip(*self.loaders):
-                self._stacked_step(member_batches, loss_sum, correct, counted, skipped)
+                examples += self._stacked_step(member_batches, loss_sum, correct)
                 progress.advance(1)
+            counted = [examples] * m
         else:
             # Member after member through the epoch, each as its single run would train it: one
             # model's weights and optimizer state stay in the CPU's caches for a whole epoch
@@ -219,13 +223,14 @@ class Ensemble:
             metrics = {"train/loss": values[0][i] if counted[i] else float("nan")}
             if self.classification:
                 metrics["train/acc"] = values[1][i]
-            if self.trainer_cfg.on_nan == "skip":
+            if self.skip_bad:
                 self.skipped_steps[i] += skipped[i]
                 metrics["train/skipped_steps"] = self.skipped_steps[i]
             out.append(metrics)
         return out
 
-    def _stacked_step(self, member_batches, loss_sum, correct, counted, skipped) -> None:
+    def _stacked_step(self, member_batches, loss_sum, correct) -> int:
+        """One step of every member at once; returns the examples each member trained on."""
         xs = self.data.prepare(torch.stack([xb for xb, _ in member_batches]))
         ys = torch.stack([yb for _, yb in member_batches])
 
@@ -233,7 +238,8 @@ class Ensemble:
             out = functional_call(self.template, (params, buffers), (x,))
             return self.loss_fn(out, y), out
 
-        self.template.train()
+        if not self.template.training:  # every evaluation puts it back as it found it
+            self.template.train()
         with self.fast.autocast():
             losses, outs = vmap(member_loss, randomness="different")(self.params, self.buffers, xs, ys)
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,8 +251,7 @@ class Ensemble:
             loss_sum.add_(losses, alpha=ys.shape[1])
             if self.classification:
                 correct.add_(torch.count_nonzero(outs.argmax(-1) == ys, dim=-1))
-        for i in range(self.members):
-            counted[i] += ys.shape[1]
+        return ys.shape[1]
 
     @torch.no_grad()
     def _stacked_max_norm(self) -> None:
@@ -265,7 +270,7 @@ class Ensemble:
         optimizer = self.optimizers[i]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.trainer_cfg.on_nan == "skip" and not torch.isfinite(loss):  # a sync per step, as the single path
+        if self.skip_bad and not torch.isfinite(loss):  # a sync per step, as the single path
             skipped[i] += 1
             return
         optimizer.step()

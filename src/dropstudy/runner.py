@@ -209,11 +209,8 @@ def _train_run(
     result = RunResult(rd.path, label, "failed", None, timings=timings)
     started = time.time()
     try:
-        clock = time.perf_counter()
         (outcome,) = engine.run()
         timings.update(engine.timings)
-        # The loop's time outside its timed parts: each epoch's state snapshot, rows and progress.
-        timings["bookkeeping"] = time.perf_counter() - clock - sum(engine.timings.values())
         timings["wandb"] = getattr(tracker, "waited_s", 0.0)
         extra = {}
         if device.type == "cuda":

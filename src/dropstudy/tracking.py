@@ -136,6 +136,10 @@ def cache_installed_packages(wandb: Any) -> None:
     util.working_set = working_set
 
 
+# The module through which a W&B Launch job stages its inputs (skip_unstaged_launch_inputs).
+LAUNCH_INPUTS_MODULE = "wandb.sdk.launch.inputs.internal"
+
+
 def skip_unstaged_launch_inputs(wandb: Any) -> None:
     """At the end of every `wandb.init`, W&B applies the inputs a W&B Launch job staged in this
     process, importing its Launch package to look for them: 1.5 s of CPU a process (most of it
@@ -155,7 +159,12 @@ def skip_unstaged_launch_inputs(wandb: Any) -> None:
     run_class._detect_and_apply_job_inputs = detect_and_apply_job_inputs
 
 
-LAUNCH_INPUTS_MODULE = "wandb.sdk.launch.inputs.internal"
+def lighten_wandb_init(wandb: Any) -> None:
+    """What `wandb.init` repeats for nothing in this process, done once or skipped (both are
+    idempotent): the installed packages listed once, Launch inputs looked for only where they
+    can exist."""
+    cache_installed_packages(wandb)
+    skip_unstaged_launch_inputs(wandb)
 
 
 class WandbTracker:
@@ -179,8 +188,7 @@ class WandbTracker:
     ):
         import wandb
 
-        cache_installed_packages(wandb)
-        skip_unstaged_launch_inputs(wandb)
+        lighten_wandb_init(wandb)
         self._wandb = wandb
         self.mode = mode
         self.run = wandb.init(
@@ -321,8 +329,7 @@ def _import_and_start_wandb() -> None:
     try:
         import wandb
 
-        cache_installed_packages(wandb)
-        skip_unstaged_launch_inputs(wandb)
+        lighten_wandb_init(wandb)
         wandb.util.working_set()
         wandb.setup()
     except Exception:  # the run's own start meets the same failure and reports it (make_tracker)

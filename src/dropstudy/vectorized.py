@@ -487,8 +487,6 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
     engine.run()
     duration = time.time() - started
     timings.update(engine.timings)
-    # The loop's time outside its timed parts: each epoch's state snapshot, rows and progress.
-    timings["bookkeeping"] = max(0.0, duration - sum(engine.timings.values()))
     # Every member's figures are started before any member concludes, so that they draw side by
     # side on worker processes (one per CPU) while this process logs and writes summaries.
     with plots.Drawer(figure_workers(len(concluding))) as drawer:
