@@ -125,9 +125,14 @@ def last_epoch(run_dir: Path) -> int:
 
 def start_again_now(job_id: str) -> None:
     """SLURM holds a requeued job about two minutes before it may start again; the test does
-    not wait for that, it lets the job start as soon as it is pending."""
+    not wait for that, it lets the job start once it is pending and its last attempt has left the
+    node. (Started in the very second its old step was still being killed, the new attempt failed
+    at once, exit 1, in one CI run out of several.)"""
     wait_until(f"job {job_id} pending again", lambda: subprocess.run(
         ["squeue", "-h", "-o", "%t", "-j", job_id], capture_output=True, text=True).stdout.strip() == "PD")
+    wait_until(f"job {job_id}'s last attempt off the node", lambda: not {"RUNNING", "COMPLETING"} & set(subprocess.run(
+        ["sacct", "-n", "-P", "--duplicates", "-o", "State", "-j", job_id], capture_output=True, text=True).stdout.split()))
+    time.sleep(2)  # slurmd's own cleanup of the ended step, after accounting records its end
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
