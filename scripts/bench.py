@@ -258,7 +258,19 @@ def dropstudy_run(command: str, overrides: list[str], run_dir: Path, work: Path,
     gpu = [s["gpu_memory_peak_mib"] for s in summaries if "gpu_memory_peak_mib" in s]
     if gpu:
         out["gpu_memory_peak_mib"] = max(gpu)
+    # Each epoch's own training rate (perf/samples_per_s): from the second epoch on, a run is past
+    # everything that starts once (W&B's start overlaps the first epoch of a tracked run).
+    rows = [json.loads(line) for p in sorted(run_dir.glob("**/metrics.jsonl")) for line in p.read_text().splitlines()]
+    out["epoch_images_per_s"] = [row["perf/samples_per_s"] for row in rows if "perf/samples_per_s" in row]
     return out
+
+
+def paired_rate(run: dict, steady: bool) -> float | None:
+    """A run's training images/s: over all its epochs, or (steady) the mean of its epochs after the first."""
+    if not steady:
+        return run["images_per_s"]
+    later = run.get("epoch_images_per_s", [])[1:]
+    return statistics.fmean(later) if later else None
 
 
 def median(results: list[dict], key: str) -> float | None:
@@ -335,7 +347,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
     contenders = [c for c in CONTENDERS if not (args.skip_tutorial and c == "tutorial") and (args.bf16 or c != "bf16")]
     for r in range(args.repeats):
-        for name in contenders:
+        # Each repeat starts with the next contender, so that no contender always runs right after
+        # the same other one (a position effect on a shared machine then falls on all alike).
+        for name in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
             if name == "tutorial":
                 res = worker("tutorial", spec, work, env)
             else:
@@ -346,6 +360,7 @@ def main() -> None:
                 res["images"] = args.n_train * args.epochs
                 res["train_s"] = res["timings_s"]["train"]
             res["images_per_s"] = res["images"] / res["train_s"]
+            res["repeat"] = r
             results[name].append(res)
             print(f"  {name:10s} repeat {r + 1}: {res['images_per_s']:8,.0f} images/s  "
                   f"(train {res['train_s']:.1f}s, process {res['wall_s']:.1f}s, peak RSS {res['peak_rss_mib']:,.0f} MiB)")
@@ -399,6 +414,20 @@ def summarize(results: dict[str, list[dict]], peak: dict, device: str) -> dict:
     s["tracking_overhead"] = 1 - speed["tracked"] / speed["untracked"]
     if "bf16" in speed:
         s["bf16_vs_fp32"] = speed["bf16"] / speed["untracked"]
+    # Paired: the runs of one repeat ran back to back, so their ratio is less exposed to the
+    # machine's drift than the ratio of two medians; the median over repeats is reported.
+    # Steady: the same from each run's epochs after the first (training alone, past start-up).
+    for key, a, b, steady in (("tracking_overhead", "tracked", "untracked", False),
+                              ("bf16_vs_fp32", "bf16", "untracked", False),
+                              ("steady_tracking_overhead", "tracked", "untracked", True),
+                              ("steady_bf16_vs_fp32", "bf16", "untracked", True)):
+        ratios = [paired_rate(ra, steady) / paired_rate(rb, steady)
+                  for ra, rb in zip(results.get(a, []), results.get(b, []))
+                  if paired_rate(ra, steady) and paired_rate(rb, steady)]
+        if ratios:
+            overhead = key.endswith("overhead")
+            values = [1 - x for x in ratios] if overhead else ratios
+            s.setdefault("paired", {})[key] = {"median": statistics.median(values), "per_repeat": values}
     train_flop = TRAIN_FLOP_FACTOR * peak["forward_flop_per_image"]
     # On CUDA dropstudy trains under bf16 autocast by default, so its ceiling is the bf16 peak.
     ceiling = peak["matmul_peak_bf16_gflops"] if device.startswith("cuda") else peak["matmul_peak_fp32_gflops"]
@@ -431,6 +460,10 @@ def print_summary(report: dict) -> None:
         flags = ", ".join(report["cpu_bf16"]) or "no native bf16"
         print(f"bf16 / fp32 (untracked): {s['bf16_vs_fp32']:.2f}x; CPU: {flags}; bf16 matmul peak "
               f"{report['peak'].get('matmul_peak_bf16_gflops', 0):.0f} GFLOP/s")
+    for key, value in s.get("paired", {}).items():
+        shown = (lambda x: f"{x:+.1%}") if key.endswith("overhead") else (lambda x: f"{x:.2f}x")
+        print(f"paired {key.replace('_', ' ')}: {shown(value['median'])} (median; per repeat "
+              + ", ".join(shown(x) for x in value["per_repeat"]) + ")")
 
 
 def append_row(report: dict) -> None:
@@ -479,6 +512,16 @@ def append_bf16_row(report: dict) -> None:
     def repeats(name: str) -> str:
         return ", ".join(f"{r['images_per_s']:,.0f}" for r in runs[name])
 
+    def paired(key: str, fmt: str) -> str:
+        """The median of the per-repeat ratios, over whole runs and over epochs after the first."""
+        both = s.get("paired", {})
+        if key not in both:
+            return ""
+        text = f" (paired {fmt.format(both[key]['median'])}"
+        if f"steady_{key}" in both:
+            text += f"; epochs 2+ {fmt.format(both[f'steady_{key}']['median'])}"
+        return text + ")"
+
     cells = [
         report["date"][:16].replace("T", " "),
         f"{report['machine']} ({', '.join(report['cpu_bf16']) or 'none'}); {report['device']}",
@@ -486,9 +529,9 @@ def append_bf16_row(report: dict) -> None:
         f"{load['before'][0]:.2f} -> {load['after'][0]:.2f}",
         f"{s['tracked']['images_per_s']:,.0f}",
         f"{s['untracked']['images_per_s']:,.0f}",
-        f"{s['tracking_overhead']:+.1%}",
+        f"{s['tracking_overhead']:+.1%}" + paired("tracking_overhead", "{:+.1%}"),
         f"{s['bf16']['images_per_s']:,.0f}",
-        f"{s['bf16_vs_fp32']:.2f}x",
+        f"{s['bf16_vs_fp32']:.2f}x" + paired("bf16_vs_fp32", "{:.2f}x"),
         f"{repeats('tracked')} / {repeats('untracked')} / {repeats('bf16')}",
         f"{peak['matmul_peak_fp32_gflops']:.0f} / {peak.get('matmul_peak_bf16_gflops', 0):.0f}",
     ]

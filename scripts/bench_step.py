@@ -34,11 +34,12 @@ def main() -> None:
     import torch.nn.functional as F
 
     from dropstudy.models import CNN
-    from dropstudy.runtime import FastPaths, set_deterministic
+    from dropstudy.runtime import FastPaths, retain_freed_memory, set_deterministic
 
     if args.threads:
         torch.set_num_threads(args.threads)
     set_deterministic(True)
+    retain_freed_memory()  # as every dropstudy process does: no fresh pages for a step's temporaries
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)

@@ -153,6 +153,38 @@ def test_bf16_autocast_matches_the_plain_path_within_bf16_precision():
     assert bf16 != plain  # autocast really ran in bf16
 
 
+@pytest.mark.parametrize("fast", [FastPaths(CPU), FastPaths(CPU, channels_last=True),
+                                  FastPaths(CPU, channels_last=True, amp_dtype=torch.bfloat16)],
+                         ids=["fp32", "channels_last", "bf16"])
+def test_the_cnn_pools_before_its_relu_with_the_same_outputs_and_gradients(fast):
+    """CNN.forward runs each block's max-pool before its ReLU (a quarter of the values to ReLU):
+    the outputs and every gradient equal, bit for bit, those of the blocks in their written order
+    (conv, ReLU, pool, dropout), with dropout on the input, after each conv block and in the head."""
+    torch.manual_seed(0)
+    model = fast.prepare_model(CNN([8, 16, 32], 64, 10, [0.25, 0.25], input_p=0.1, conv_rates=[0.1, 0.2, 0.3]))
+    assert model._feature_order[:5] == ("drop_in", "conv1", "pool1", "relu1", "drop1")
+    assert [name for name, _ in model.features.named_children()][:5] == ["drop_in", "conv1", "relu1", "pool1", "drop1"]
+    g = torch.Generator().manual_seed(1)
+    # Half the pre-activations negative, and whole windows of equal values (ties decide max-pool's pick).
+    x = fast.inputs(torch.randn(16, 3, 32, 32, generator=g).round())
+    y = torch.randint(0, 10, (16,), generator=g)
+
+    def outputs_and_grads(forward):
+        torch.manual_seed(2)  # the same dropout masks both ways
+        with fast.autocast():
+            out = forward(x)
+            loss = F.cross_entropy(out, y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    written = outputs_and_grads(lambda x: model.head(torch.flatten(model.features(x), 1)))
+    pooled_first = outputs_and_grads(model)
+    assert torch.equal(pooled_first[0], written[0])
+    assert all(torch.equal(a, b) for a, b in zip(pooled_first[1], written[1]))
+    assert any(bool((grad == 0).any()) for grad in written[1]), "ReLU and dropout zeroed some gradients"
+
+
 def adam_losses(fused: bool | None, steps: int = 5) -> list[float]:
     """The CNN's loss on a fixed batch over `steps` Adam steps, Adam fused or per parameter."""
     torch.manual_seed(0)
