@@ -360,7 +360,6 @@ def main() -> None:
                 res["images"] = args.n_train * args.epochs
                 res["train_s"] = res["timings_s"]["train"]
             res["images_per_s"] = res["images"] / res["train_s"]
-            res["repeat"] = r
             results[name].append(res)
             print(f"  {name:10s} repeat {r + 1}: {res['images_per_s']:8,.0f} images/s  "
                   f"(train {res['train_s']:.1f}s, process {res['wall_s']:.1f}s, peak RSS {res['peak_rss_mib']:,.0f} MiB)")
@@ -417,16 +416,13 @@ def summarize(results: dict[str, list[dict]], peak: dict, device: str) -> dict:
     # Paired: the runs of one repeat ran back to back, so their ratio is less exposed to the
     # machine's drift than the ratio of two medians; the median over repeats is reported.
     # Steady: the same from each run's epochs after the first (training alone, past start-up).
-    for key, a, b, steady in (("tracking_overhead", "tracked", "untracked", False),
-                              ("bf16_vs_fp32", "bf16", "untracked", False),
-                              ("steady_tracking_overhead", "tracked", "untracked", True),
-                              ("steady_bf16_vs_fp32", "bf16", "untracked", True)):
-        ratios = [paired_rate(ra, steady) / paired_rate(rb, steady)
-                  for ra, rb in zip(results.get(a, []), results.get(b, []))
-                  if paired_rate(ra, steady) and paired_rate(rb, steady)]
+    for key, name, steady in (("tracking_overhead", "tracked", False), ("bf16_vs_fp32", "bf16", False),
+                              ("steady_tracking_overhead", "tracked", True), ("steady_bf16_vs_fp32", "bf16", True)):
+        pairs = [(paired_rate(run, steady), paired_rate(base, steady))
+                 for run, base in zip(results.get(name, []), results.get("untracked", []))]
+        ratios = [rate / base for rate, base in pairs if rate and base]
         if ratios:
-            overhead = key.endswith("overhead")
-            values = [1 - x for x in ratios] if overhead else ratios
+            values = [1 - x for x in ratios] if key.endswith("overhead") else ratios
             s.setdefault("paired", {})[key] = {"median": statistics.median(values), "per_repeat": values}
     train_flop = TRAIN_FLOP_FACTOR * peak["forward_flop_per_image"]
     # On CUDA dropstudy trains under bf16 autocast by default, so its ceiling is the bf16 peak.

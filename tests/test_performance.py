@@ -179,7 +179,11 @@ def test_the_cnn_pools_before_its_relu_with_the_same_outputs_and_gradients(fast)
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
     written = outputs_and_grads(lambda x: model.head(torch.flatten(model.features(x), 1)))
+    relu_inputs = []
+    hook = model.features.relu1.register_forward_pre_hook(lambda m, args: relu_inputs.append(args[0].shape[-2:]))
     pooled_first = outputs_and_grads(model)
+    hook.remove()
+    assert relu_inputs == [(15, 15)], "model(x) runs the first ReLU on the pooled 15x15 maps, not on 30x30"
     assert torch.equal(pooled_first[0], written[0])
     assert all(torch.equal(a, b) for a, b in zip(pooled_first[1], written[1]))
     assert any(bool((grad == 0).any()) for grad in written[1]), "ReLU and dropout zeroed some gradients"

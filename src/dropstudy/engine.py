@@ -74,7 +74,7 @@ class Engine:
         self.epochs, self.eval_every = int(trainer_cfg.epochs), int(trainer_cfg.eval_every)
         self.log_every = int(trainer_cfg.log_every)
         self.checkpoint_every = int(trainer_cfg.checkpoint_every or trainer_cfg.eval_every)
-        self.log_freq = log_freq or backend.steps_per_epoch * trainer_cfg.eval_every
+        self.log_freq = log_freq or backend.steps_per_epoch * self.eval_every
         # Seconds spent in each part of run(), for summary.json: where the time goes; bookkeeping
         # is the loop's time outside the timed parts (each epoch's rows, state snapshot, progress).
         self.timings = {"train": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0, "bookkeeping": 0.0}

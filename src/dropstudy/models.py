@@ -86,7 +86,6 @@ class CNN(nn.Module):
             width = out
         self.features = nn.Sequential(blocks)
         self._feature_order = pool_before_relu(list(blocks))
-        self._feature_order = pool_before_relu(list(blocks))
         # 32 -> 30 -> 15 -> 13 -> 6 -> 4 -> 2: a 2x2 map of the last block's channels (512 values
         # for the default widths); measured rather than hard-coded so model.channels can change.
         # In eval mode: a conv dropout site must not draw a mask here, which would shift the random
