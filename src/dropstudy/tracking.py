@@ -116,47 +116,76 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def cache_installed_packages(wandb: Any) -> None:
+def patch_private(owner: Any, name: str, params: tuple[str, ...], wrap: Callable[[Callable], Callable]) -> bool:
+    """Replace `owner.name`, a private function of another library, by `wrap(original)`, only
+    while it has the shape the wrapper was written for: the name exists and its parameters are
+    `params`. Otherwise nothing is patched (one debug line says why): an upgrade that changes
+    the function then costs only the saving the patch made, never a failure inside the library.
+    Wrappers take *args/**kwargs and hand them to the original unchanged. Idempotent."""
+    where = f"{getattr(owner, '__name__', owner)}.{name}"
+    original = getattr(owner, name, None)
+    if original is None:
+        log.debug("not patched: %s is missing in this version", where)
+        return False
+    if getattr(original, "dropstudy_patch", False):
+        return True
+    import inspect
+
+    try:
+        found = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        found = None
+    if found != params:
+        log.debug("not patched: %s takes %s, written for %s", where, found, params)
+        return False
+    wrapper = wrap(original)
+    wrapper.dropstudy_patch = True
+    setattr(owner, name, wrapper)
+    return True
+
+
+def cache_installed_packages(wandb: Any) -> bool:
     """At every `wandb.init`, W&B lists the installed packages for the run's requirements.txt by
-    reading every distribution's metadata: about 0.25 s a run, and the same answer each time in
-    one process. Runs that share a process (a study's arms, a vectorized sweep's members) read
-    it once: wandb's `working_set` (looked up at each init) is replaced by a cached copy."""
-    util = getattr(wandb, "util", None)
-    original = getattr(util, "working_set", None)
-    if original is None or getattr(original, "dropstudy_cached", False):
-        return
-    cache: list[Any] = []
+    reading every distribution's metadata: the same answer each time in one process. Runs that
+    share a process (a study's arms, a sweep's members) read it once: wandb's `working_set`
+    (looked up at each init) is replaced by a cached copy."""
 
-    def working_set() -> list[Any]:
-        if not cache:
-            cache.extend(original())
-        return list(cache)
+    def wrap(original: Callable) -> Callable:
+        cache: list[Any] = []
 
-    working_set.dropstudy_cached = True  # type: ignore[attr-defined]
-    util.working_set = working_set
+        def working_set(*args: Any, **kwargs: Any) -> Any:
+            if args or kwargs:  # a call this cache was not written for
+                return original(*args, **kwargs)
+            if not cache:
+                cache.extend(original())
+            return list(cache)
+
+        return working_set
+
+    return patch_private(getattr(wandb, "util", None), "working_set", (), wrap)
 
 
 # The module through which a W&B Launch job stages its inputs (skip_unstaged_launch_inputs).
 LAUNCH_INPUTS_MODULE = "wandb.sdk.launch.inputs.internal"
 
 
-def skip_unstaged_launch_inputs(wandb: Any) -> None:
+def skip_unstaged_launch_inputs(wandb: Any) -> bool:
     """At the end of every `wandb.init`, W&B applies the inputs a W&B Launch job staged in this
-    process, importing its Launch package to look for them: 1.5 s of CPU a process (most of it
-    pydantic reading docstrings), spent on the GIL beside training. Inputs can only have been
-    staged through that package's module, so while it is not imported there are none and the
-    look is skipped; once it is (a Launch job), W&B's own method runs as before."""
+    process, importing its Launch package to look for them: seconds of CPU a process, spent on
+    the GIL beside training. Inputs can only have been staged through that package's module, so
+    while it is not imported there are none and the look is skipped; once it is (a Launch job),
+    W&B's own method runs as before."""
     run_class = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
-    original = getattr(run_class, "_detect_and_apply_job_inputs", None)
-    if original is None or getattr(original, "dropstudy_skips_unstaged", False):
-        return
 
-    def detect_and_apply_job_inputs(run: Any) -> None:
-        if LAUNCH_INPUTS_MODULE in sys.modules:
-            original(run)
+    def wrap(original: Callable) -> Callable:
+        def detect_and_apply_job_inputs(*args: Any, **kwargs: Any) -> Any:
+            if LAUNCH_INPUTS_MODULE in sys.modules:
+                return original(*args, **kwargs)
+            return None
 
-    detect_and_apply_job_inputs.dropstudy_skips_unstaged = True  # type: ignore[attr-defined]
-    run_class._detect_and_apply_job_inputs = detect_and_apply_job_inputs
+        return detect_and_apply_job_inputs
+
+    return patch_private(run_class, "_detect_and_apply_job_inputs", ("self",), wrap)
 
 
 def lighten_wandb_init(wandb: Any) -> None:
