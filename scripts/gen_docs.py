@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import enum
+import importlib
 import inspect
 import re
 import sys
@@ -39,21 +40,24 @@ SLURM_LAUNCHER = schema.conf_dir() / "hydra" / "launcher" / "slurm.yaml"
 # Help is rendered as plain text at a fixed width, so the page does not depend on the terminal.
 HELP_WIDTH = 100
 
-# The sections of the reference: (heading, key prefix, dataclass, the experiments that use it).
-SECTIONS = [
-    ("Top level", "", schema.Config, EXPERIMENTS),
-    ("model: every model", "model.", schema.ModelConfig, EXPERIMENTS),
-    ("model: the MLP (experiment=regression)", "model.", schema.MLPConfig, ("regression",)),
-    ("model: the CNN (experiment=cifar10)", "model.", schema.CNNConfig, ("cifar10",)),
-    ("data: regression", "data.", schema.RegressionDataConfig, ("regression",)),
-    ("data: CIFAR-10", "data.", schema.Cifar10DataConfig, ("cifar10",)),
-    ("optim", "optim.", schema.OptimConfig, EXPERIMENTS),
-    ("trainer", "trainer.", schema.TrainerConfig, EXPERIMENTS),
-    ("tracker", "tracker.", schema.TrackerConfig, EXPERIMENTS),
-    ("eval", "eval.", schema.EvalConfig, EXPERIMENTS),
-    ("study", "study.", schema.StudyConfig, EXPERIMENTS),
-    ("sweep", "sweep.", schema.SweepConfig, EXPERIMENTS),
-]
+
+def sections() -> list[tuple[str, str, type, tuple[str, ...]]]:
+    """The reference's sections: (heading, key prefix, dataclass, the experiments that use it)."""
+    return [
+        ("Top level", "", schema.Config, EXPERIMENTS),
+        ("model: every model", "model.", schema.ModelConfig, EXPERIMENTS),
+        ("model: the MLP (experiment=regression)", "model.", schema.MLPConfig, ("regression",)),
+        ("model: the CNN (experiment=cifar10)", "model.", schema.CNNConfig, ("cifar10",)),
+        ("data: regression", "data.", schema.RegressionDataConfig, ("regression",)),
+        ("data: CIFAR-10", "data.", schema.Cifar10DataConfig, ("cifar10",)),
+        ("optim", "optim.", schema.OptimConfig, EXPERIMENTS),
+        ("trainer", "trainer.", schema.TrainerConfig, EXPERIMENTS),
+        ("tracker", "tracker.", schema.TrackerConfig, EXPERIMENTS),
+        ("eval", "eval.", schema.EvalConfig, EXPERIMENTS),
+        ("study", "study.", schema.StudyConfig, EXPERIMENTS),
+        ("sweep", "sweep.", schema.SweepConfig, EXPERIMENTS),
+    ]
+
 
 # What the reference says of the keys that config.py declares without a comment above them
 # (a comment added there replaces the entry here; tests/test_docs.py keeps the two apart).
@@ -256,7 +260,7 @@ def render_config_reference() -> str:
     composed = composed_configs()
     comments = field_comments()
     out = [CONFIG_INTRO]
-    for heading, prefix, cls, experiments in SECTIONS:
+    for heading, prefix, cls, experiments in sections():
         out += [f"## {heading}", ""]
         if own_doc(cls):
             out += [own_doc(cls), ""]
@@ -400,10 +404,18 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ANN001 (the MkDocs
     return INCLUDE.sub(lambda m: readme_section(m.group(1)), markdown)
 
 
+def reload_code() -> None:
+    """Import the schema and the CLI afresh, so that `mkdocs serve` shows them as edited since it started."""
+    global schema, app
+    schema = importlib.reload(schema)
+    app = importlib.reload(sys.modules["dropstudy.cli"]).app
+
+
 def on_files(files, config):  # noqa: ANN001 (the MkDocs hook's signature)
     """MkDocs hook: add the generated pages (replacing any copy of them lying in docs/)."""
     from mkdocs.structure.files import File
 
+    reload_code()
     for path, text in generated_pages().items():
         stale = files.get_file_from_path(path)
         if stale is not None:
