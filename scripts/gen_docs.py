@@ -37,8 +37,9 @@ EXPERIMENTS = tuple(e.value for e in schema.Experiment)
 # What conf/config.yaml composes when no experiment is named.
 DEFAULT_EXPERIMENT = "regression"
 SLURM_LAUNCHER = schema.conf_dir() / "hydra" / "launcher" / "slurm.yaml"
-# Help is rendered as plain text at a fixed width, so the page does not depend on the terminal.
-HELP_WIDTH = 100
+# Help is rendered as plain text at a fixed width (what a code block shows without scrolling), so the
+# page does not depend on the terminal.
+HELP_WIDTH = 80
 
 
 def sections() -> list[tuple[str, str, type, tuple[str, ...]]]:
