@@ -801,7 +801,7 @@ def rerun(
         previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
         result = handle_run_errors(
             lambda: train_run(cfg, new_dir, [*saved_overrides, *overrides], group=previous.get("group"),
-                              job_type="rerun", extra_tags=("rerun",))
+                              job_type="rerun", extra_tags=("rerun",), starts_from=run_dir)
         )
         print_run(result)
         comparison = compare_metrics(original.read_metrics(), RunDir(new_dir).read_metrics(), rtol, atol)

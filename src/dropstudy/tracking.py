@@ -19,7 +19,9 @@ thread as soon as a command knows it will train, and `BackgroundTracker` runs a 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import netrc
 import os
 import shlex
@@ -46,6 +48,9 @@ class Tracker(Protocol):
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None: ...
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
     def set_summary(self, values: dict[str, Any]) -> None: ...
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None: ...
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None: ...
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -67,6 +72,15 @@ class NullTracker:
         pass
 
     def set_summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        pass
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:
@@ -277,6 +291,48 @@ class WandbTracker:
         for key, value in values.items():
             self.run.summary[key] = value
 
+    # Artifacts: the lineage data -> run -> model. A failure here is said once and leaves the
+    # run's metrics flowing (GuardedTracker would drop every later call).
+
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        """The data as an input artifact: a small description (dataset.json, with the data's content
+        hash) and, for data on disk, a reference to it, never a copy."""
+        artifact = self._wandb.Artifact(name, type="dataset", metadata=json_safe(metadata))
+        with artifact.new_file("dataset.json") as handle:
+            handle.write(json.dumps(json_safe(metadata), sort_keys=True, indent=1))
+        if reference is not None:
+            artifact.add_reference(reference, name="files", checksum=False)
+        self._artifact("use_dataset", lambda: self._use(artifact))
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        """The checkpoint a run starts from (resume, rerun) as an input: the model artifact `name`
+        with that file, which W&B matches by content to the version already logged under it."""
+        artifact = self._wandb.Artifact(name, type="model", metadata=json_safe(metadata))
+        artifact.add_file(str(path), name=Path(path).name)
+        self._artifact("use_model", lambda: self._use(artifact))
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        """The run's checkpoint as its output model artifact, `model-<run id>` (metadata: the run's
+        config and final metrics)."""
+        artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model", metadata=json_safe(metadata))
+        artifact.add_file(str(path), name=Path(path).name)
+        self._artifact("log_checkpoint", lambda: self.run.log_artifact(artifact, aliases=aliases))
+
+    def _use(self, artifact: Any) -> None:
+        if self.mode == "offline":
+            # Offline, W&B's use_artifact refuses; the same record it writes online (log, then use
+            # once committed) goes into the offline file for `wandb sync`.
+            self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+        else:
+            self.run.use_artifact(artifact)
+
+    def _artifact(self, what: str, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception as exc:  # lineage is a nicety: the run and its metrics go on
+            log.warning("W&B artifact not recorded (%s: %s: %s); the run goes on.", what, type(exc).__name__,
+                        first_line(exc))
+
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -329,6 +385,15 @@ class GuardedTracker:
 
     def set_summary(self, values: dict[str, Any]) -> None:
         self._call("set_summary", values)
+
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        self._call("use_dataset", name, metadata, reference)
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        self._call("use_model", name, path, metadata)
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        self._call("log_checkpoint", path, metadata, aliases)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.failed:
@@ -519,11 +584,34 @@ class BackgroundTracker:
     def set_summary(self, values: dict[str, Any]) -> None:
         self._deliver("set_summary", dict(values))
 
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        self._deliver("use_dataset", name, metadata, reference)
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        # Delivered now, not held: the file is read before training writes a newer checkpoint over it.
+        self.wait().use_model(name, path, metadata)
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        self._deliver("log_checkpoint", path, metadata, aliases)
+
     def finish(self, exit_code: int = 0) -> None:
         tracker = self.wait()
         start = time.perf_counter()
         tracker.finish(exit_code=exit_code)
         self.waited_s += time.perf_counter() - start
+
+
+def json_safe(value: Any) -> Any:
+    """Artifact metadata as JSON takes it: non-finite numbers as None, anything else as text."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def first_line(exc: BaseException) -> str:
