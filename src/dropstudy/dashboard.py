@@ -23,6 +23,7 @@ from typing import Any
 log = logging.getLogger("dropstudy")
 
 VIEW_FILE = "wandb_view.json"
+REPORT_CSV = Path("report") / "report.csv"
 DROPOUT = "model.dropout"
 # The config keys that a sweep or study may vary besides the rate, shown as further grouping levels.
 GROUPING_CANDIDATES = (DROPOUT, "model.dropout_kind", "model.conv_dropout", "model.dropout_sites")
@@ -31,6 +32,10 @@ CLASSIFICATION_EXPERIMENTS = ("cifar10",)
 
 class DashboardError(Exception):
     """A directory holds nothing a view can be made of; the message says why."""
+
+
+class NothingTracked(DashboardError):
+    """No run of the directory reached W&B (tracker.mode=disabled): there is no view to make."""
 
 
 def rate_colors(rates: list[Any]) -> dict[str, str]:
@@ -55,7 +60,7 @@ def _kind_of(directory: Path) -> str:
         return "study"
     if (directory / "sweep.json").is_file():
         return "sweep"
-    if (directory / "report" / "report.csv").is_file():
+    if (directory / REPORT_CSV).is_file():
         return "report"
     raise DashboardError(f"{directory}: not a study (study.json), sweep (sweep.json) or reported directory "
                          "(report/report.csv); give the directory `dropstudy study`, `sweep` or `report` made.")
@@ -109,7 +114,7 @@ def view_spec(directory: Path) -> dict[str, Any]:
     kind = _kind_of(directory)
     runs = _runs(directory)
     if not runs:
-        raise DashboardError(f"{directory}: none of its runs was tracked by W&B (no wandb run id in any "
+        raise NothingTracked(f"{directory}: none of its runs was tracked by W&B (no wandb run id in any "
                              "summary.json); there is nothing to show.")
     group = Counter(r.summary["wandb"].get("group") or "" for r in runs).most_common(1)[0][0] or None
     runs = [r for r in runs if (r.summary["wandb"].get("group") or None) == group]
@@ -140,9 +145,11 @@ def view_spec(directory: Path) -> dict[str, Any]:
         "run_colors": {r.summary["wandb"]["run_id"]: colors[value_text(r.config.get(DROPOUT))] for r in runs},
         "rate_colors": colors,
         "sections": _sections(any(e in CLASSIFICATION_EXPERIMENTS for e in experiments), figure_keys),
+        # Runs that reached the server online have a URL; offline ones wait for `wandb sync`.
+        "online": any((r.summary["wandb"].get("url") or "") for r in runs),
         "publish": f"dropstudy dashboard {shlex.quote(str(directory))}",
     }
-    if kind == "report":
+    if (directory / REPORT_CSV).is_file():
         spec["report"] = report_spec(directory, runs, group)
     return spec
 
@@ -248,7 +255,8 @@ def build_report(spec: dict[str, Any], entity: str | None = None) -> Any:
             wr.H1("Training curves"),
             wr.PanelGrid(runsets=[runset], panels=_panels(panels)),
             wr.H1("Commands"),
-            wr.CodeBlock(code=text["commands"], language="bash"),
+            # Shell commands; the block's languages have no shell, and yaml highlights them least wrongly.
+            wr.CodeBlock(code="\n".join(text["commands"]), language="yaml"),
             wr.H1("Provenance"),
             wr.UnorderedList(items=text["provenance"] or ["(no provenance.json found)"]),
         ],
@@ -267,31 +275,33 @@ def default_entity() -> str:
     return entity
 
 
-def publish(spec: dict[str, Any]) -> list[str]:
-    """Save the view (and the report) on the W&B server; returns their URLs."""
+def publish(spec: dict[str, Any], view: bool = True, report: bool = True) -> list[str]:
+    """Save the view and (where the spec has one) the report on the W&B server; their URLs."""
     entity = spec["entity"] or default_entity()
-    workspace = build_workspace(spec, entity).save()
-    urls = [workspace.url]
-    if "report" in spec:
-        urls.append(build_report(spec, entity).save().url)
-    return urls
+    # Both built before either is saved: a spec the library's classes refuse saves nothing.
+    built = ([build_workspace(spec, entity)] if view else []) + \
+        ([build_report(spec, entity)] if report and "report" in spec else [])
+    return [thing.save().url for thing in built]
 
 
-def after_command(directory: Path, online: bool, say: Any = print) -> None:
-    """At the end of a study, sweep or report: write the view's specification and, when the runs
-    went online, publish it; offline, say the one command that publishes it after `wandb sync`.
-    Any failure is one line: the command's own result never depends on the W&B server."""
+def after_command(directory: Path, say: Any = print, report: bool = False) -> None:
+    """At the end of a study or sweep (its view) or a report (`report`: the W&B Report only):
+    write the specification and, when the runs went online, publish it; offline, say the one
+    command that publishes it after `wandb sync`. Any failure is one line: the command's own
+    result never depends on the W&B server."""
     try:
         spec = view_spec(directory)
         path = write_spec(directory, spec)
+    except NothingTracked:
+        return
     except Exception as exc:
         say(f"W&B view: not written ({type(exc).__name__}: {first_line(exc)})")
         return
-    if not online:
+    if not spec["online"]:
         say(f"W&B view: {path}; after `wandb sync`, publish it with: {spec['publish']}")
         return
     try:
-        for url in publish(spec):
+        for url in publish(spec, view=not report, report=report):
             say(f"W&B view: {url}")
     except Exception as exc:
         say(f"W&B view: not published ({type(exc).__name__}: {first_line(exc)}); "
