@@ -203,6 +203,12 @@ def _panels(panels: list[dict[str, Any]]) -> list[Any]:
     return built
 
 
+def config_key(key: str) -> str:
+    """W&B's name for a config key: dropstudy logs its config flat ("model.dropout" is one key),
+    whose value W&B keeps under ".value" at the end (the library assumes nesting unless told)."""
+    return f"{key}.value"
+
+
 def group_filter(group: str | None) -> str:
     return f"Group == {json.dumps(group)}" if group else ""
 
@@ -220,7 +226,7 @@ def build_workspace(spec: dict[str, Any], entity: str | None = None) -> Any:
         settings=ws.WorkspaceSettings(x_axis="epoch"),
         runset_settings=ws.RunsetSettings(
             filters=group_filter(spec["group"]),
-            groupby=[expr.Config(key) for key in spec["grouping"]],
+            groupby=[expr.Config(config_key(key)) for key in spec["grouping"]],
             run_settings={run_id: ws.RunSettings(color=color) for run_id, color in spec["run_colors"].items()},
         ),
     )
@@ -239,7 +245,7 @@ def build_report(spec: dict[str, Any], entity: str | None = None) -> Any:
         markdown = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n"
         markdown += "".join("| " + " | ".join(row) + " |\n" for row in table[1:])
     runset = wr.Runset(entity=entity, project=spec["project"], name=spec["group"] or "runs",
-                       filters=group_filter(spec["group"]), groupby=[f"config.{key}" for key in spec["grouping"]])
+                       filters=group_filter(spec["group"]), groupby=[f"config.{config_key(key)}" for key in spec["grouping"]])
     panels = [p for s in spec["sections"] for p in s["panels"] if p["type"] != "media"]
     return wr.Report(
         entity=entity,
