@@ -297,26 +297,35 @@ class WandbTracker:
     def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
         """The data as an input artifact: a small description (dataset.json, with the data's content
         hash) and, for data on disk, a reference to it, never a copy."""
-        artifact = self._wandb.Artifact(name, type="dataset", metadata=json_safe(metadata))
-        with artifact.new_file("dataset.json") as handle:
-            handle.write(json.dumps(json_safe(metadata), sort_keys=True, indent=1))
-        if reference is not None:
-            artifact.add_reference(reference, name="files", checksum=False)
-        self._artifact("use_dataset", lambda: self._use(artifact))
+        def use() -> None:
+            artifact = self._wandb.Artifact(name, type="dataset", metadata=json_safe(metadata))
+            with artifact.new_file("dataset.json") as handle:
+                handle.write(json.dumps(json_safe(metadata), sort_keys=True, indent=1))
+            if reference is not None:
+                artifact.add_reference(reference, name="files", checksum=False)
+            self._use(artifact)
+
+        self._artifact("use_dataset", use)
 
     def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
         """The checkpoint a run starts from (resume, rerun) as an input: the model artifact `name`
         with that file, which W&B matches by content to the version already logged under it."""
-        artifact = self._wandb.Artifact(name, type="model", metadata=json_safe(metadata))
-        artifact.add_file(str(path), name=Path(path).name)
-        self._artifact("use_model", lambda: self._use(artifact))
+        def use() -> None:
+            artifact = self._wandb.Artifact(name, type="model", metadata=json_safe(metadata))
+            artifact.add_file(str(path), name=Path(path).name)
+            self._use(artifact)
+
+        self._artifact("use_model", use)
 
     def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
         """The run's checkpoint as its output model artifact, `model-<run id>` (metadata: the run's
         config and final metrics)."""
-        artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model", metadata=json_safe(metadata))
-        artifact.add_file(str(path), name=Path(path).name)
-        self._artifact("log_checkpoint", lambda: self.run.log_artifact(artifact, aliases=aliases))
+        def log() -> None:
+            artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model", metadata=json_safe(metadata))
+            artifact.add_file(str(path), name=Path(path).name)
+            self.run.log_artifact(artifact, aliases=aliases)
+
+        self._artifact("log_checkpoint", log)
 
     def _use(self, artifact: Any) -> None:
         if self.mode == "offline":
