@@ -22,13 +22,14 @@ from wandb_offline import find_run_files, load_run, read_records
 QUICK = ["trainer.epochs=4", "trainer.eval_every=2"]
 
 
+def artifact_records(run_file: Path) -> list:
+    """The artifact records of one offline run file, in order."""
+    return [r.artifact for r in read_records(run_file) if r.WhichOneof("record_type") == "artifact"]
+
+
 def artifacts(run_file: Path) -> dict[str, object]:
-    """The artifact records of one offline run file, by name."""
-    found = {}
-    for record in read_records(run_file):
-        if record.WhichOneof("record_type") == "artifact":
-            found[record.artifact.name] = record.artifact
-    return found
+    """The artifact records of one offline run file, by name (the last of a name)."""
+    return {artifact.name: artifact for artifact in artifact_records(run_file)}
 
 
 def md5_b64(path: Path) -> str:
@@ -91,6 +92,28 @@ def test_a_rerun_uses_the_model_of_the_run_it_reproduces(dropstudy, tmp_path: Pa
     used = found[f"model-{first_id}"]
     assert used.use_after_commit and used.type == "model"
     assert used.manifest.contents[0].digest == base64.b64encode(hashlib.md5(checkpoint).digest()).decode()
+
+
+def test_a_resume_uses_the_model_its_interrupted_run_logged(clean_env, tmp_path: Path, dropstudy):
+    from test_resume_levels import LONG, start, stop_once_it_logs
+
+    run = tmp_path / "run"
+    said = stop_once_it_logs(start(tmp_path, clean_env, "train", *LONG, "hydra.run.dir=run"), run / "metrics.jsonl")
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted", said
+    run_id = json.loads((run / "summary.json").read_text())["wandb"]["run_id"]
+    stopped_at = md5_b64(run / "checkpoints" / "last.pt")
+    first, = find_run_files(run)
+    logged = artifacts(first)[f"model-{run_id}"]
+    assert set(logged.aliases) == {"latest", "interrupted"} and logged.manifest.contents[0].digest == stopped_at
+
+    resumed = dropstudy("resume", "run")
+    assert resumed.code == 0, resumed.output
+    second = next(f for f in find_run_files(run) if f != first)  # the same W&B run id, a second offline file
+    models = [a for a in artifact_records(second) if a.name == f"model-{run_id}"]
+    # First the checkpoint it starts from, as an input; last the finished model, as the output.
+    assert [m.use_after_commit for m in models] == [True, False]
+    assert models[0].manifest.contents[0].digest == stopped_at
+    assert models[1].manifest.contents[0].digest == md5_b64(run / "checkpoints" / "last.pt") != stopped_at
 
 
 def test_a_refused_artifact_loses_no_metric(clean_env, tmp_path: Path, monkeypatch):

@@ -5,7 +5,6 @@ GraphQL server on 127.0.0.1 that records what W&B's client sends it (no W&B serv
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from matplotlib.colors import to_hex
 
-from conftest import python_path
+from conftest import clean_environment
 from dropstudy import dashboard
 from dropstudy.plots import COLORS
 
@@ -90,18 +89,11 @@ class FakeWandb:
         self.server.server_close()
 
 
-def clean_environment(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in ("NETRC", "DROPSTUDY_DATA")}
-    env.update(HOME=str(home), MPLCONFIGDIR=str(home / ".mpl"), PYTHONPATH=python_path())
-    return env
-
-
 @pytest.fixture(scope="module")
 def offline_study(tmp_path_factory) -> Path:
     """One real two-arm regression study, tracked offline, then reported on (shared: read only)."""
     where = tmp_path_factory.mktemp("offline_study")
-    (where / "home").mkdir()
-    env = clean_environment(where / "home")
+    env = clean_environment(where)
     run = lambda *args: subprocess.run([sys.executable, "-m", "dropstudy", *args], cwd=where, env=env,  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     study = run(*STUDY)
@@ -163,8 +155,7 @@ def test_study_writes_a_view_spec_its_group_grouped_and_coloured_as_the_figures(
 
 
 def test_dashboard_publishes_exactly_one_view_with_the_group_and_grouping(study_copy: Path, tmp_path: Path):
-    env = clean_environment(tmp_path / "home")
-    (tmp_path / "home").mkdir()
+    env = clean_environment(tmp_path)
     group = json.loads((study_copy / "study.json").read_text())["group"]
     with FakeWandb() as server:
         env.update(WANDB_BASE_URL=server.url, WANDB_API_KEY=FAKE_KEY)
@@ -184,8 +175,7 @@ def test_dashboard_publishes_exactly_one_view_with_the_group_and_grouping(study_
 
 def test_report_publishes_one_report_with_the_table_figures_commands(study_copy: Path, tmp_path: Path,
                                                                      monkeypatch):
-    (tmp_path / "home").mkdir()
-    for key, value in clean_environment(tmp_path / "home").items():
+    for key, value in clean_environment(tmp_path).items():
         monkeypatch.setenv(key, value)
     spec = dashboard.view_spec(study_copy)
     table = (study_copy / "report" / "report.csv").read_text().splitlines()
@@ -204,8 +194,7 @@ def test_report_publishes_one_report_with_the_table_figures_commands(study_copy:
 
 
 def test_a_refusing_server_is_one_line_and_raises_nothing(study_copy: Path, tmp_path: Path, monkeypatch):
-    (tmp_path / "home").mkdir()
-    for key, value in clean_environment(tmp_path / "home").items():
+    for key, value in clean_environment(tmp_path).items():
         monkeypatch.setenv(key, value)
     for arm in ("dropout-0", "dropout-0.5"):  # as if the arms had gone online
         path = study_copy / arm / "summary.json"
