@@ -11,6 +11,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from matplotlib.colors import to_hex
@@ -135,7 +136,11 @@ def test_study_writes_a_view_spec_its_group_grouped_and_coloured_as_the_figures(
     assert runset.filters["filters"] == [{"key": {"section": "run", "name": "group"}, "op": "=",
                                           "value": record["group"], "disabled": False}]
     assert [key.model_dump()["name"] for key in runset.grouping] == ["model.dropout.value"]
-    assert view.spec.section.custom_run_colors == spec["run_colors"]
+    colors = view.spec.section.custom_run_colors
+    assert {k: v for k, v in colors.items() if k in spec["run_colors"]} == spec["run_colors"]
+    groups = {k: v for k, v in colors.items() if k.startswith("run-color-group:")}  # one per rate's group
+    assert sorted(groups.values()) == sorted([to_hex(COLORS[0]), to_hex(COLORS[1])])
+    assert all("model.dropout.value" in unquote(k) for k in groups)
     sections = {s.name: s for s in view.spec.section.panel_bank_config.sections}
     assert list(sections) == ["Loss", "Generalisation gap", "Dropout rates and weight norms",
                               "Gradient and parameter histograms", "Figures"]  # regression: no accuracy

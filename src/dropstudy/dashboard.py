@@ -228,6 +228,8 @@ def build_workspace(spec: dict[str, Any], entity: str | None = None) -> Any:
             filters=group_filter(spec["group"]),
             groupby=[expr.Config(config_key(key)) for key in spec["grouping"]],
             run_settings={run_id: ws.RunSettings(color=color) for run_id, color in spec["run_colors"].items()},
+            # The rate's groups too (the first grouping level), by the rate as W&B shows the value.
+            group_colors=dict(spec["rate_colors"]),
         ),
     )
 
