@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import wandb
 
@@ -94,6 +95,7 @@ def test_a_rerun_uses_the_model_of_the_run_it_reproduces(dropstudy, tmp_path: Pa
     assert used.manifest.contents[0].digest == base64.b64encode(hashlib.md5(checkpoint).digest()).decode()
 
 
+@pytest.mark.slow  # a run long enough to interrupt, then its resume
 def test_a_resume_uses_the_model_its_interrupted_run_logged(clean_env, tmp_path: Path, dropstudy):
     from test_resume_levels import LONG, start, stop_once_it_logs
 
