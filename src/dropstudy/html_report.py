@@ -36,10 +36,9 @@ PAGE = "report.html"
 CAPTIONS = {
     "vs_dropout": "Final metrics against the dropout rate: mean over seeds with its 95% interval.",
     "learning_curves": "Learning curves of every setting: mean over seeds with its 95% band.",
-    "fit": "The regression fit of each setting, one seed each.",
+    "fit": "The regression fit of each setting (one seed each) over the training and test points.",
     "study_curves": "Every arm's training and validation curves on shared axes.",
     "weight_norms": "The weights' L2 norms per arm: per layer at the end, and over training.",
-    "regression_fit": "Each arm's fitted curve over the training and test points.",
 }
 # The curves of one arm: training mode (dropout on), the training data in eval mode (dropout
 # off; absent in runs made before it was logged), and validation.
@@ -137,6 +136,8 @@ def _dirty(git: dict) -> str:
 
 def provenance_rows(runs: Sequence[Run]) -> list[tuple[str, str]]:
     """What produced the runs (their provenance.json), field by field."""
+    if not runs:
+        return [("runs", "none finished")]
     records = [RunDir(run.path).read_provenance() for run in runs]
     fields: dict[str, Callable[[dict], Any]] = {
         "runs": lambda p: None,
