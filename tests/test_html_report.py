@@ -166,13 +166,14 @@ def test_report_html_in_a_browser_shows_report_csv_and_every_figure(sweep_dir: P
     expected = csv_rows(sweep_dir / "report" / "report.csv")
     (table,) = seen["desktop"]["tables"]
     assert seen["phone"]["tables"] == [table]
-    assert len(table["rows"]) == len(expected)
+    shown_rows = [dict(zip(table["header"], cells)) for cells in table["rows"]]
+    keys = [("val/loss_epoch" if s["metric"] == "best epoch (val/loss)" else s["metric"], s["model.dropout"])
+            for s in shown_rows]
+    assert sorted(keys) == sorted(expected)  # every line of report.csv, once
     checked = set()
-    for cells in table["rows"]:
-        shown = dict(zip(table["header"], cells))
-        metric = "val/loss_epoch" if shown["metric"] == "best epoch (val/loss)" else shown["metric"]
-        want = expected_cells(expected[(metric, shown["model.dropout"])])
-        assert {k: shown[k] for k in want} == want, (metric, shown["model.dropout"])
+    for shown, key in zip(shown_rows, keys):
+        want = expected_cells(expected[key])
+        assert {k: shown[k] for k in want} == want, key
         checked |= set(want)
     assert {"mean ± std", "95% CI", "95% CI of Δ", "p (paired t)", "p (Wilcoxon)", "d_z", "wins"} <= checked
     # These runs log no eval-mode training loss: the per-arm panels say nothing about one.
