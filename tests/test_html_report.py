@@ -198,16 +198,18 @@ def test_report_html_draws_the_eval_mode_training_curve_where_runs_logged_it(swe
 
 
 @pytest.fixture(scope="module")
-def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("html_study")
-    dropstudy_cli(tmp, "study", "trainer.epochs=10", "trainer.eval_every=5", "tracker.mode=disabled",
-                  "hydra.run.dir=st")
-    return tmp / "st"
+    proc = dropstudy_cli(tmp, "study", "trainer.epochs=10", "trainer.eval_every=5", "tracker.mode=disabled",
+                         "hydra.run.dir=st")
+    return tmp / "st", proc.stdout
 
 
 @needs_chromium
-def test_every_study_writes_report_html_with_its_comparison(study_dir: Path, tmp_path: Path):
+def test_every_study_writes_report_html_with_its_comparison(study: tuple[Path, str], tmp_path: Path):
+    study_dir, printed = study
     page = study_dir / "report.html"
+    assert f"comparison page: {page}" in printed
     html = page.read_text()
     assert_self_contained(html)
     # study_curves, weight_norms and regression_fit as the study draws them, and the per-arm curves.

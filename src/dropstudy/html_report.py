@@ -240,7 +240,7 @@ def write_study_page(study_dir: Path, draw: Callable[[SvgFolder], dict[str, Path
         drawn = draw(SvgFolder(Path(folder)))
         figures = [figure_of(name, path.with_suffix(".svg")) for name, path in drawn.items()]
     page = render(f"dropstudy study: {study_dir.name}", study_dir, tables, figures, _arm_figures(tables), runs,
-                  skipped, _commands(runs, study_dir, (), "the same tables over seeds, with the report's figures"))
+                  skipped, _commands(runs, study_dir, (), "the study's report (its tables and paper figures, in report/)"))
     path = study_dir / PAGE
     path.write_text(page)
     return path
