@@ -312,6 +312,7 @@ def study(
         print_run(arm, indent="  ")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
+    typer.echo(f"comparison page: {result.study_dir / 'report.html'}  (self-contained, opens offline)")
     typer.echo(f"study status: {result.status} (study.json)")
     save_wandb_view(result.study_dir)
     typer.echo(time_line(result))
@@ -918,6 +919,8 @@ def report(
     figures as PNG, PDF and SVG, one column wide (metric vs dropout rate, learning curves with 95%
     bands, the regression fit of one seed per setting); when the runs were tracked, logs them to
     one W&B run (job_type report) in their group.
+    DIR/report/report.html shows it all on one self-contained page (figures inline, no request),
+    with each setting's curves, the runs' provenance and commands: it opens offline and prints.
 
     Examples:
 

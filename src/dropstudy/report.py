@@ -663,6 +663,9 @@ def make_report(root: Path, baseline: Sequence[str] = ()) -> Report:
                 report.files[f"{table.experiment}_{name}"] = png
                 for suffix in (".pdf", ".svg"):
                     report.files[f"{table.experiment}_{name}{suffix}"] = png.with_suffix(suffix)
+    from dropstudy.html_report import write_report_page  # it builds on this module
+
+    report.files["report.html"] = write_report_page(report, runs, baseline)
     log_to_wandb(report, runs)
     return report
 

@@ -29,6 +29,7 @@ from dropstudy.data import Dataset, load_dataset
 from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
 from dropstudy.failures import describe
+from dropstudy.html_report import write_study_page
 from dropstudy.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
 from dropstudy.tracking import BackgroundTracker, flatten, make_tracker, resolve_mode
@@ -521,7 +522,9 @@ def conclude_study(
         shared_process=True,
     ))
     try:
-        figures = draw_study_figures(cfg, out, [a for a in arms if a.status != "not run"], data)
+        started = [a for a in arms if a.status != "not run"]
+        figures = draw_study_figures(cfg, out, started, data)
+        write_study_page(study_dir, lambda svg: draw_study_figures(cfg, svg, started, data))
     except BaseException:
         comparison.finish(exit_code=1)
         raise
