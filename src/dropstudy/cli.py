@@ -581,7 +581,10 @@ def resume_run_dir(run_dir: Path) -> None:
 
     from dropstudy.vectorized import batched_member_of
 
-    sweep_dir = batched_member_of(run_dir)
+    try:
+        sweep_dir = batched_member_of(run_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
     if sweep_dir is not None:
         raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
                    f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
@@ -594,6 +597,7 @@ def resume_run_dir(run_dir: Path) -> None:
         check_runnable(cfg)
         try:  # read before anything is written: a damaged file refuses the resume
             run.read_metrics()
+            run.read_provenance()
         except RunDirError as exc:
             raise fail(str(exc))
         if run.torn_tail() and run.has_checkpoint():
@@ -677,12 +681,16 @@ def read_status_of(run_dir: Path) -> str:
 def resume_sweep_dir(sweep_dir: Path) -> None:
     from datetime import datetime, timezone
 
+    from dropstudy.rundir import RunDirError
     from dropstudy.vectorized import batched_chunks
 
-    if batched_chunks(sweep_dir):
+    try:
+        chunks = batched_chunks(sweep_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
+    if chunks:
         resume_batched_chunks(sweep_dir)  # then the jobs no chunk reached, below
 
-    from dropstudy.rundir import RunDirError
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
     from dropstudy.sweep import collect_outcomes, write_sweep_json
 
@@ -800,7 +808,7 @@ def rerun(
     cfg = overridden(cfg, overrides)
     check_runnable(cfg)
     original = RunDir.existing(run_dir)
-    check_original_rows(run_dir)
+    check_original(run_dir)
     new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
     with claimed(new_dir, ELSEWHERE_OUT):
         from dropstudy.runner import train_run
@@ -843,9 +851,10 @@ def rerun(
         raise typer.Exit(0 if comparison.reproduces else 1)
 
 
-def check_original_rows(run_dir: Path) -> None:
-    """A rerun compares with the original's complete rows: exit 2 when metrics.jsonl is missing,
-    empty or damaged; a half-written last line (a crash) is left out of the comparison, saying so."""
+def check_original(run_dir: Path) -> None:
+    """A rerun compares with the original's complete rows and its provenance: exit 2 when
+    metrics.jsonl is missing, empty or damaged, or provenance.json is damaged; a half-written last
+    line (a crash) is left out of the comparison, saying so."""
     from rich.markup import escape
 
     from dropstudy.rundir import RunDir, RunDirError
@@ -853,6 +862,7 @@ def check_original_rows(run_dir: Path) -> None:
     run = RunDir.existing(run_dir)
     try:
         rows = run.read_metrics()
+        run.read_provenance()
     except RunDirError as exc:
         raise fail(str(exc))
     if not rows:
@@ -870,7 +880,6 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
 
     from dropstudy.console import setup_logging
     from dropstudy.rerun import Member, MemberRerun, rerun_members
-    from dropstudy.rundir import RunDir
 
     members = []
     for name, original in runs:
@@ -881,7 +890,7 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
         cfg, saved_overrides = load_saved_run(original)
         cfg = overridden(cfg, overrides)
         check_runnable(cfg)
-        check_original_rows(original)
+        check_original(original)
         members.append(Member(name, original, status, cfg, [*saved_overrides, *overrides]))
     todo = [m for m in members if m.cfg is not None]
     skipped = ", ".join(f"{m.name} ({m.status})" for m in members if m.cfg is None)

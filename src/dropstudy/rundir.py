@@ -258,8 +258,18 @@ class RunDir:
         write_json_atomic(self.path / "provenance.json", provenance, self.path)
 
     def read_provenance(self) -> dict:
+        """provenance.json ({} without one); a damaged one is a RunDirError naming it."""
         path = self.path / "provenance.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            provenance = json.loads(path.read_bytes())
+        except ValueError as exc:  # also bytes that are not UTF-8
+            raise RunDirError(f"{path}: not readable JSON ({exc}), so the record of how this run was made "
+                              "is damaged.") from None
+        if not isinstance(provenance, dict):
+            raise RunDirError(f"{path}: not a provenance record (a JSON object).")
+        return provenance
 
     def update_provenance(self, **fields: Any) -> None:
         write_json_atomic(self.path / "provenance.json", {**self.read_provenance(), **fields}, self.path)

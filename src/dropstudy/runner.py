@@ -105,8 +105,9 @@ def train_run(
     checkpoint). summary.json says `running` from the start and, whatever stops the run, how it
     ended (as long as the file system still takes a write)."""
     rd = RunDir(run_dir)
-    if resume:
-        rd.read_metrics()  # a damaged metrics.jsonl (RunDirError) refuses the resume before any record changes
+    if resume:  # a damaged record (RunDirError) refuses the resume before any record changes
+        rd.read_metrics()
+        rd.read_provenance()
     previous = read_summary_or_none(rd)
     # Before data loading: every run that ever started has a status. The W&B placement of a
     # resumed run is kept, since the resume reads it from here.
