@@ -988,7 +988,7 @@ def report(
             shown.add_row(*cells(table, metric, row), end_section=i + 1 < len(rows) and rows[i + 1][0] != metric)
         console.print(shown)
     for path, reason in result.skipped:
-        stderr.print(f"skipped {path}: {escape(skip_reason(reason))}", highlight=False, soft_wrap=True)
+        stderr.print(escape(f"skipped {path}: {skip_reason(reason)}"), highlight=False, soft_wrap=True)
     for path in result.files.values():
         typer.echo(f"wrote {path}")
     if result.tracker_sync:

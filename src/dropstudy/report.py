@@ -186,8 +186,8 @@ def _run_config(rd: RunDir) -> tuple[dict[str, Any], str | None]:
     if not rd.config_path.is_file():
         return {}, f"{rd.config_path}: missing, so it is not a run directory"
     try:
-        config = yaml.safe_load(rd.config_path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+        config = rd.read_config_dict()
+    except Exception as exc:  # OSError, or any of YAML's and OmegaConf's errors on a damaged file
         return {}, f"{rd.config_path}: not a valid run config (unreadable: {type(exc).__name__})"
     if not isinstance(config, dict):
         return {}, f"{rd.config_path}: not a valid run config (not a mapping of keys)"
