@@ -1,7 +1,9 @@
 """`dropstudy report DIR`: the paper table, its statistics and figures over every run under a directory.
 
 A run is any folder with summary.json and .hydra/config.yaml (a sweep's jobs, a study's arms,
-single runs), found recursively; runs that did not finish are skipped and named. Runs are
+single runs), found recursively; one that did not finish, a rerun (not another seed) or one
+whose records are missing or unreadable is skipped and named with why. Everything is read and
+checked before root/report/ is written (`plan_report`, then `write_report`). Runs are
 grouped per experiment, and within it per *setting*: the values of the config keys that vary
 between the runs, other than the seed (and what only places a run, tracker.*). For each final
 metric in summary.json a setting's row holds n, mean, std and the 95% interval over its seeds,
