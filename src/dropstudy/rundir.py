@@ -574,6 +574,11 @@ def refuse_used(path: str | Path, elsewhere: str) -> None:
             f"{path} already holds {describe_holding(path, marker)}; a directory holds one run, study or sweep. "
             f"To continue it: {shlex.join(['dropstudy', 'resume', str(path)])}; to start a new one, {elsewhere}."
         )
+    refuse_inside(path, elsewhere)
+
+
+def refuse_inside(path: Path, elsewhere: str) -> None:
+    """RunDirClaimError when a folder above `path` is a run, study, sweep or rerun directory."""
     outer = enclosing_marker(path)
     if outer is not None:
         what = {"study.json": "a study", "sweep.json": "a sweep", "multirun.yaml": "a sweep",
@@ -612,8 +617,8 @@ def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick 
     Returns the held lock, a context manager that releases it (and removes the directory when
     this call created it and nothing was written); RunDirClaimError says why not."""
     path = Path(path)
-    if new:  # checked again below, once the lock is held; here before anything is created
-        refuse_used(path, elsewhere)
+    if new and not path.exists():  # before the lock, which would create folders inside the outer one
+        refuse_inside(path, elsewhere)
     if path.exists() and not path.is_dir():
         raise RunDirClaimError(f"{path} is a file, not a directory; {elsewhere}.")
     created = not path.exists()
