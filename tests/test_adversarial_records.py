@@ -144,6 +144,31 @@ def test_a_damaged_provenance_is_named_by_resume_and_rerun_before_anything_is_wr
         assert tree(run.parent) == before, f"{args[0]} changed files before refusing"
 
 
+@pytest.mark.parametrize("summary", ["{not json", "[1, 2]"])
+def test_a_damaged_summary_is_named_by_rerun_before_anything_is_written(run, summary):
+    (run / "summary.json").write_text(summary)
+    before = tree(run.parent)
+    result = invoke("rerun", "a", "--out", "b")
+    assert result.exit_code == 2, result.output
+    one_line_error(result.output)
+    assert "a/summary.json: not" in result.output
+    assert tree(run.parent) == before
+
+
+def test_a_study_or_sweep_resume_plans_around_a_half_written_line_and_refuses_a_damaged_one(run):
+    from dropstudy.resume import plan_step
+    from dropstudy.rundir import RunDir, RunDirError
+
+    crashed_writing_its_test_row(run)
+    lines = len((run / "metrics.jsonl").read_text().splitlines())
+    cfg = RunDir.existing(run).read_config()
+    step = plan_step("a", run, cfg, [], "never checkpointed")
+    assert step.action == "resume" and step.note == f"after epoch 40 (metrics.jsonl line {lines} is half-written: dropped)"
+    (run / "metrics.jsonl").write_text("{}\n" + (run / "metrics.jsonl").read_text())
+    with pytest.raises(RunDirError, match="metrics.jsonl: line 1 is not a metrics row"):
+        plan_step("a", run, cfg, [], "never checkpointed")
+
+
 def test_report_names_every_run_it_skips_and_why(finished, tmp_path, clean_env):
     runs = tmp_path / "runs"
     shutil.copytree(finished / "a", runs / "good")

@@ -852,9 +852,9 @@ def rerun(
 
 
 def check_original(run_dir: Path) -> None:
-    """A rerun compares with the original's complete rows and its provenance: exit 2 when
-    metrics.jsonl is missing, empty or damaged, or provenance.json is damaged; a half-written last
-    line (a crash) is left out of the comparison, saying so."""
+    """A rerun compares with the original's complete rows and its provenance, and joins its W&B
+    group: exit 2 when metrics.jsonl is missing, empty or damaged, or provenance.json or
+    summary.json is; a half-written last line (a crash) is left out of the comparison, saying so."""
     from rich.markup import escape
 
     from dropstudy.rundir import RunDir, RunDirError
@@ -865,6 +865,13 @@ def check_original(run_dir: Path) -> None:
         run.read_provenance()
     except RunDirError as exc:
         raise fail(str(exc))
+    if run.summary_path.is_file():  # the rerun joins the original's W&B group, read from it
+        try:
+            summary = run.read_summary()
+        except (OSError, ValueError) as exc:
+            raise fail(f"{run.summary_path}: not readable JSON ({exc}), so the run's record is damaged.")
+        if not isinstance(summary, dict):
+            raise fail(f"{run.summary_path}: not a run summary (a JSON object).")
     if not rows:
         raise fail(f"{run.metrics_path}: missing or empty; there is nothing to compare with.")
     if run.torn_tail():
