@@ -584,16 +584,30 @@ def resume_run_dir(run_dir: Path) -> None:
 
     from dropstudy.vectorized import batched_member_of
 
-    sweep_dir = batched_member_of(run_dir)
+    try:
+        sweep_dir = batched_member_of(run_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
     if sweep_dir is not None:
         raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
                    f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
-        if RunDir.existing(run_dir).read_status()[0] == "finished":
+        run = RunDir.existing(run_dir)
+        if run.read_status()[0] == "finished":
             raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
                        f"To train it again use: {shlex.join(['dropstudy', 'rerun', str(run_dir)])}")
         check_runnable(cfg)
+        try:  # read before anything is written: a damaged file refuses the resume
+            run.read_metrics()
+            run.read_provenance()
+        except RunDirError as exc:
+            raise fail(str(exc))
+        if run.torn_tail() and run.has_checkpoint():
+            from rich.markup import escape
+
+            stderr.print(f"[yellow]warning:[/] {escape(run.torn_tail())}; it is dropped, as are all rows after "
+                         "the checkpoint, which are trained again.", highlight=False, soft_wrap=True)
         resume_log = handle_run_errors(lambda: ResumeLog(run_dir))
         try:
             result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
@@ -670,12 +684,16 @@ def read_status_of(run_dir: Path) -> str:
 def resume_sweep_dir(sweep_dir: Path) -> None:
     from datetime import datetime, timezone
 
+    from dropstudy.rundir import RunDirError
     from dropstudy.vectorized import batched_chunks
 
-    if batched_chunks(sweep_dir):
+    try:
+        chunks = batched_chunks(sweep_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
+    if chunks:
         resume_batched_chunks(sweep_dir)  # then the jobs no chunk reached, below
 
-    from dropstudy.rundir import RunDirError
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
     from dropstudy.sweep import collect_outcomes, write_sweep_json
 
@@ -792,9 +810,8 @@ def rerun(
     cfg, saved_overrides = load_saved_run(run_dir)
     cfg = overridden(cfg, overrides)
     check_runnable(cfg)
-    original = RunDir(run_dir)
-    if not original.read_metrics():
-        raise fail(f"{original.metrics_path}: missing or empty; there is nothing to compare with.")
+    original = RunDir.existing(run_dir)
+    check_original(run_dir)
     new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
     with claimed(new_dir, ELSEWHERE_OUT):
         from dropstudy.runner import train_run
@@ -837,6 +854,34 @@ def rerun(
         raise typer.Exit(0 if comparison.reproduces else 1)
 
 
+def check_original(run_dir: Path) -> None:
+    """A rerun compares with the original's complete rows and its provenance, and joins its W&B
+    group: exit 2 when metrics.jsonl is missing, empty or damaged, or provenance.json or
+    summary.json is; a half-written last line (a crash) is left out of the comparison, saying so."""
+    from rich.markup import escape
+
+    from dropstudy.rundir import RunDir, RunDirError
+
+    run = RunDir.existing(run_dir)
+    try:
+        rows = run.read_metrics()
+        run.read_provenance()
+    except RunDirError as exc:
+        raise fail(str(exc))
+    if run.summary_path.is_file():  # the rerun joins the original's W&B group, read from it
+        try:
+            summary = run.read_summary()
+        except (OSError, ValueError) as exc:
+            raise fail(f"{run.summary_path}: not readable JSON ({exc}), so the run's record is damaged.")
+        if not isinstance(summary, dict):
+            raise fail(f"{run.summary_path}: not a run summary (a JSON object).")
+    if not rows:
+        raise fail(f"{run.metrics_path}: missing or empty; there is nothing to compare with.")
+    if run.torn_tail():
+        stderr.print(f"[yellow]warning:[/] {escape(run.torn_tail())}; it is left out of the comparison.",
+                     highlight=False, soft_wrap=True)
+
+
 def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: list[str], rtol: float, atol: float,
                     out: Optional[Path]) -> None:
     """`dropstudy rerun` of a study or sweep: every member's config is checked before anything is
@@ -845,7 +890,6 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
 
     from dropstudy.console import setup_logging
     from dropstudy.rerun import Member, MemberRerun, rerun_members
-    from dropstudy.rundir import RunDir
 
     members = []
     for name, original in runs:
@@ -856,8 +900,7 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
         cfg, saved_overrides = load_saved_run(original)
         cfg = overridden(cfg, overrides)
         check_runnable(cfg)
-        if not RunDir(original).read_metrics():
-            raise fail(f"{RunDir(original).metrics_path}: missing or empty; there is nothing to compare with.")
+        check_original(original)
         members.append(Member(name, original, status, cfg, [*saved_overrides, *overrides]))
     todo = [m for m in members if m.cfg is not None]
     skipped = ", ".join(f"{m.name} ({m.status})" for m in members if m.cfg is None)
@@ -930,14 +973,19 @@ def report(
     """
     if not directory.is_dir():  # said before the report's imports (scipy, matplotlib) cost their seconds
         raise fail(f"{directory}: no such directory; give a directory of runs (a sweep, a study, runs/).")
-    from dropstudy.console import setup_logging
-    from dropstudy.report import ReportError, caption, cells, header, make_report, table_rows
+    from rich.markup import escape
 
-    setup_logging(directory / "report" / "report.log")
-    try:
-        result = make_report(directory, baseline)
+    from dropstudy.console import setup_logging
+    from dropstudy.report import ReportError, caption, cells, header, plan_report, skip_reason, table_rows, write_report
+
+    try:  # everything is read and checked before report/ (and its log) is written
+        planned = plan_report(directory, baseline)
     except ReportError as exc:
         raise fail(str(exc))
+    for note in planned.notes:
+        stderr.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    setup_logging(directory / "report" / "report.log")
+    result = write_report(planned)
     from rich.table import Table
 
     console = Console(width=max(Console().width, 200))  # cells unwrapped: a number is never split
@@ -951,8 +999,8 @@ def report(
             # A rule under each metric's block of settings, as the LaTeX table leaves a space.
             shown.add_row(*cells(table, metric, row), end_section=i + 1 < len(rows) and rows[i + 1][0] != metric)
         console.print(shown)
-    for path, status in result.skipped:
-        stderr.print(f"skipped {path}: {status}, not finished", highlight=False)
+    for path, reason in result.skipped:
+        stderr.print(escape(f"skipped {path}: {skip_reason(reason)}"), highlight=False, soft_wrap=True)
     for path in result.files.values():
         typer.echo(f"wrote {path}")
     if result.tracker_sync:

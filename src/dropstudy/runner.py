@@ -108,6 +108,9 @@ def train_run(
     checkpoint; `starts_from`: the run a rerun reproduces, whose model W&B shows as its input). summary.json says `running` from the start and, whatever stops the run, how it
     ended (as long as the file system still takes a write)."""
     rd = RunDir(run_dir)
+    if resume:  # a damaged record (RunDirError) refuses the resume before any record changes
+        rd.read_metrics()
+        rd.read_provenance()
     previous = read_summary_or_none(rd)
     # Before data loading: every run that ever started has a status. The W&B placement of a
     # resumed run is kept, since the resume reads it from here.
