@@ -326,6 +326,8 @@ def conclude_run(
         "reason": outcome.reason,
         "epoch": outcome.epoch,
         "epochs": cfg.trainer.epochs,
+        # The resolution of every best/*_epoch: the best epoch is an evaluation epoch.
+        "eval_every": cfg.trainer.eval_every,
         "experiment": cfg.experiment,
         "dropout": OmegaConf.to_container(cfg.model, resolve=True)["dropout"],
         "dropout_kind": cfg.model.dropout_kind,
