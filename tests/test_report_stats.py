@@ -214,6 +214,8 @@ def test_p_values_are_holm_adjusted_across_the_settings_compared_with_the_baseli
     md = (root / "report" / "report.md").read_text()
     assert "| p (paired t) | p Holm (paired t) | p (Wilcoxon) | p Holm (Wilcoxon) |" in md
     assert "Holm-adjusted for the settings compared with the baseline" in " ".join(md.split())
+    # The best epoch's resolution is the runs' evaluation cadence (trainer.eval_every=10 here).
+    assert "best epoch: the lowest val/loss among the evaluations, every 10 epochs." in " ".join(md.split())
 
 
 def test_baseline_option_picks_the_setting_or_exits_2(base_config, tmp_path):

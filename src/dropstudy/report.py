@@ -396,7 +396,7 @@ def caption(table: ExperimentTable) -> str:
     loss = f"{table.loss} (nats)" if table.loss == "cross-entropy" else table.loss
     text = (f"{table.experiment}: final metrics over seeds (each run's summary.json; the loss is {loss}). "
             "n: seeds; mean ± sample std; 95% CI: t interval of the mean.")
-    if any(m.startswith(("gap/", "train_eval/")) for m in table.metric_keys):
+    if "train_eval/loss" in table.metric_keys:  # runs from before train_eval took the gap from train/loss
         text += " train_eval: the training data in eval mode (dropout off); gap = val − train_eval."
     if BEST_EPOCH in table.metric_keys and table.eval_every:
         text += (" best epoch: the lowest val/loss among the evaluations, every "
