@@ -35,7 +35,7 @@ from dropstudy.train import apply_max_norm, evaluate, make_optimizer
 RTOL, ATOL = 1e-5, 1e-7
 Z = 5.0
 # What the engine adds to a row beside the backend's metrics (timings, lr, the gap).
-ENGINE_KEYS = {"perf/samples_per_s", "lr", "gap/loss"}
+ENGINE_KEYS = {"perf/samples_per_s", "lr", "gap/loss", "gap/acc"}
 MODES = ["stacked", "sequential"]
 
 # Every path a member has of its own: shuffled minibatches (a short last batch too), max-norm that
@@ -74,10 +74,11 @@ def train_rows(ens: Ensemble, trainer) -> list[list[dict]]:
         train = ens.train_epoch(NoProgress())
         evaluated = epoch % trainer.eval_every == 0 or epoch == trainer.epochs
         val = ens.evaluate("val") if evaluated else [{}] * ens.members
+        train_eval = ens.evaluate("train_eval") if evaluated else [{}] * ens.members
         norms = ens.weight_norms() if evaluated else [{}] * ens.members
         if evaluated or epoch % trainer.log_every == 0:
             for i in range(ens.members):
-                rows[i].append({"epoch": epoch, **train[i], **rates[i], **val[i], **norms[i]})
+                rows[i].append({"epoch": epoch, **train[i], **rates[i], **val[i], **train_eval[i], **norms[i]})
     for i, test in enumerate(ens.evaluate("test")):
         rows[i].append({"epoch": trainer.epochs, **test})
     return rows

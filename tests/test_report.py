@@ -31,7 +31,7 @@ def expected_rows(sweep_dir: Path) -> dict[float, dict[str, tuple[float, float]]
         rate = yaml.safe_load(config_path.read_text())["model"]["dropout"]
         rows = read_jsonl(run / "metrics.jsonl")
         values = per_rate.setdefault(float(rate), {})
-        for key in ("train/loss", "val/loss", "test/loss", "gap/loss"):
+        for key in ("train/loss", "train_eval/loss", "val/loss", "test/loss", "gap/loss"):
             values.setdefault(key, []).append([r[key] for r in rows if key in r][-1])
         best = min((r["val/loss"], r["epoch"]) for r in rows if "val/loss" in r)
         values.setdefault("val/loss_epoch", []).append(best[1])

@@ -154,7 +154,8 @@ def test_different_seeds_are_compared_with_welch(base_config, tmp_path):
     assert float(row["effect"]) == pytest.approx(diff / pooled * (1 - 3 / (4 * (n1 + n0) - 9)), rel=1e-9)
     assert row["effect_size"] == "g" and row["p_wilcoxon"] == ""
     assert "Welch's t-test" in " ".join(result.output.split())
-    assert "| p (Welch t) | Hedges' g |" in (root / "report" / "report.md").read_text()
+    assert "| p (Welch t) | p Holm (Welch t) | Hedges' g |" in (root / "report" / "report.md").read_text()
+    assert float(row["p_t_holm"]) == float(row["p_t"]), "one setting against the baseline: nothing to adjust"
 
 
 def test_one_seed_and_zero_spread_say_na_instead_of_crashing(base_config, tmp_path):
@@ -175,8 +176,46 @@ def test_one_seed_and_zero_spread_say_na_instead_of_crashing(base_config, tmp_pa
     assert rows[("0.5", "test/loss")]["ci_low"] == "" and rows[("0.5", "test/loss")]["diff_ci_low"] == ""
     assert float(rows[("0.5", "test/loss")]["diff"]) == pytest.approx(-0.1)
     md = (root / "report" / "report.md").read_text()
-    assert "| test/loss | 0.5 | 1 | 0.2 | n/a | -0.1 | n/a | n/a | n/a | n/a | 1/1 |" in md
+    assert "| test/loss | 0.5 | 1 | 0.2 | n/a | -0.1 | n/a | n/a | n/a | n/a | n/a | n/a | 1/1 |" in md
     assert "one seed" in md
+
+
+def holm_rejects(p_values: list[float], alpha: float) -> set[int]:
+    """Holm's procedure as he stated it: test the smallest p at alpha/m, the next at alpha/(m-1),
+    and so on, stopping at the first that fails; the indices of the hypotheses it rejects."""
+    rejected: set[int] = set()
+    for k, i in enumerate(sorted(range(len(p_values)), key=lambda i: p_values[i])):
+        if p_values[i] > alpha / (len(p_values) - k):
+            break
+        rejected.add(i)
+    return rejected
+
+
+def test_p_values_are_holm_adjusted_across_the_settings_compared_with_the_baseline(base_config, tmp_path):
+    shifts = {0.1: -0.004, 0.2: -0.012, 0.3: -0.03, 0.5: -0.07}  # p from large to tiny
+    arms = {0.0: dict(zip(SEEDS, BASE))}
+    arms.update({p: dict(zip(SEEDS, BASE + shift + NOISE * (1 + p))) for p, shift in shifts.items()})
+    root = write_study(tmp_path / "sw", base_config, arms)
+    result = invoke("report", str(root))
+    assert result.exit_code == 0, result.output
+    rows = read_csv(root / "report" / "report.csv")
+    for test in ("p_t", "p_wilcoxon"):
+        raw = [float(rows[(str(p), "test/loss")][test]) for p in shifts]
+        adjusted = [float(rows[(str(p), "test/loss")][f"{test}_holm"]) for p in shifts]
+        order = np.argsort(raw)
+        m = len(raw)
+        expected = np.empty(m)
+        expected[order] = np.minimum(1, np.maximum.accumulate((m - np.arange(m)) * np.asarray(raw)[order]))
+        assert adjusted == pytest.approx(expected.tolist(), rel=1e-12), test
+        # The adjusted p is the smallest level at which Holm's procedure rejects that setting.
+        for alpha in [*adjusted, *(a * (1 - 1e-9) for a in adjusted), 0.05]:
+            assert {i for i, a in enumerate(adjusted) if a <= alpha} == holm_rejects(raw, alpha), (test, alpha)
+        assert adjusted != raw, "the family adjusts something"
+    md = (root / "report" / "report.md").read_text()
+    assert "| p (paired t) | p Holm (paired t) | p (Wilcoxon) | p Holm (Wilcoxon) |" in md
+    assert "Holm-adjusted for the settings compared with the baseline" in " ".join(md.split())
+    # The best epoch's resolution is the runs' evaluation cadence (trainer.eval_every=10 here).
+    assert "best epoch: the lowest val/loss among the evaluations, every 10 epochs." in " ".join(md.split())
 
 
 def test_baseline_option_picks_the_setting_or_exits_2(base_config, tmp_path):

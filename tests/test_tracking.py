@@ -317,3 +317,35 @@ def test_the_wandb_patches_fit_the_installed_wandb():
     assert cache_installed_packages(wandb)
     assert skip_unstaged_launch_inputs(wandb)
     assert getattr(wandb.util.working_set, "dropstudy_patch", False)
+
+
+def test_comparison_run_carries_no_arm_and_every_run_summarises_each_loss_and_accuracy(dropstudy, tmp_path):
+    """A study's W&B comparison run holds what its arms share and the list of arms, under a job
+    type no arm has, and no model.dropout or seed for a group-by to read as one more arm. Every
+    run keeps each loss's lowest and each accuracy's highest value, and each gap's last."""
+    from wandb_offline import load_run
+
+    result = dropstudy("study", "experiment=cifar10", "data.synthetic=true", "data.subset=64", "data.val_size=32",
+                       "trainer.epochs=3", "trainer.batch_size=32", "study.arms=[0.0,0.25]", "hydra.run.dir=study")
+    assert result.code == 0, result.output
+    comparison = load_run(tmp_path / "study")
+    arms = {arm: load_run(tmp_path / "study" / arm) for arm in ("dropout-0", "dropout-0.25")}
+    assert comparison.job_type == "comparison" and comparison.job_type not in {r.job_type for r in arms.values()}
+    assert "model.dropout" not in comparison.config and "seed" not in comparison.config
+    assert comparison.config["study.arms"] == [0.0, 0.25] and comparison.config["study.seed"] == 0
+    assert comparison.config["study.arm_labels"] == list(arms)
+    shared = {k: v for k, v in arms["dropout-0"].config.items() if arms["dropout-0.25"].config.get(k) == v}
+    assert {k: comparison.config[k] for k in ("trainer.epochs", "optim.lr", "data.subset")} == {
+        k: shared[k] for k in ("trainer.epochs", "optim.lr", "data.subset")}
+    assert arms["dropout-0.25"].config["model.dropout"] == 0.25 and arms["dropout-0.25"].config["seed"] == 0
+
+    for arm, run in arms.items():
+        for split in ("train", "train_eval", "val", "test"):
+            for name, pick in (("loss", min), ("acc", max)):
+                key = f"{split}/{name}"
+                values = run.scalars(key)
+                assert values, (arm, key)
+                assert run.summary[key] == {pick.__name__: pick(values)}, (arm, key, run.summary[key])
+        for key in ("gap/loss", "gap/acc"):
+            values = run.scalars(key)
+            assert len(values) == 3 and run.summary[key] == {"last": values[-1]}, (arm, key, run.summary[key])

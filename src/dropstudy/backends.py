@@ -31,6 +31,10 @@ from dropstudy.train import (
 from dropstudy.uncertainty import Predictions, mc_metrics, predictions
 
 
+# The splits MC-dropout evaluation (eval.mc_samples) runs on.
+MC_SPLITS = ("val", "test")
+
+
 class Backend(Protocol):
     """M >= 1 members trained in lockstep, one epoch at a time. Member i is exactly what
     `dropstudy train` with member i's config would train (same initial weights from its seed,
@@ -48,8 +52,9 @@ class Backend(Protocol):
         member {"train/loss", "train/acc" (classification), "train/skipped_steps" (on_nan=skip)}."""
 
     def evaluate(self, split: str) -> list[dict[str, float]]:
-        """split "val" or "test" in evaluation mode; per member {f"{split}/loss", f"{split}/acc"}
-        and with eval.mc_samples also {f"{split}_mc/..."}."""
+        """A split of the Dataset ("val", "test", or "train_eval": the training data the engine
+        evaluates beside val) in evaluation mode; per member {f"{split}/loss", f"{split}/acc"} and,
+        with eval.mc_samples, for val and test also {f"{split}_mc/..."}."""
 
     def weight_norms(self) -> list[dict[str, float]]:
         """Per member models.weight_norms of its model."""
@@ -168,11 +173,11 @@ class Single:
 
     def evaluate(self, split: str) -> list[dict[str, float]]:
         """`<split>/loss` (and acc) in evaluation mode, and with eval.mc_samples the same for the
-        MC-dropout average as `<split>_mc/*`."""
+        MC-dropout average as `<split>_mc/*` (not for train_eval, where it would double the cost)."""
         data = getattr(self.data, split)
         results = evaluate(self.net, self.data, data, self.trainer.eval_batch_size, self.fast)
         metrics = {f"{split}/{k}": v for k, v in results.items()}
-        if self.mc_samples:
+        if self.mc_samples and split in MC_SPLITS:
             pred = predictions(self.model, self.data, data, self.trainer.eval_batch_size, self.mc_samples)
             metrics.update({f"{split}_mc/{k}": v for k, v in mc_metrics(pred, self.data.task).items()})
             self.mc_predictions[split] = [pred]

@@ -142,6 +142,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 1
+    # Evaluate every N epochs (and at the last): validation and the training data in eval mode, a
+    # metrics row each, and the epochs best/* can name. Histograms have their own cadence, tracker.log_freq.
     eval_every: int = 1
     # Log a metrics row (metrics.jsonl and W&B) every N epochs; evaluation epochs, the last epoch
     # and a diverging epoch are always logged. Each row costs W&B about half a millisecond, so a
@@ -176,7 +178,8 @@ class TrackerConfig:
     job_type: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     watch: Watch = Watch.all
-    # Histogram cadence in optimizer steps; null = once per evaluation (eval_every epochs).
+    # The weight/gradient histogram cadence (tracker.watch), in optimizer steps as wandb.watch counts
+    # them; null = once per evaluation (trainer.eval_every epochs). The one key for histograms.
     log_freq: Optional[int] = None
     # Seconds to wait for the W&B server when online; then the run logs to offline W&B instead.
     init_timeout: float = 30.0

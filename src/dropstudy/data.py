@@ -64,10 +64,19 @@ class Dataset:
     blank: torch.Tensor | None = None
     # The fingerprint of the data as loaded, kept when the inputs are normalised in place.
     sha256: str | None = None
+    # The training data evaluated in eval mode (dropout off) beside validation, for an unbiased
+    # train-val gap: a fixed subset of `train` the size of `val` where the training split is large
+    # (CIFAR-10, `eval_subset`), else the whole training split (None here means that).
+    train_eval: Split | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_eval is None:
+            self.train_eval = self.train
 
     def fingerprint(self) -> str:
         """sha256 of every tensor the run trains and evaluates on, as loaded (before
-        `normalised_once`): the data actually used, whatever the device keeps."""
+        `normalised_once`): the data actually used, whatever the device keeps. `train_eval` is
+        drawn from `train` and data.seed alone, so the training split stands for it."""
         if self.sha256 is not None:
             return self.sha256
         digest = hashlib.sha256()
@@ -88,8 +97,10 @@ class Dataset:
         blank = self.prepare(torch.zeros((1, self.train.inputs.shape[1], 1, 1), dtype=self.train.inputs.dtype,
                                          device=self.train.inputs.device)).view(-1)
         splits = [Split(self.prepare(s.inputs), s.targets) for s in (self.train, self.val, self.test)]
+        train_eval = splits[0] if self.train_eval is self.train else Split(self.prepare(self.train_eval.inputs),
+                                                                         self.train_eval.targets)
         return Dataset(self.task, *splits, source=self.source, synthetic=self.synthetic, classes=self.classes,
-                       augment=self.augment, blank=blank, sha256=sha256)
+                       augment=self.augment, blank=blank, sha256=sha256, train_eval=train_eval)
 
     def train_batches(self, batch_size: int | None, seed: int) -> "TrainBatches":
         """The training split's shuffled batches for a run seeded with `seed` (augmented with
@@ -452,6 +463,19 @@ def stratified_subset(candidates: torch.Tensor, labels: torch.Tensor, n: int) ->
     return torch.cat([candidates[labels == c][:q] for c, q in zip(classes, quotas)])
 
 
+# The eval-mode training subset draws from its own stream, so it leaves the val and train draws as they were.
+EVAL_SUBSET_SEED_OFFSET = 2_000_003
+
+
+def eval_subset(train_labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Positions in the training split of the `n` images evaluated in eval mode at every
+    evaluation (`Dataset.train_eval`): a class-stratified random sample drawn from data.seed, so
+    every arm and seed of a study that shares the data sees the same images, and it costs what
+    validation (n images) costs; sorted, in the split's order."""
+    order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed + EVAL_SUBSET_SEED_OFFSET))
+    return stratified_subset(order, train_labels[order], n).sort().values
+
+
 def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:
     """Train/val/test CIFAR-10 on `device`. The validation images are drawn from the training
     set with data.seed; data.subset then draws a class-stratified random sample of the remaining
@@ -479,6 +503,9 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
     train = Split(images[train_idx], labels[train_idx]).to(device)
     val = Split(images[val_idx], labels[val_idx]).to(device)
     test = Split(tensors["test_images"], tensors["test_labels"]).to(device)
+    eval_idx = eval_subset(labels[train_idx], len(val_idx), int(cfg.seed))
+    train_eval = train if len(eval_idx) == len(train_idx) else Split(train.inputs[eval_idx.to(device)],
+                                                                     train.targets[eval_idx.to(device)])
     data = Dataset(
         "classification",
         train,
@@ -489,6 +516,7 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
         classes=CIFAR10_CLASSES,
         prepare=_normalizer(device),
         augment=bool(cfg.get("augment", False)),
+        train_eval=train_eval,
     )
     log(data.describe_class_counts())
     # On an accelerator the splits are normalised once (float32: 737 MB of device memory for

@@ -1,7 +1,8 @@
 """The one lifecycle of every training run, and of every member of an ensemble.
 
 `Engine` drives a backend (backends.py) epoch by epoch: dropout schedule, one training pass,
-evaluation every `trainer.eval_every` epochs, a metrics row every `trainer.log_every` (to
+evaluation every `trainer.eval_every` epochs (validation, and the training data in eval mode for
+the gap, `gap_metrics`), histograms every `tracker.log_freq` steps, a metrics row every `trainer.log_every` (to
 metrics.jsonl first, then the tracker, the row's index as its W&B step), checkpoints every
 `trainer.checkpoint_every`, a member whose loss stops being finite set aside (the others go on),
 SIGINT/SIGTERM answered with every member's checkpoint at its last epoch boundary, and the test
@@ -29,6 +30,8 @@ from dropstudy.runtime import InterruptGate, Interrupted, signals_interrupt_trai
 from dropstudy.tracking import Tracker
 from dropstudy.train import NonFiniteLoss, Outcome, conclude, logs_row
 
+# A run with fewer evaluations than this says so when it starts: its best epoch is coarse.
+MIN_EVALUATIONS = 10
 # Epochs shorter than this hold a training signal until their end (see runtime.InterruptGate).
 DEFER_SIGNALS_BELOW_S = 0.25
 
@@ -146,8 +149,29 @@ class Engine:
             timed = sum(v for k, v in self.timings.items() if k != "bookkeeping")
             self.timings["bookkeeping"] = max(0.0, time.perf_counter() - started - timed)
 
+    def cadence_note(self) -> str | None:
+        """One line when this run's settings resolve its curves poorly: fewer than
+        MIN_EVALUATIONS evaluations (so the best epoch is coarse), or histograms asked for
+        (tracker.watch) that the cadence never reaches; None when neither."""
+        steps = self.backend.steps_per_epoch
+        evaluations = -(-self.epochs // self.eval_every)  # the last epoch is always evaluated
+        histograms = (self.epochs * steps) // self.log_freq
+        problems = []
+        if evaluations < MIN_EVALUATIONS:
+            problems.append(f"only {evaluations} evaluation{'s' * (evaluations != 1)} "
+                            f"(trainer.eval_every={self.eval_every}; the best epoch is one of them)")
+        if self.histograms != "none" and histograms == 0:
+            problems.append(f"no weight/gradient histogram (tracker.log_freq={self.log_freq} optimizer steps; "
+                            f"the run takes {self.epochs * steps})")
+        if not problems:
+            return None
+        return f"[{self.label}] trainer.epochs={self.epochs} gives " + " and ".join(problems) + "."
+
     def _run(self) -> list[Outcome]:
         epochs, steps = self.epochs, self.backend.steps_per_epoch
+        note = self.cadence_note()
+        if note:
+            log.warning(note)
         with signals_interrupt_training() as self.gate, TrainingProgress(self.label, epochs * steps, epochs) as progress:
             progress.advance((self.start_epoch - 1) * steps)
             try:
@@ -179,6 +203,7 @@ class Engine:
         if evaluated:
             start = time.perf_counter()
             val = backend.evaluate("val")
+            train_eval = backend.evaluate("train_eval")
             self.timings["eval"] += time.perf_counter() - start
             norms = backend.weight_norms()
         steps = backend.steps_per_epoch
@@ -191,7 +216,8 @@ class Engine:
                                    "perf/samples_per_s": run.n_train / seconds, **rates[i]}
             if evaluated:
                 row.update(val[i])
-                row["gap/loss"] = row["val/loss"] - row["train/loss"]
+                row.update(train_eval[i])
+                row.update(gap_metrics(row))
                 row.update(norms[i])
             bad = [k for k in ("train/loss", "val/loss") if k in row and not math.isfinite(row[k])]
             if histograms:  # joined to the row this epoch logs (or the next one logged)
@@ -268,6 +294,17 @@ class Engine:
                 self.log(run, {"epoch": run.outcome.epoch, **test[i]})
                 if mc is not None:
                     run.outcome.test_mc = mc[i]
+
+
+def gap_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The generalisation gap of an evaluated row: gap/loss = val/loss − train_eval/loss and
+    gap/acc = val/acc − train_eval/acc, both sides in eval mode (dropout off), so a dropout arm's
+    gap is not inflated by the training-mode loss its masks cause. Overfitting shows as a positive
+    loss gap and a negative accuracy gap."""
+    gap = {"gap/loss": row["val/loss"] - row["train_eval/loss"]}
+    if "val/acc" in row:
+        gap["gap/acc"] = row["val/acc"] - row["train_eval/acc"]
+    return gap
 
 
 def mean_row(rows: list[dict[str, Any]], epoch: int) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from dropstudy.backends import MC_SPLITS
 from dropstudy.data import Dataset, batches
 from dropstudy.dropout import DropoutSchedule, sites
 from dropstudy.models import build_model, weight_layers, weight_norms
@@ -325,7 +326,7 @@ class Ensemble:
             if self.classification:
                 metrics[f"{split}/acc"] = values[1][i]
             results.append(metrics)
-        if self.mc_samples:
+        if self.mc_samples and split in MC_SPLITS:
             self.mc_predictions[split] = []
             for i in range(m):
                 # MC dropout on member i's own module, as the single path runs it (uncertainty.py).

@@ -32,13 +32,16 @@ import yaml
 
 from dropstudy import plots
 from dropstudy.rundir import STATUSES, RunDir, RunDirError
-from dropstudy.stats import PAIRED, WELCH, Comparison, Stat, describe, paired, welch
+from dropstudy.stats import PAIRED, WELCH, Comparison, Stat, describe, holm, paired, welch
 from dropstudy.tracking import flatten
 
 log = logging.getLogger("dropstudy")
 
-# Final metrics of the table, in row order; a metric appears when some run has it.
-METRICS = ("train/loss", "val/loss", "test/loss", "train/acc", "val/acc", "test/acc", "gap/loss")
+# Final metrics of the table, in row order; a metric appears when some run has it. train/* is the
+# training-mode running value (dropout on), train_eval/* the training data in eval mode, and
+# gap/* = val/* − train_eval/*.
+METRICS = ("train/loss", "train_eval/loss", "val/loss", "test/loss", "train/acc", "train_eval/acc", "val/acc",
+           "test/acc", "gap/loss", "gap/acc")
 BEST_EPOCH = "val/loss_epoch"  # from summary.json's "best": the epoch of the lowest val/loss
 # Keys that never make a setting: the seed (and what it seeds) is what the table averages over,
 # tracker.* and sweep.* only say where a run is tracked or how it was launched.
@@ -103,6 +106,7 @@ class ExperimentTable:
     loss: str  # what the loss is: "MSE" or "cross-entropy"
     baseline: str | None = None  # the baseline setting, in words; None: no comparisons
     notes: list[str] = field(default_factory=list)
+    eval_every: list[int] = field(default_factory=list)  # the runs' evaluation cadences: the best epoch's resolution
 
     @property
     def designs(self) -> list[str]:
@@ -252,7 +256,10 @@ def experiment_table(experiment: str, runs: list[Run]) -> ExperimentTable:
         rows.append(SettingRow(setting, sorted(members, key=lambda r: (str(r.seed), str(r.path))), metrics))
     rows.sort(key=lambda row: _sort_key(row.setting))
     loss = "cross-entropy" if runs[0].config.get("data.name") == "cifar10" else "MSE"
-    table = ExperimentTable(experiment, keys, present, rows, loss)
+    # summary.json's eval_every, or the config's for runs written before the summary kept it.
+    cadences = {r.summary.get("eval_every", r.config.get("trainer.eval_every")) for r in runs}
+    table = ExperimentTable(experiment, keys, present, rows, loss,
+                            eval_every=sorted(c for c in cadences if isinstance(c, int)))
     if any(s.n == 1 for row in rows for s in row.metrics.values()):
         table.notes.append("a setting with one seed has no std or interval (n/a)")
     return table
@@ -375,6 +382,11 @@ def add_comparisons(table: ExperimentTable, pairs: list[tuple[str, Any]]) -> Non
             if comparison is not None:
                 row.comparisons[metric] = comparison
                 table.notes.extend(n for n in comparison.notes if n not in table.notes)
+    for metric in table.metric_keys:  # each metric's comparisons with the baseline are one family
+        family = [row.comparisons[metric] for row in table.rows if metric in row.comparisons]
+        for attr in ("p_t", "p_wilcoxon"):
+            for c, adjusted in zip(family, holm([getattr(c, attr) for c in family])):
+                setattr(c, f"{attr}_holm", adjusted)
     shared = ", ".join(f"{k.split('.')[-1]}={_text(bases[0].setting[k])}" for k in keys)
     table.baseline = bases[0].label if len(bases) == 1 else f"{shared}, with the same other settings"
 
@@ -417,10 +429,10 @@ def _columns(table: ExperimentTable) -> list[str]:
     cols += ["Δ vs baseline", "95% CI of Δ"]
     designs = table.designs
     if designs == [PAIRED]:
-        return cols + ["p (paired t)", "p (Wilcoxon)", "d_z", "wins"]
+        return cols + ["p (paired t)", "p Holm (paired t)", "p (Wilcoxon)", "p Holm (Wilcoxon)", "d_z", "wins"]
     if designs == [WELCH]:
-        return cols + ["p (Welch t)", "Hedges' g"]
-    return cols + ["test", "p (t)", "p (Wilcoxon)", "effect", "wins"]
+        return cols + ["p (Welch t)", "p Holm (Welch t)", "Hedges' g"]
+    return cols + ["test", "p (t)", "p Holm (t)", "p (Wilcoxon)", "p Holm (Wilcoxon)", "effect", "wins"]
 
 
 def _metric_name(metric: str) -> str:
@@ -440,12 +452,13 @@ def _cells(table: ExperimentTable, metric: str, row: SettingRow) -> list[Cell]:
         return out + [["baseline" if row.is_baseline else NA]] + [[""] if row.is_baseline else [NA]] * (extra - 1)
     wins = [f"{c.wins}/{c.n}"] if c.wins is not None else [NA]
     stats = [[_num(c.diff)], _interval(c.low, c.high)]
+    p_t = [[_num(c.p_t, P)], [_num(c.p_t_holm, P)]]
+    p_wilcoxon = [[_num(c.p_wilcoxon, P)], [_num(c.p_wilcoxon_holm, P)]] if c.design == PAIRED else [[NA], [NA]]
     if designs == [PAIRED]:
-        return out + stats + [[_num(c.p_t, P)], [_num(c.p_wilcoxon, P)], [_num(c.effect, EFFECT)], wins]
+        return out + stats + p_t + p_wilcoxon + [[_num(c.effect, EFFECT)], wins]
     if designs == [WELCH]:
-        return out + stats + [[_num(c.p_t, P)], [_num(c.effect, EFFECT)]]
-    return out + stats + [[c.design], [_num(c.p_t, P)], [_num(c.p_wilcoxon, P)] if c.design == PAIRED else [NA],
-                          [_num(c.effect, EFFECT), f" ({c.effect_name})"], wins]
+        return out + stats + p_t + [[_num(c.effect, EFFECT)]]
+    return out + stats + [[c.design], *p_t, *p_wilcoxon, [_num(c.effect, EFFECT), f" ({c.effect_name})"], wins]
 
 
 def table_rows(table: ExperimentTable) -> list[tuple[str, SettingRow]]:
@@ -469,6 +482,11 @@ def caption(table: ExperimentTable) -> str:
     loss = f"{table.loss} (nats)" if table.loss == "cross-entropy" else table.loss
     text = (f"{table.experiment}: final metrics over seeds (each run's summary.json; the loss is {loss}). "
             "n: seeds; mean ± sample std; 95% CI: t interval of the mean.")
+    if "train_eval/loss" in table.metric_keys:  # runs from before train_eval took the gap from train/loss
+        text += " train_eval: the training data in eval mode (dropout off); gap = val − train_eval."
+    if BEST_EPOCH in table.metric_keys and table.eval_every:
+        text += (" best epoch: the lowest val/loss among the evaluations, every "
+                 f"{' or '.join(map(str, table.eval_every))} epochs.")
     designs = table.designs
     if table.baseline is not None:
         text += f" Δ: setting − baseline ({table.baseline}), with its 95% interval; "
@@ -482,6 +500,8 @@ def caption(table: ExperimentTable) -> str:
             text += welch_text + "."
         else:
             text += f"test 'paired': {paired_text}; test 'Welch': {welch_text}."
+        text += (" p Holm: the p-value Holm-adjusted for the settings compared with the baseline (per metric "
+                 "and test), beside the uncorrected p.")
         if PAIRED in designs:
             text += (" wins: seeds on which the setting beats the baseline's run of the same seed "
                      "(lower loss, higher accuracy).")
@@ -573,8 +593,8 @@ def latex(tables: list[ExperimentTable], root: Path) -> str:
 
 
 CSV_STATS = ("n", "mean", "std", "ci_low", "ci_high")
-CSV_COMPARISON = ("baseline", "test", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "p_t", "p_wilcoxon",
-                  "effect_size", "effect", "wins")
+CSV_COMPARISON = ("baseline", "test", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "p_t", "p_t_holm",
+                  "p_wilcoxon", "p_wilcoxon_holm", "effect_size", "effect", "wins")
 
 
 def write_csv(tables: list[ExperimentTable], path: Path) -> None:
@@ -599,7 +619,8 @@ def write_csv(tables: list[ExperimentTable], path: Path) -> None:
                     line += [row.baseline.label if row.baseline else ""] + [""] * (len(CSV_COMPARISON) - 1)
                 else:
                     line += [row.baseline.label, c.test, c.n if c.design == PAIRED else "",
-                             *(number(v) for v in (c.diff, c.low, c.high, c.p_t, c.p_wilcoxon)),
+                             *(number(v) for v in (c.diff, c.low, c.high, c.p_t, c.p_t_holm, c.p_wilcoxon,
+                                                    c.p_wilcoxon_holm)),
                              c.effect_name, number(c.effect), number(c.wins)]
                 writer.writerow(line)
 
@@ -645,7 +666,7 @@ def figure_vs_dropout(table: ExperimentTable, out: Path) -> Path:
         groups.setdefault(", ".join(f"{k.split('.')[-1]}={_text(row.setting[k])}" for k in others), []).append(row)
     loss_label, acc_label = _units(table)
     panels: dict[str, list[plots.SeedStats]] = {}
-    for metric in (m for m in table.metric_keys if m in METRICS and m != "gap/loss"):
+    for metric in (m for m in table.metric_keys if m in METRICS and not m.startswith("gap/")):
         split = metric.split("/")[0]
         ylabel = f"final {loss_label if metric.endswith('loss') else acc_label}"
         for style, (group, rows) in zip(STYLES * 4, groups.items()):

@@ -369,6 +369,8 @@ def conclude_run(
         "reason": outcome.reason,
         "epoch": outcome.epoch,
         "epochs": cfg.trainer.epochs,
+        # The resolution of every best/*_epoch: the best epoch is an evaluation epoch.
+        "eval_every": cfg.trainer.eval_every,
         "experiment": cfg.experiment,
         "dropout": OmegaConf.to_container(cfg.model, resolve=True)["dropout"],
         "dropout_kind": cfg.model.dropout_kind,
@@ -520,7 +522,7 @@ def conclude_study(
         job_type="comparison",
         tags=[cfg.experiment, "study", "comparison"],
         name=f"{group}-comparison",
-        config={**flatten(OmegaConf.to_container(cfg, resolve=True)), "study.run_dirs": [str(a.run_dir) for a in arms]},
+        config=comparison_config(cfg, arms),
         resume_id=previous.get("run_id"),
         shared_process=True,
     ))
@@ -537,6 +539,17 @@ def conclude_study(
     write_study_record(study_dir, cfg, group, status, arms, figures,
                        {"run_id": comparison.run_id, "step": step, "sync": comparison.sync_command})
     return figures, status
+
+
+def comparison_config(cfg: DictConfig, arms: list[ArmRecord]) -> dict[str, Any]:
+    """The comparison run's W&B config: what its arms share, the arms (study.arms, their labels
+    and run dirs) and the study's seed as study.seed; no model.dropout and no seed, so that
+    grouping runs by dropout or seed never counts the comparison as one more arm."""
+    shared = flatten(OmegaConf.to_container(cfg, resolve=True))
+    del shared["model.dropout"]  # the one key study_arms sets per arm
+    seed = shared.pop("seed")
+    return {**shared, "study.seed": seed, "study.arm_labels": [a.label for a in arms],
+            "study.run_dirs": [str(a.run_dir) for a in arms]}
 
 
 def draw_study_figures(cfg: DictConfig, out: RunDir, started: list[ArmRecord], data: Dataset | None) -> dict[str, Path]:

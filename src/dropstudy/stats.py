@@ -4,7 +4,8 @@ setting against a baseline (difference of means with its interval, p-values, eff
 Seeds are the unit of replication. Two settings run on the same seeds are compared seed by seed
 (paired t-test and Wilcoxon signed-rank on the per-seed differences, effect size Cohen's d_z);
 otherwise as independent samples (Welch's t-test, effect size Hedges' g). The distributions and
-tests are scipy.stats'; only the effect sizes, one line each, are written here.
+tests are scipy.stats'; only the effect sizes, one line each, are written here. A report compares
+several settings with one baseline, so `holm` adjusts each family of p-values for that.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class Comparison:
     effect: float  # Cohen's d_z (paired) or Hedges' g (Welch)
     wins: int | None  # seeds where the setting is better; None where unpaired or no direction
     notes: tuple[str, ...] = ()
+    # p_t and p_wilcoxon Holm-adjusted across the settings compared with the baseline (`holm`).
+    p_t_holm: float = math.nan
+    p_wilcoxon_holm: float = math.nan
 
     @property
     def test(self) -> str:
@@ -133,3 +137,17 @@ def welch(setting: Sequence[float], baseline: Sequence[float]) -> Comparison:
             low = high = diff
             notes.append("no spread within either setting: no t-test or effect size")
     return Comparison(WELCH, n1, n0, diff, low, high, p_t, math.nan, effect, None, tuple(notes))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their order: sorted ascending,
+    the i-th of m (from 0) becomes max over j <= i of min(1, (m - j) * p_(j)). It controls the
+    family-wise error rate with no assumption about how the tests depend on each other (they
+    share a baseline). A nan (no test) stays nan and is not counted in m."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted

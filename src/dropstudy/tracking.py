@@ -210,6 +210,17 @@ def lighten_wandb_init(wandb: Any) -> None:
     skip_unstaged_launch_inputs(wandb)
 
 
+# What each run's W&B summary keeps of a metric: every loss its lowest value, every accuracy its
+# highest; a gap (validation − eval-mode training) has no better side, so its last value, the one
+# summary.json's `final` and the report hold.
+SUMMARIES = {
+    **{f"{split}/{name}": summary for split in ("train", "train_eval", "val", "test", "val_mc", "test_mc")
+       for name, summary in (("loss", "min"), ("acc", "max"))},
+    "gap/loss": "last",
+    "gap/acc": "last",
+}
+
+
 class WandbTracker:
     """One W&B run, its files inside the run directory."""
 
@@ -262,10 +273,8 @@ class WandbTracker:
                              if mode == "offline" else None)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
-        self.run.define_metric("val/loss", step_metric="epoch", summary="min")
-        self.run.define_metric("val/acc", step_metric="epoch", summary="max")
-        self.run.define_metric("val_mc/loss", step_metric="epoch", summary="min")
-        self.run.define_metric("val_mc/acc", step_metric="epoch", summary="max")
+        for name, summary in SUMMARIES.items():
+            self.run.define_metric(name, step_metric="epoch", summary=summary)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log(row, step=step)

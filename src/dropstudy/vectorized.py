@@ -197,7 +197,7 @@ class StackedMLPBackend:
         self.generator = torch.Generator(device=device).manual_seed(mask_seed(cfgs))
         self.stacked = StackedMLP(models, rates, str(cfgs[0].model.dropout_kind), self.generator).to(device)
         self.optimizer = make_optimizer(cfgs[0].optim, self.stacked)
-        self.splits = {name: stack_splits(datas, name) for name in ("train", "val", "test")}
+        self.splits = {name: stack_splits(datas, name) for name in ("train", "val", "test", "train_eval")}
         self.rates = [{f"dropout/p/{name}": site.p for name, site in sites(model)} for model in models]
 
     def set_epoch(self, epoch: int) -> list[dict[str, float]]:
