@@ -123,6 +123,7 @@ class Report:
     runs: list[Run] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     tracker_sync: str | None = None
+    baseline: tuple[str, ...] = ()  # the --baseline items it was made with, for the commands it prints
 
 
 def _text(value: Any) -> str:
@@ -763,7 +764,7 @@ def plan_report(root: Path, baseline: Sequence[str] = ()) -> Report:
         check_baseline(tables, pairs)
     for table in tables:
         add_comparisons(table, pairs)
-    return Report(root, root / "report", tables, skipped, notes, runs)
+    return Report(root, root / "report", tables, skipped, notes, runs, baseline=tuple(baseline))
 
 
 def write_report(report: Report) -> Report:
@@ -788,7 +789,7 @@ def write_report(report: Report) -> Report:
                     report.files[f"{table.experiment}_{name}{suffix}"] = png.with_suffix(suffix)
     from dropstudy.html_report import write_report_page  # it builds on this module
 
-    report.files["report.html"] = write_report_page(report, runs, baseline)
+    report.files["report.html"] = write_report_page(report, runs, report.baseline)
     log_to_wandb(report, runs)
     return report
 
