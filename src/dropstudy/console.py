@@ -46,11 +46,13 @@ ROW_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val_mc/loss", "va
 class TrainingProgress:
     """Steps of one run. On a TTY: one rich bar with the latest losses and samples/s, moved every
     `every` steps and at each epoch's end. Not on a TTY (CI, log files, SLURM): one line per
-    evaluation, nothing per step."""
+    evaluation, at most about `lines` a run (metrics.jsonl has every row), nothing per step."""
 
     # Rich locks and records a speed sample at every advance, host time that a GPU step of a few
     # milliseconds should not spend, so the bar moves in strides (it redraws 10 times a second anyway).
     every = 16
+    # A run that evaluates every 10 of 2000 epochs would print 200 lines; every 5% of the run reads as well.
+    lines = 20
 
     def __init__(self, label: str, total_steps: int, epochs: int, interactive: bool | None = None):
         self.label = label
@@ -61,6 +63,7 @@ class TrainingProgress:
         self._last_val: tuple[float, float | None] | None = None
         self.total_steps = total_steps
         self._pending = 0  # steps done that the bar does not show yet
+        self._printed_epoch = 0
 
     def __enter__(self) -> "TrainingProgress":
         if self.interactive:
@@ -93,7 +96,10 @@ class TrainingProgress:
         text = format_row(row, ROW_KEYS) + (f"  {speed:,.0f} samples/s" if speed else "")
         if self._progress is not None:
             self._progress.update(self._task, status=self._compact(row))
-        if evaluated and self._progress is None:
+        epoch = row["epoch"]
+        due = epoch - self._printed_epoch >= self.epochs / self.lines or epoch >= self.epochs
+        if evaluated and self._progress is None and due:
+            self._printed_epoch = epoch
             log.info(f"{self.label} epoch {row['epoch']}/{self.epochs}  {text}")
 
     def _compact(self, row: dict[str, Any]) -> str:
