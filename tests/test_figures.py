@@ -27,6 +27,8 @@ from dropstudy import plots
 from dropstudy.cli import app
 
 QUICK = ["trainer.epochs=30", "trainer.eval_every=5", "tracker.mode=disabled"]
+# Validated only at the end, as a long regression run may be: one validation point a run.
+ONE_VALIDATION = ["trainer.epochs=30", "trainer.eval_every=30", "tracker.mode=disabled"]
 CIFAR = ["experiment=cifar10", "data.synthetic=true", "data.subset=256", "trainer.epochs=2", "data.val_size=40",
          "trainer.batch_size=32", "eval.mc_samples=3", "tracker.mode=disabled"]
 DEMOS = ("scaling", "masks", "equivalence")
@@ -59,8 +61,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[Path, Fig
         mp.setattr(plots, "save_figure", recording)
         invoke("study", *QUICK, "eval.mc_samples=5", "hydra.run.dir=study")
         invoke("train", *CIFAR, "hydra.run.dir=cifar")
-        # Validated only at its end, as a long regression run may be: one validation point a run.
-        invoke("sweep", *QUICK, "trainer.eval_every=30", "model.dropout=0,0.5", "seed=0,1", "hydra.sweep.dir=sw")
+        invoke("sweep", *ONE_VALIDATION, "model.dropout=0,0.5", "seed=0,1", "hydra.sweep.dir=sw")
         invoke("report", "sw")
         for name in DEMOS:
             invoke("demo", name, "--out", "demo")
