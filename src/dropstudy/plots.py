@@ -142,9 +142,9 @@ def _write(fig: Figure, path: Path, vector: bool = False) -> Path:
 FIGURE_DPI = 110
 
 
-def _subplots(panels: int, width: float, height: float) -> tuple[Figure, list[plt.Axes]]:
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False, layout="constrained",
-                             dpi=FIGURE_DPI)
+def _subplots(panels: int, width: float, height: float, sharex: bool = False) -> tuple[Figure, list[plt.Axes]]:
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False, sharex=sharex,
+                             layout="constrained", dpi=FIGURE_DPI)
     return fig, list(axes[0])
 
 
@@ -253,7 +253,7 @@ def learning_curves_figure(rows: Sequence[dict], title: str) -> Figure:
     """A run's training (dropout on, and in eval mode where logged) and validation loss, and
     accuracy where there is one, against epoch."""
     panels = _curve_panels([rows])
-    fig, axes = _subplots(len(panels), 4.8, 3.7)
+    fig, axes = _subplots(len(panels), 4.8, 3.7, sharex=True)  # validation every few epochs: the same epochs
     for ax, panel in zip(axes, panels):
         values = [v for split in panel.splits
                   for v in _plot_split(ax, rows, panel.metric, split, RUN_COLORS[split], SPLITS[split][0])]
@@ -273,7 +273,7 @@ def study_curves_figure(arms: dict[str, Sequence[dict]], title: str) -> Figure:
     """Every arm's training and validation curves, a colour per arm, so overfitting shows as the
     gap opening between an arm's lines; each arm's best validation epoch is starred."""
     panels = _curve_panels(list(arms.values()))
-    fig, axes = _subplots(len(panels), 5.4, 4.2)
+    fig, axes = _subplots(len(panels), 5.4, 4.2, sharex=True)
     for ax, panel in zip(axes, panels):
         values = []
         for color, (arm, rows) in zip(COLORS, arms.items()):
@@ -305,7 +305,7 @@ def _mark_best(ax: plt.Axes, arms: dict[str, Sequence[dict]]) -> None:
         right = xs[best] > middle
         ax.annotate(f"best val: epoch {xs[best]:g}", (xs[best], ys[best]), xytext=(-8 if right else 8, 6 + 11 * i),
                     textcoords="offset points", ha="right" if right else "left", fontsize=7, color=color,
-                    zorder=5)
+                    zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
 
 
 def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Path:
