@@ -312,7 +312,9 @@ def study(
         print_run(arm, indent="  ")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
+    typer.echo(f"comparison page: {result.study_dir / 'report.html'}  (self-contained, opens offline)")
     typer.echo(f"study status: {result.status} (study.json)")
+    save_wandb_view(result.study_dir)
     typer.echo(time_line(result))
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
@@ -458,6 +460,7 @@ def sweep(
         print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
         summary = write_sweep_json(plan, outcomes, interrupted, mode)
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
+    save_wandb_view(plan.sweep_dir)
     if plan.search and outcomes and outcomes[0].rank == 1:
         typer.echo(f"best: #{outcomes[0].num} {outcomes[0].setting}  {plan.search.objective} {outcomes[0].objective:.4g}"
                    f"  ({plan.sweep_dir / 'best.json'})")
@@ -801,7 +804,7 @@ def rerun(
         previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
         result = handle_run_errors(
             lambda: train_run(cfg, new_dir, [*saved_overrides, *overrides], group=previous.get("group"),
-                              job_type="rerun", extra_tags=("rerun",))
+                              job_type="rerun", extra_tags=("rerun",), starts_from=run_dir)
         )
         print_run(result)
         comparison = compare_metrics(original.read_metrics(), RunDir(new_dir).read_metrics(), rtol, atol)
@@ -916,6 +919,8 @@ def report(
     figures as PNG, PDF and SVG, one column wide (metric vs dropout rate, learning curves with 95%
     bands, the regression fit of one seed per setting); when the runs were tracked, logs them to
     one W&B run (job_type report) in their group.
+    DIR/report/report.html shows it all on one self-contained page (figures inline, no request),
+    with each setting's curves, the runs' provenance and commands: it opens offline and prints.
 
     Examples:
 
@@ -952,6 +957,60 @@ def report(
         typer.echo(f"wrote {path}")
     if result.tracker_sync:
         typer.echo(f"W&B (offline): {result.tracker_sync}")
+    save_wandb_view(directory, report=True)
+
+
+def save_wandb_view(directory: Path, report: bool = False) -> None:
+    """The W&B view (or `report`) of what a command just made (dropstudy.dashboard); one line,
+    whatever happens."""
+    from dropstudy.dashboard import after_command
+
+    after_command(directory, say=typer.echo, report=report)
+
+
+@app.command()
+def dashboard(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A study (study.json), sweep (sweep.json) or "
+                                     "reported (report/report.csv) directory whose runs were tracked by W&B.",
+                                     show_default=False),
+) -> None:
+    """Save the W&B view of a study or sweep, and the W&B Report of a `dropstudy report`, on the W&B
+    server: the runs of the directory's W&B group, grouped by dropout rate (and kind or site where
+    they vary), one colour per rate as in dropstudy's figures, with sections for loss (train in
+    training mode, train in eval mode, val), the generalisation gap, accuracy, dropout rates and
+    weight norms, gradient and parameter histograms, and the figures. The report adds the table of
+    report.csv, the commands and the provenance. The specification is also written to
+    DIR/wandb_view.json.
+
+    `study`, `sweep` and `report` save it themselves when their runs are online; for offline runs,
+    upload them with `wandb sync` first, then run this. Needs W&B credentials (`wandb login` or
+    WANDB_API_KEY); exit code 1 when the server cannot save it.
+
+    Examples:
+
+        dropstudy dashboard runs/regression/2026-11-22_09-00-00-study-3f2a
+
+        dropstudy dashboard runs/regression/2026-11-22_09-00-00-sweep-3f2a
+    """
+    if not directory.is_dir():
+        raise fail(f"{directory}: no such directory; give a study, sweep or reported directory.")
+    from dropstudy.dashboard import DashboardError, first_line, publish, view_spec, write_spec
+    from dropstudy.tracking import has_wandb_credentials
+
+    try:
+        spec = view_spec(directory)
+    except DashboardError as exc:
+        raise fail(str(exc))
+    if not has_wandb_credentials():
+        raise fail("no W&B credentials: run `wandb login` or set WANDB_API_KEY, then run this again.")
+    path = handle_run_errors(lambda: write_spec(directory, spec))
+    typer.echo(f"W&B view specification: {path}")
+    try:
+        urls = publish(spec)
+    except Exception as exc:
+        raise fail(f"W&B could not save the view ({type(exc).__name__}: {first_line(exc)}).", 1)
+    for url in urls:
+        typer.echo(f"W&B: {url}")
 
 
 @app.command()

@@ -550,9 +550,12 @@ def seed_interval(values: Sequence[float], log: bool) -> tuple[float, float, flo
     return s.mean, s.low, s.high
 
 
-def interval_note(log: bool, seeds: str) -> str:
+def interval_note(log: bool, seeds: str, intervals: bool = True) -> str:
     """What a report panel's centres and intervals are, for its legend title."""
-    return f"geometric mean, 95% CI of log values ({seeds})" if log else f"mean, 95% CI ({seeds})"
+    centre = "geometric mean" if log else "mean"
+    if not intervals:  # one seed a point
+        return f"{centre} ({seeds})"
+    return f"{centre}, 95% CI of log values ({seeds})" if log else f"{centre}, 95% CI ({seeds})"
 
 
 def _column_panels(count: int) -> tuple[Figure, Sequence[plt.Axes]]:
@@ -596,15 +599,17 @@ def metric_vs_setting_figure(panels: dict[str, Sequence[SeedStats]], xlabel: str
         fig, axes = _column_panels(len(panels))
         for ax, (ylabel, lines) in zip(axes, panels.items()):
             log = _seed_axis(ax, ylabel, lines)
+            intervals = False
             for i, line in enumerate(lines):
                 centre, low, high = zip(*(seed_interval(values, log) for values in line.samples))
                 below = [c - lo if math.isfinite(lo) else 0.0 for c, lo in zip(centre, low)]
                 above = [hi - c if math.isfinite(hi) else 0.0 for c, hi in zip(centre, high)]
+                intervals = intervals or any(math.isfinite(v) for v in low)
                 ax.errorbar(line.x, centre, yerr=[below, above], fmt=line.style, marker="o", capsize=2.5,
                             color=line.color or COLORS[i % len(COLORS)], label=line.label)
             ax.grid(alpha=0.3)
             _paper_ticks(ax)
-            _legend_above(ax, ncols=3, title=interval_note(log, seeds))
+            _legend_above(ax, ncols=3, title=interval_note(log, seeds, intervals))
         if xticks is not None:
             axes[-1].set_xticks(range(len(xticks)), xticks, rotation=20)
         axes[-1].set_xlabel(xlabel)
@@ -625,6 +630,7 @@ def mean_learning_curves_figure(panels: dict[str, Sequence[SeedStats]], xlabel: 
         fig, axes = _column_panels(len(panels))
         for ax, (ylabel, curves) in zip(axes, panels.items()):
             log = _seed_axis(ax, ylabel, curves)
+            intervals = False
             for i, curve in enumerate(curves):
                 color = curve.color or COLORS[i % len(COLORS)]
                 centre, low, high = zip(*(seed_interval(values, log) for values in curve.samples))
@@ -632,9 +638,10 @@ def mean_learning_curves_figure(panels: dict[str, Sequence[SeedStats]], xlabel: 
                         label=curve.label)
                 if any(math.isfinite(v) for v in low):
                     ax.fill_between(curve.x, low, high, color=color, alpha=0.2, lw=0)
+                    intervals = True
             ax.grid(alpha=0.3)
             _paper_ticks(ax)
-            _legend_above(ax, ncols=2, title=interval_note(log, seeds))
+            _legend_above(ax, ncols=2, title=interval_note(log, seeds, intervals))
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[-1].set_xlabel(xlabel)
     return fig

@@ -540,7 +540,7 @@ def _seed_range(table: ExperimentTable) -> str:
     counts = sorted({len(r.runs) for r in table.rows})
     if len(counts) > 1:
         return f"{counts[0]}–{counts[-1]} seeds"
-    return "1 seed, no interval" if counts[0] == 1 else f"{counts[0]} seeds"
+    return "1 seed" if counts[0] == 1 else f"{counts[0]} seeds"
 
 
 # How a figure names each split: the training metrics with dropout on (training mode) and the
@@ -683,6 +683,9 @@ def make_report(root: Path, baseline: Sequence[str] = ()) -> Report:
                 report.files[f"{table.experiment}_{name}"] = png
                 for suffix in (".pdf", ".svg"):
                     report.files[f"{table.experiment}_{name}{suffix}"] = png.with_suffix(suffix)
+    from dropstudy.html_report import write_report_page  # it builds on this module
+
+    report.files["report.html"] = write_report_page(report, runs, baseline)
     log_to_wandb(report, runs)
     return report
 
