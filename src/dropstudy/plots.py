@@ -574,9 +574,9 @@ def _legend_above(ax: plt.Axes, ncols: int, title: str | None = None) -> None:
     """The legend in a band above the panel, where it hides no data (a column is too narrow for
     a legend beside it)."""
     handles, labels = ax.get_legend_handles_labels()
-    # As many columns as the longest label leaves room for (about 76 characters fit across).
+    # As many columns as the longest label leaves room for (about 70 characters fit across).
     longest = max((len(line) for label in labels for line in label.splitlines()), default=1)
-    ncols = max(1, min(ncols, 76 // (longest + 6)))
+    ncols = max(1, min(ncols, 70 // (longest + 6)))
     # Row-major order: matplotlib fills legend columns first, which would split pairs apart.
     rows = math.ceil(len(handles) / ncols)
     order = [i * ncols + j for j in range(ncols) for i in range(rows) if i * ncols + j < len(handles)]
@@ -642,7 +642,7 @@ def mean_learning_curves_figure(panels: dict[str, Sequence[SeedStats]], xlabel: 
             ax.grid(alpha=0.3)
             _paper_ticks(ax)
             _legend_above(ax, ncols=2, title=interval_note(log, seeds, intervals))
-        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[-1].xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # "1750" and "2000" fit apart
         axes[-1].set_xlabel(xlabel)
     return fig
 
