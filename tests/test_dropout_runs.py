@@ -140,7 +140,7 @@ def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path, drawn_figures)
         probs = model(data.prepare(data.test.inputs)).softmax(-1).double().numpy()
     ece, points = reliability(probs, data.test.targets.numpy())
     assert summary["calibration"]["test/ece"] == pytest.approx(ece, abs=1e-6)
-    diagram, _ = drawn_figures[run / "plots" / "calibration.png"]
+    diagram = drawn_figures[run / "plots" / "calibration.png"][0]  # then the entropies and the bin counts
     (deterministic,) = [line for label, line in diagram.items() if label.startswith("deterministic: ECE")]
     assert deterministic == (pytest.approx([c for c, _ in points], abs=1e-6), pytest.approx([a for _, a in points]))
     read_figure(run / "plots" / "calibration.png", min_width=800)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # each demo imports these itself, so that `dropstudy demo --list` and a bad name need neither
     import matplotlib.pyplot as plt
@@ -28,14 +28,21 @@ class DemoResult:
         self.lines.append(line)
 
 
+def _figure(**kwargs: Any) -> tuple[plt.Figure, Any]:
+    """A demo's figure and axes, laid out as the package's other figures are (no label cut)."""
+    from dropstudy.plots import FIGURE_DPI, plt
+
+    return plt.subplots(layout="constrained", dpi=FIGURE_DPI, **kwargs)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
-    from dropstudy.plots import plt
+    from dropstudy.plots import plt, save_figure
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _normal_pdf(xs: torch.Tensor, mean: float, sd: float) -> torch.Tensor:
@@ -54,7 +61,6 @@ def scaling(out: Path, seed: int) -> DemoResult:
     from torch import nn
 
     from dropstudy.dropout import make_dropout
-    from dropstudy.plots import plt
 
     n, p, draws = 10_000, 0.5, 1_000
     keep = 1.0 - p
@@ -98,7 +104,7 @@ def scaling(out: Path, seed: int) -> DemoResult:
     r.say("Both formulations agree between training and evaluation: each evaluation output is the "
           f"expectation of its training output (inverted {exact['inverted']:,.0f}, vanilla {exact['vanilla']:,.0f}).")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    fig, axes = _figure(nrows=1, ncols=2, figsize=(10.4, 3.8))
     for ax, (kind, values), color in zip(axes, samples.items(), ("tab:blue", "tab:red")):
         mean = n if kind == "inverted" else n * keep
         sd = math.sqrt(n * p * keep) / (keep if kind == "inverted" else 1.0)
@@ -109,6 +115,7 @@ def scaling(out: Path, seed: int) -> DemoResult:
         ax.axvline(exact[kind], color=color, lw=2, ls="--", label=f"evaluation output {exact[kind]:,.0f}")
         ax.set_title(f"{kind} dropout, p = {p:g}")
         ax.set_xlabel("layer output")
+        ax.set_ylabel("density (per unit of output)")
         ax.legend(fontsize=8)
     fig.suptitle(f"Dropout({p:g}) -> Linear({n}->1, weights 1) -> ReLU on {n:,} ones")
     r.figures.append(_save(fig, out / "scaling.png"))
@@ -124,7 +131,6 @@ def masks(out: Path, seed: int) -> DemoResult:
     import torch
 
     from dropstudy.dropout import make_dropout
-    from dropstudy.plots import plt
 
     units, shown, steps = 12, 8, 10_000
     rates = (0.1, 0.2, 0.5, 0.8)
@@ -160,7 +166,7 @@ def masks(out: Path, seed: int) -> DemoResult:
     r.say(f"every empirical rate is within {math.ceil(worst * 10) / 10:g} binomial standard deviations of its p"
           if worst < 3 else f"largest deviation {worst:.2f} sd: more than chance would usually give")
 
-    fig, (mx, rx) = plt.subplots(1, 2, figsize=(10.4, 4.0), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (mx, rx) = _figure(nrows=1, ncols=2, figsize=(10.4, 4.0), gridspec_kw={"width_ratios": [1, 1.6]})
     mx.imshow((picture != 0).float().numpy(), cmap="Greys", aspect="auto", interpolation="nearest")
     mx.set_xlabel("unit")
     mx.set_ylabel("training step")
@@ -192,7 +198,6 @@ def equivalence(out: Path, seed: int) -> DemoResult:
     from torch import nn
 
     from dropstudy.dropout import make_dropout
-    from dropstudy.plots import plt
 
     d, p, draws = 50, 0.5, 20_000
     keep = 1.0 - p
@@ -234,7 +239,7 @@ def equivalence(out: Path, seed: int) -> DemoResult:
           "evaluation output: each formulation's evaluation matches its own training expectation.")
     r.say("  95% CI: mean ± 1.96·sd/√n (normal approximation)")
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    fig, ax = _figure(figsize=(7.2, 4.2))
     n_axis = torch.arange(1, draws + 1)
     for (name, (_, _, values)), color in zip(estimates.items(), ("tab:blue", "tab:red", "tab:gray")):
         running = values.cumsum(0) / n_axis

@@ -10,7 +10,6 @@ code; this module only gathers what the page shows and renders `templates/report
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
 import tempfile
@@ -28,7 +27,6 @@ from dropstudy import plots
 from dropstudy.report import (ExperimentTable, Report, Run, add_comparisons, build_tables, caption,
                               cells, find_runs, header, table_rows)
 from dropstudy.rundir import RunDir
-from dropstudy.stats import describe
 
 PAGE = "report.html"
 
@@ -83,15 +81,13 @@ def figure_of(name: str, svg_path: Path) -> Figure:
 
 
 def _mean_curve(per_run: list[list[dict]], metric: str, label: str, style: str) -> plots.SeedStats | None:
-    """`metric` averaged over the runs at the epochs every run logged it, with its 95% band."""
+    """`metric` over the runs at the epochs every run logged it (plots draws its centre and 95% band)."""
     series = [{row["epoch"]: row[metric] for row in rows if "epoch" in row and isinstance(row.get(metric), (int, float))}
               for rows in per_run]
     epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
     if not epochs:
         return None
-    stats = [describe([s[e] for s in series]) for e in epochs]
-    return plots.SeedStats(label, epochs, [s.mean for s in stats],
-                           [0.0 if math.isnan(s.low) else (s.high - s.low) / 2 for s in stats], style,
+    return plots.SeedStats(label, epochs, [[s[e] for s in series] for e in epochs], style,
                            plots.COLORS[[c[0] for c in ARM_CURVES].index(metric.split("/")[0])])
 
 
@@ -109,8 +105,7 @@ def arms_figure(table: ExperimentTable, folder: Path) -> Figure | None:
         return None
     counts = sorted({len(row.runs) for row in table.rows})
     seeds = "one seed" if counts == [1] else f"{counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "") + " seeds"
-    path = plots.mean_learning_curves(panels, "epoch", folder / f"{table.experiment}_arms.svg",
-                                      f"mean, 95% CI ({seeds})" if counts != [1] else "one seed")
+    path = plots.mean_learning_curves(panels, "epoch", folder / f"{table.experiment}_arms.svg", seeds)
     figure = figure_of(f"{table.experiment}_arms", path.with_suffix(".svg"))
     figure.caption = (f"{table.experiment}: each setting's learning curves, "
                       + ("one seed each." if counts == [1] else f"mean over {seeds} with its 95% band."))

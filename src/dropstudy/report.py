@@ -47,7 +47,7 @@ BEST_EPOCH = "val/loss_epoch"  # from summary.json's "best": the epoch of the lo
 # tracker.* and sweep.* only say where a run is tracked or how it was launched.
 NOT_SETTINGS = ("seed", "data.seed")
 NOT_SETTING_PREFIXES = ("tracker.", "sweep.")
-CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
+CURVE_METRICS = ("train/loss", "train_eval/loss", "val/loss", "train/acc", "train_eval/acc", "val/acc")
 DROPOUT = "model.dropout"
 NA = "n/a"
 
@@ -629,15 +629,16 @@ def write_csv(tables: list[ExperimentTable], path: Path) -> None:
 # --------------------------------------------------------------------------- figures
 
 
-def _half_width(s: Stat) -> float:
-    """The error bar of a mean: half its 95% interval (0 where one seed ran, so no bar)."""
-    return 0.0 if math.isnan(s.low) else (s.high - s.low) / 2
-
-
 def _units(table: ExperimentTable) -> tuple[str, str]:
     """The loss and accuracy axis labels, with units."""
     loss = "cross-entropy (nats)" if table.loss == "cross-entropy" else "MSE (unitless targets)"
-    return loss, "accuracy (fraction correct)"
+    return loss, "accuracy (%)"
+
+
+def _figure_values(metric: str, values: list[float | None]) -> list[float]:
+    """A metric's values as its figure draws them: accuracy in percent."""
+    scale = 100.0 if metric.endswith("acc") else 1.0
+    return [scale * v for v in values if v is not None]
 
 
 def _epoch_label(table: ExperimentTable) -> str:
@@ -649,10 +650,16 @@ def _epoch_label(table: ExperimentTable) -> str:
 
 def _seed_range(table: ExperimentTable) -> str:
     counts = sorted({len(r.runs) for r in table.rows})
-    return f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} seeds"
+    if len(counts) > 1:
+        return f"{counts[0]}–{counts[-1]} seeds"
+    return "1 seed" if counts[0] == 1 else f"{counts[0]} seeds"
 
 
-SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
+# How a figure names each split: the training metrics with dropout on (training mode) and the
+# training data evaluated in eval mode are both "train", so their labels say which.
+SPLIT_NAMES = {"train": "train (dropout on)", "train_eval": "train (eval mode)", "val": "val", "test": "test"}
+SPLIT_COLORS = {"train": "tab:blue", "train_eval": "tab:purple", "val": "tab:orange", "test": "tab:green"}
+SPLIT_STYLES = {"train": "-", "train_eval": ":", "val": "--"}
 STYLES = ("-", "--", ":", "-.")
 
 
@@ -669,23 +676,26 @@ def figure_vs_dropout(table: ExperimentTable, out: Path) -> Path:
     panels: dict[str, list[plots.SeedStats]] = {}
     for metric in (m for m in table.metric_keys if m in METRICS and not m.startswith("gap/")):
         split = metric.split("/")[0]
+        name = SPLIT_NAMES.get(split, split)
         ylabel = f"final {loss_label if metric.endswith('loss') else acc_label}"
         for style, (group, rows) in zip(STYLES * 4, groups.items()):
             xs = [float(r.setting[DROPOUT]) for r in rows] if numeric else list(range(len(rows)))
             panels.setdefault(ylabel, []).append(plots.SeedStats(
-                f"{split}, {group}" if group else split, xs, [r.metrics[metric].mean for r in rows],
-                [_half_width(r.metrics[metric]) for r in rows], style, SPLIT_COLORS.get(split)))
+                f"{name}, {group}" if group else name, xs,
+                [_figure_values(metric, [r.value(metric) for r in row.runs]) for row in rows], style,
+                SPLIT_COLORS.get(split)))
     ticks = None if numeric else [r.label for r in table.rows]
     xlabel = "dropout rate p (probability of dropping a unit)" if numeric else "setting"
-    return plots.metric_vs_setting(panels, xlabel, out / f"{table.experiment}_vs_dropout.png",
-                                   f"mean, 95% CI ({_seed_range(table)})", xticks=ticks)
+    return plots.metric_vs_setting(panels, xlabel, out / f"{table.experiment}_vs_dropout.png", _seed_range(table),
+                                   xticks=ticks)
 
 
 def figure_learning_curves(table: ExperimentTable, out: Path) -> Path:
-    """Per setting, the mean over seeds of each curve with its 95% band, at the epochs every
-    seed logged: losses in one panel (train solid, val dashed), accuracies in another."""
+    """Per setting, the centre over seeds of each curve with its 95% band, at the epochs every
+    seed logged: training (dropout on, and in eval mode where logged) and validation loss in one
+    panel, or a panel each where one axis would squash one of them; accuracies in another."""
     loss_label, acc_label = _units(table)
-    panels: dict[str, list[plots.SeedStats]] = {}
+    lines: list[tuple[str, plots.SeedStats]] = []  # (metric, line), a setting's lines together
     for color, row in zip(plots.COLORS * 4, table.rows):
         per_run = [r.rows() for r in row.runs]
         for metric in CURVE_METRICS:
@@ -694,13 +704,23 @@ def figure_learning_curves(table: ExperimentTable, out: Path) -> Path:
             epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if not epochs:
                 continue
-            per_epoch = [describe([s[e] for s in series]) for e in epochs]
             split = metric.split("/")[0]
-            panels.setdefault(loss_label if metric.endswith("loss") else acc_label, []).append(plots.SeedStats(
-                f"{row.label} {split}", epochs, [s.mean for s in per_epoch], [_half_width(s) for s in per_epoch],
-                "-" if split == "train" else "--", color))
-    return plots.mean_learning_curves(panels, _epoch_label(table), out / f"{table.experiment}_learning_curves.png",
-                                      f"mean, 95% CI ({_seed_range(table)})")
+            lines.append((metric, plots.SeedStats(
+                f"{row.label}, {SPLIT_NAMES[split]}", epochs,
+                [_figure_values(metric, [s[e] for s in series]) for e in epochs], SPLIT_STYLES[split], color)))
+
+    def values(metrics: Sequence[str]) -> list[float]:
+        return [v for m, line in lines if m in metrics for vs in line.samples for v in vs]
+
+    train, val = ("train/loss", "train_eval/loss"), ("val/loss",)
+    if plots.squashes(values(train), values(val)):
+        loss_panels = {f"training {loss_label}": train, f"validation {loss_label}": val}
+    else:
+        loss_panels = {loss_label: train + val}
+    panels = {label: [line for m, line in lines if m in metrics]
+              for label, metrics in {**loss_panels, acc_label: ("train/acc", "train_eval/acc", "val/acc")}.items()}
+    return plots.mean_learning_curves({k: v for k, v in panels.items() if v}, _epoch_label(table),
+                                      out / f"{table.experiment}_learning_curves.png", _seed_range(table))
 
 
 def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
