@@ -24,7 +24,7 @@ def invoke(*args: str):
 
 def expected_rows(sweep_dir: Path) -> dict[float, dict[str, tuple[float, float]]]:
     """Per dropout rate: (mean, sample std) over seeds of the last logged value of each loss and
-    of the epoch of the lowest val/loss, straight from metrics.jsonl."""
+    of the lowest val/loss and its epoch, straight from metrics.jsonl."""
     per_rate: dict[float, dict[str, list[float]]] = {}
     for config_path in sweep_dir.glob("*/.hydra/config.yaml"):
         run = config_path.parent.parent
@@ -35,6 +35,7 @@ def expected_rows(sweep_dir: Path) -> dict[float, dict[str, tuple[float, float]]
             values.setdefault(key, []).append([r[key] for r in rows if key in r][-1])
         best = min((r["val/loss"], r["epoch"]) for r in rows if "val/loss" in r)
         values.setdefault("val/loss_epoch", []).append(best[1])
+        values.setdefault("val/loss_best", []).append(best[0])
 
     def mean_std(xs: list[float]) -> tuple[float, float]:
         mean = sum(xs) / len(xs)

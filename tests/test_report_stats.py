@@ -215,7 +215,7 @@ def test_p_values_are_holm_adjusted_across_the_settings_compared_with_the_baseli
     assert "| p (paired t) | p Holm (paired t) | p (Wilcoxon) | p Holm (Wilcoxon) |" in md
     assert "Holm-adjusted for the settings compared with the baseline" in " ".join(md.split())
     # The best epoch's resolution is the runs' evaluation cadence (trainer.eval_every=10 here).
-    assert "best epoch: the lowest val/loss among the evaluations, every 10 epochs." in " ".join(md.split())
+    assert "best epoch: the lowest val/loss among the evaluations (and its epoch), every 10 epochs." in " ".join(md.split())
 
 
 def test_baseline_option_picks_the_setting_or_exits_2(base_config, tmp_path):
@@ -264,7 +264,7 @@ def test_latex_markdown_and_csv_carry_the_same_numbers(base_config, tmp_path):
     tex = (out / "report.tex").read_text()
     assert "\\toprule" in tex and "model.dropout\\_kind" in tex and "inverted\\_50\\%" in tex
     body = _tex_rows(tex)
-    metrics = ["train/loss", "val/loss", "test/loss", "gap/loss", "best epoch (val/loss)"]
+    metrics = ["train/loss", "val/loss", "test/loss", "gap/loss", "best val/loss", "best epoch (val/loss)"]
     assert len(body) == len(metrics) * 3, "one row per metric and setting"
     columns = tex.split("\\toprule\n")[1].split(" \\\\\n")[0].split(" & ")
     assert all(len(row) == len(columns) for row in body)

@@ -43,6 +43,8 @@ log = logging.getLogger("dropstudy")
 METRICS = ("train/loss", "train_eval/loss", "val/loss", "test/loss", "train/acc", "train_eval/acc", "val/acc",
            "test/acc", "gap/loss", "gap/acc")
 BEST_EPOCH = "val/loss_epoch"  # from summary.json's "best": the epoch of the lowest val/loss
+BEST_VAL_LOSS = "val/loss_best"  # from summary.json's "best": the lowest val/loss itself
+FROM_BEST = {BEST_EPOCH: "val/loss_epoch", BEST_VAL_LOSS: "val/loss"}
 # Keys that never make a setting: the seed (and what it seeds) is what the table averages over,
 # tracker.* and sweep.* only say where a run is tracked or how it was launched.
 NOT_SETTINGS = ("seed", "data.seed")
@@ -72,8 +74,11 @@ class Run:
         return self.config.get("seed")
 
     def value(self, metric: str) -> float | None:
-        """The run's final value of `metric` (the best epoch from summary.json's "best")."""
-        value = (self.summary.get("best" if metric == BEST_EPOCH else "final") or {}).get(metric)
+        """The run's final value of `metric` (the best val/loss and its epoch from summary.json's "best")."""
+        if metric in FROM_BEST:
+            value = (self.summary.get("best") or {}).get(FROM_BEST[metric])
+        else:
+            value = (self.summary.get("final") or {}).get(metric)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else None
 
@@ -249,7 +254,7 @@ def experiment_table(experiment: str, runs: list[Run]) -> ExperimentTable:
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(json.dumps([_text(run.config.get(k)) for k in keys]), []).append(run)
-    present = [m for m in (*METRICS, BEST_EPOCH) if any(r.value(m) is not None for r in runs)]
+    present = [m for m in (*METRICS, BEST_VAL_LOSS, BEST_EPOCH) if any(r.value(m) is not None for r in runs)]
     rows = []
     for members in groups.values():
         setting = {k: members[0].config.get(k) for k in keys}
@@ -437,7 +442,7 @@ def _columns(table: ExperimentTable) -> list[str]:
 
 
 def _metric_name(metric: str) -> str:
-    return "best epoch (val/loss)" if metric == BEST_EPOCH else metric
+    return {BEST_EPOCH: "best epoch (val/loss)", BEST_VAL_LOSS: "best val/loss"}.get(metric, metric)
 
 
 def _cells(table: ExperimentTable, metric: str, row: SettingRow) -> list[Cell]:
@@ -486,7 +491,7 @@ def caption(table: ExperimentTable) -> str:
     if "train_eval/loss" in table.metric_keys:  # runs from before train_eval took the gap from train/loss
         text += " train_eval: the training data in eval mode (dropout off); gap = val − train_eval."
     if BEST_EPOCH in table.metric_keys and table.eval_every:
-        text += (" best epoch: the lowest val/loss among the evaluations, every "
+        text += (" best val/loss and best epoch: the lowest val/loss among the evaluations (and its epoch), every "
                  f"{' or '.join(map(str, table.eval_every))} epochs.")
     designs = table.designs
     if table.baseline is not None:
