@@ -82,6 +82,13 @@ def compare_metrics(original: list[dict], rerun: list[dict], rtol: float, atol: 
 def environment_differences(original: dict, rerun: dict) -> list[str]:
     """What differs between the two runs' provenance that can change results."""
     out = []
+    batch_a, batch_b = original.get("vectorized") or {}, rerun.get("vectorized") or {}
+    members = int(batch_a.get("members", 1))
+    if members > 1 and (batch_b.get("members"), batch_b.get("index")) != (members, batch_a.get("index")):
+        # The members of an ensemble draw their dropout masks from one generator they share.
+        out.append(f"batched: the original trained as member {batch_a.get('index')} of a batched ensemble of "
+                   f"{members}, whose members draw their dropout masks from one shared generator; alone, a run "
+                   "draws its own (rerun the sweep directory, which trains the ensemble again, to reproduce it)")
     versions_a, versions_b = original.get("versions", {}), rerun.get("versions", {})
     for name in sorted(set(versions_a) | set(versions_b)):
         if versions_a.get(name) != versions_b.get(name):
@@ -105,6 +112,8 @@ def likely_cause(comparison: Comparison, overrides: list[str], env: list[str], d
     if overrides:
         return f"the overrides given to rerun ({' '.join(overrides)})"
     for needle, cause in (
+        ("batched:", "the original was a member of a batched ensemble (its dropout masks came from the "
+                     "ensemble's shared generator); rerun the sweep directory to reproduce it"),
         ("the data differs", "the data changed"),
         ("code:", "the code changed between the runs"),
         ("uncommitted", "uncommitted changes to the code"),
