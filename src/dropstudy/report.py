@@ -491,8 +491,9 @@ def caption(table: ExperimentTable) -> str:
     if "train_eval/loss" in table.metric_keys:  # runs from before train_eval took the gap from train/loss
         text += " train_eval: the training data in eval mode (dropout off); gap = val − train_eval."
     if BEST_EPOCH in table.metric_keys and table.eval_every:
-        text += (" best val/loss and best epoch: the lowest val/loss among the evaluations (and its epoch), every "
-                 f"{' or '.join(map(str, table.eval_every))} epochs.")
+        every = " or ".join(map(str, table.eval_every))
+        text += (" best val/loss and best epoch: the lowest val/loss among the evaluations (and its epoch), "
+                 + ("every epoch." if table.eval_every == [1] else f"every {every} epochs."))
     designs = table.designs
     if table.baseline is not None:
         text += f" Δ: setting − baseline ({table.baseline}), with its 95% interval; "
