@@ -99,7 +99,6 @@ FALLBACK = {
     "OptimConfig.momentum": "SGD's momentum.",
     "OptimConfig.weight_decay": "The optimizer's L2 weight decay.",
     "TrainerConfig.epochs": "Training length; for the regression study one epoch is one full-batch step.",
-    "TrainerConfig.eval_every": "Evaluate every N epochs: validation, and the training data with dropout off.",
     "TrackerConfig.mode": "`auto` = online when W&B credentials exist (`WANDB_API_KEY`, or `wandb login`), else "
                     "offline; `WANDB_MODE` wins over `auto`; `disabled` writes no W&B files.",
     "TrackerConfig.project": "W&B project.",
