@@ -167,8 +167,8 @@ def test_report_html_in_a_browser_shows_report_csv_and_every_figure(sweep_dir: P
     (table,) = seen["desktop"]["tables"]
     assert seen["phone"]["tables"] == [table]
     shown_rows = [dict(zip(table["header"], cells)) for cells in table["rows"]]
-    keys = [("val/loss_epoch" if s["metric"] == "best epoch (val/loss)" else s["metric"], s["model.dropout"])
-            for s in shown_rows]
+    csv_names = {"best epoch (val/loss)": "val/loss_epoch", "best val/loss": "val/loss_best"}
+    keys = [(csv_names.get(s["metric"], s["metric"]), s["model.dropout"]) for s in shown_rows]
     assert sorted(keys) == sorted(expected)  # every line of report.csv, once
     checked = set()
     for shown, key in zip(shown_rows, keys):
@@ -176,8 +176,8 @@ def test_report_html_in_a_browser_shows_report_csv_and_every_figure(sweep_dir: P
         assert {k: shown[k] for k in want} == want, key
         checked |= set(want)
     assert {"mean ± std", "95% CI", "95% CI of Δ", "p (paired t)", "p (Wilcoxon)", "d_z", "wins"} <= checked
-    # These runs log no eval-mode training loss: the per-arm panels say nothing about one.
-    assert "train (dropout on)" in seen["desktop"]["svgText"] and TRAIN_EVAL not in seen["desktop"]["svgText"]
+    # These runs log the eval-mode training loss beside the training-mode one: each arm's panel draws both.
+    assert "train (dropout on)" in seen["desktop"]["svgText"] and TRAIN_EVAL in seen["desktop"]["svgText"]
 
 
 def test_report_html_draws_the_eval_mode_training_curve_where_runs_logged_it(sweep_dir: Path, tmp_path: Path):

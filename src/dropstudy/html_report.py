@@ -212,28 +212,15 @@ def write_report_page(report: Report, runs: Sequence[Run], baseline: Sequence[st
     return path
 
 
-class SvgFolder:
-    """Where study figure code, which asks a run dir for `plot_path(name)`, draws its figures as
-    SVG instead (matplotlib's format follows the file's suffix)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def plot_path(self, name: str) -> Path:
-        return self.folder / Path(name).with_suffix(".svg").name
-
-
-def write_study_page(study_dir: Path, draw: Callable[[SvgFolder], dict[str, Path]]) -> Path:
+def write_study_page(study_dir: Path, drawn: dict[str, Path]) -> Path:
     """study_dir/report.html: the table over the study's finished arms (one seed each), its
-    comparison figures as `draw` makes them (given a folder to draw into), each arm's curves,
+    comparison figures (`drawn`: each one's PNG, with its SVG beside it), each arm's curves,
     provenance and commands."""
     runs, skipped = find_runs(study_dir)
     tables = build_tables(runs) if runs else []
     for table in tables:
         add_comparisons(table, [])
-    with tempfile.TemporaryDirectory() as folder:
-        drawn = draw(SvgFolder(Path(folder)))
-        figures = [figure_of(name, path.with_suffix(".svg")) for name, path in drawn.items()]
+    figures = [figure_of(name, path.with_suffix(".svg")) for name, path in drawn.items()]
     page = render(f"dropstudy study: {study_dir.name}", study_dir, tables, figures, _arm_figures(tables), runs,
                   skipped, _commands(runs, study_dir, (), "the study's report (its tables and paper figures, in report/)"))
     path = study_dir / PAGE

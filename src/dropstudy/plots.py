@@ -125,14 +125,15 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _write(fig: Figure, path: Path, vector: bool = False) -> Path:
-    """The PNG (and, with `vector`, the same figure as PDF and SVG beside it, for a paper); the
-    figure is closed after."""
+def _write(fig: Figure, path: Path, vector: bool = False, svg: bool = False) -> Path:
+    """The PNG (and, with `vector`, the same figure as PDF and SVG beside it, for a paper; with
+    `svg`, the SVG alone, for report.html); the figure is closed after."""
     try:
         save_figure(fig, path)
-        if vector:
+        copies = tuple(_NO_DATE) if vector else (".svg",) if svg and path.suffix != ".svg" else ()
+        if copies:
             fig.set_layout_engine("none")  # laid out once for the PNG: the copies keep that layout
-            for suffix in _NO_DATE:
+            for suffix in copies:
                 save_figure(fig, path.with_suffix(suffix))
     finally:
         plt.close(fig)
@@ -308,8 +309,8 @@ def _mark_best(ax: plt.Axes, arms: dict[str, Sequence[dict]]) -> None:
                     zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
 
 
-def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Path:
-    return _write(study_curves_figure(arms, title), path)
+def study_curves(arms: dict[str, Sequence[dict]], path: Path, title: str, svg: bool = False) -> Path:
+    return _write(study_curves_figure(arms, title), path, svg=svg)
 
 
 # --------------------------------------------------------------------------- the regression fit
@@ -385,13 +386,15 @@ def regression_fit(
     path: Path,
     title: str,
     column: bool = False,
+    svg: bool = False,
 ) -> Path:
-    """`regression_fit_figure` as PNG; with `column`, also as PDF and SVG, for a paper."""
+    """`regression_fit_figure` as PNG; with `column`, also as PDF and SVG, for a paper; with
+    `svg`, also as SVG."""
     fig = regression_fit_figure(train_xy, test_xy, curves, title, column)
     if column:
         with plt.rc_context(PAPER_RC):
             return _write(fig, path, vector=True)
-    return _write(fig, path)
+    return _write(fig, path, svg=svg)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -506,8 +509,8 @@ def weight_norms_figure(arms: dict[str, Sequence[dict]], title: str) -> Figure:
     return fig
 
 
-def weight_norms(arms: dict[str, Sequence[dict]], path: Path, title: str) -> Path:
-    return _write(weight_norms_figure(arms, title), path)
+def weight_norms(arms: dict[str, Sequence[dict]], path: Path, title: str, svg: bool = False) -> Path:
+    return _write(weight_norms_figure(arms, title), path, svg=svg)
 
 
 # --------------------------------------------------------------------------- reports over seeds
@@ -648,5 +651,6 @@ def mean_learning_curves_figure(panels: dict[str, Sequence[SeedStats]], xlabel: 
 
 
 def mean_learning_curves(panels: dict[str, Sequence[SeedStats]], xlabel: str, path: Path, seeds: str) -> Path:
+    """As PNG, PDF and SVG; given a .svg path, as SVG alone."""
     with plt.rc_context(PAPER_RC):
-        return _write(mean_learning_curves_figure(panels, xlabel, seeds), path, vector=True)
+        return _write(mean_learning_curves_figure(panels, xlabel, seeds), path, vector=path.suffix != ".svg")

@@ -529,7 +529,7 @@ def conclude_study(
     try:
         started = [a for a in arms if a.status != "not run"]
         figures = draw_study_figures(cfg, out, started, data)
-        write_study_page(study_dir, lambda svg: draw_study_figures(cfg, svg, started, data))
+        write_study_page(study_dir, figures)
     except BaseException:
         comparison.finish(exit_code=1)
         raise
@@ -553,21 +553,22 @@ def comparison_config(cfg: DictConfig, arms: list[ArmRecord]) -> dict[str, Any]:
 
 
 def draw_study_figures(cfg: DictConfig, out: RunDir, started: list[ArmRecord], data: Dataset | None) -> dict[str, Path]:
-    """The arms side by side: learning curves, weight norms and, for regression, the fits."""
+    """The arms side by side: learning curves, weight norms and, for regression, the fits; each
+    as PNG and, beside it, SVG (what report.html inlines)."""
     title = f"{cfg.experiment}: " + " vs ".join(a.label for a in started) + f", seed {cfg.seed}"
     if cfg.data.get("synthetic"):
         title += " (SYNTHETIC data)"
     arm_rows = {a.label: a.rows for a in started if a.rows}
-    figures = {"study_curves": plots.study_curves(arm_rows, out.plot_path("study_curves.png"), title)}
+    figures = {"study_curves": plots.study_curves(arm_rows, out.plot_path("study_curves.png"), title, svg=True)}
     if plots.has_weight_norms(arm_rows):
-        figures["weight_norms"] = plots.weight_norms(arm_rows, out.plot_path("weight_norms.png"), title)
+        figures["weight_norms"] = plots.weight_norms(arm_rows, out.plot_path("weight_norms.png"), title, svg=True)
     fits = [a.fit for a in started if a.fit is not None]
     if fits:
         if data is None:
             seed_everything(cfg.seed)
             data = load_dataset(cfg.data, torch.device("cpu"), log.info)
         figures["regression_fit"] = plots.regression_fit(
-            _points(data.train), _points(data.test), fits, out.plot_path("regression_fit.png"), title
+            _points(data.train), _points(data.test), fits, out.plot_path("regression_fit.png"), title, svg=True
         )
     return figures
 
