@@ -1030,9 +1030,9 @@ def exit_now(code: int | str | None) -> NoReturn:
     if isinstance(code, str):  # what sys.exit("message") does
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own shutdown does first: the hooks that tell pools' manager threads
+    # to stop (loky's, concurrent.futures'), then a join of every non-daemon thread.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -1,0 +1,124 @@
+"""Adversarial cases of processes and their records: what a user or the machine does to a
+running dropstudy (a signal, a second signal, a full disk, a read-only HOME, a launcher's worker
+processes, a value such as nan), and what must hold afterwards: the process exits, leaves no
+process of its own behind, and every record (summary.json, study.json, sweep.json) says what
+happened. Its sibling tests/test_adversarial_records.py holds the cases about what the records
+and reports say of runs read back later; new cases of either kind go beside these.
+
+Tests that signal a process wait for a condition (a checkpoint on disk, a line on stderr)
+between signals, never for a fixed time: CI is a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK_REGRESSION, SWEEP_GRID
+
+EXIT_IO_ERROR = 74
+LONG_RUN = ["trainer.epochs=100000", "trainer.eval_every=1000", "trainer.log_every=1000",
+            "trainer.checkpoint_every=50", "tracker.mode=disabled"]
+
+
+def dropstudy_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dropstudy", *args]
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Poll `condition` until it holds; fail (with the process's output) when the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the process ended ({proc.returncode}) before {what}:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def session_processes(sid: int) -> list[str]:
+    """Every live process of session `sid` (the test starts the CLI as a session leader, so its
+    workers, their children and resource trackers stay in it even once re-parented)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if int(session) == sid and state != "Z":
+            found.append(f"{stat.parent.name}: {cmdline}")
+    return found
+
+
+def assert_no_process_left(sid: int) -> None:
+    """Nothing of the session is left once the CLI has exited (given a moment to go)."""
+    deadline = time.monotonic() + 60
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session_processes(sid) == [], "processes left behind"
+
+
+def start_session(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(dropstudy_cmd(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """The test's own session, killed whatever happened (a hang must not outlive the test)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def statuses(sweep_dir: Path) -> list[str]:
+    return [job["status"] for job in json.loads((sweep_dir / "sweep.json").read_text())["jobs"]]
+
+
+# --------------------------------------------------------------------------- 1: launchers' processes
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_a_sweep_on_a_process_launcher_exits_and_leaves_no_process(clean_env, tmp_path, launcher):
+    """loky's executor thread ends only in an exit handler: exiting must not wait for it first."""
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    proc = start_session(["sweep", "model.dropout=0,0.5", "trainer.epochs=3", "tracker.mode=disabled",
+                          f"hydra/launcher={launcher}", *extra, "hydra.sweep.dir=sw"], tmp_path, clean_env)
+    try:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+        assert statuses(tmp_path / "sw") == ["finished", "finished"]
+        assert_no_process_left(proc.pid)
+    finally:
+        kill_session(proc)
+
+
+def test_sigterm_to_a_joblib_sweep_stops_its_workers_with_checkpoints(clean_env, tmp_path):
+    """`kill PID` of the sweep reaches the jobs in its worker processes: each checkpoints and
+    says interrupted, the queued jobs do not start, and no worker or resource tracker is left."""
+    sweep = tmp_path / "sw"
+    proc = start_session(["sweep", "model.dropout=0,0.5", "seed=0,1", *LONG_RUN, "hydra/launcher=joblib",
+                          "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sw"], tmp_path, clean_env)
+    try:
+        wait_for(lambda: all((sweep / str(i) / "checkpoints" / "last.pt").is_file() for i in (0, 1)),
+                 "both workers' first checkpoint", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 143, out + err
+        assert statuses(sweep) == ["interrupted"] * 4, out + err
+        for i in (2, 3):  # queued behind the interrupted ones: never started, and resume starts them
+            summary = json.loads((sweep / str(i) / "summary.json").read_text())
+            assert summary["epoch"] == 0 and "before this job started" in summary["reason"]
+        assert "Traceback" not in err, err
+        assert_no_process_left(proc.pid)
+    finally:
+        kill_session(proc)
