@@ -122,3 +122,34 @@ def test_sigterm_to_a_joblib_sweep_stops_its_workers_with_checkpoints(clean_env,
         assert_no_process_left(proc.pid)
     finally:
         kill_session(proc)
+
+
+# --------------------------------------------------------------------------- 8: nan and inf
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from dropstudy.cli import app
+
+    return CliRunner().invoke(app, list(args), prog_name="dropstudy")
+
+
+@pytest.mark.parametrize("override", [
+    "optim.lr=nan", "optim.lr=inf", "optim.weight_decay=nan", "optim.weight_decay=inf", "optim.momentum=nan",
+    "optim.momentum=-1", "optim.max_norm=nan", "optim.max_norm=inf", "data.slope=nan", "data.train_noise=inf",
+    "data.test_noise=nan",
+])
+def test_a_float_key_refuses_nan_and_inf_naming_the_key(clean_env, tmp_path, override):
+    """nan passes `lr <= 0`: it trained and was reported as diverged. Refused before anything is written."""
+    result = invoke("train", *QUICK_REGRESSION, override, "hydra.run.dir=run")
+    key = override.split("=")[0]
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {key}="), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_sweep_refuses_nan_in_any_grid_point(clean_env, tmp_path):
+    result = invoke("sweep", "optim.lr=0.01,nan", "trainer.epochs=2", "hydra.sweep.dir=sw")
+    assert result.exit_code == 2 and "sweep job 1" in result.output and "optim.lr=nan" in result.output, result.output
+    assert not (tmp_path / "sw").exists()
