@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK_REGRESSION, SWEEP_GRID
+from conftest import QUICK_REGRESSION
 
 EXIT_IO_ERROR = 74
 LONG_RUN = ["trainer.epochs=100000", "trainer.eval_every=1000", "trainer.log_every=1000",
@@ -153,3 +153,19 @@ def test_a_sweep_refuses_nan_in_any_grid_point(clean_env, tmp_path):
     result = invoke("sweep", "optim.lr=0.01,nan", "trainer.epochs=2", "hydra.sweep.dir=sw")
     assert result.exit_code == 2 and "sweep job 1" in result.output and "optim.lr=nan" in result.output, result.output
     assert not (tmp_path / "sw").exists()
+
+
+# --------------------------------------------------------------------------- 9: printed commands
+
+
+def test_a_printed_command_for_a_dir_starting_with_a_dash_pastes_as_it_is(dropstudy, tmp_path):
+    """`dropstudy resume -r` reads -r as an option; the command printed must say ./-r."""
+    import shlex
+
+    first = dropstudy("train", "trainer.epochs=2", "tracker.mode=disabled", "hydra.run.dir=-r")
+    assert first.code == 0, first.output
+    again = dropstudy("train", "trainer.epochs=2", "tracker.mode=disabled", "hydra.run.dir=-r")
+    assert again.code == 2 and "To continue it: dropstudy resume ./-r;" in again.output, again.output
+    pasted = dropstudy(*shlex.split("dropstudy resume ./-r")[1:])
+    assert pasted.code == 2 and "finished already" in pasted.output, pasted.output
+    assert "To train it again use: dropstudy rerun ./-r" in pasted.output, pasted.output

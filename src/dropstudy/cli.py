@@ -34,7 +34,7 @@ from dropstudy import __version__
 from dropstudy.config import ConfigError, compose_run, conf_dir, hydra_value, process_uid, validate_study
 from rich.console import Console
 
-from dropstudy.console import stderr
+from dropstudy.console import shell_command, stderr
 from dropstudy.datafiles import DataError, check_cifar10_available
 from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
@@ -217,7 +217,7 @@ def print_run(result: Any, indent: str = "") -> None:
     if result.outcome and result.outcome.reason and result.status != "finished":
         out(f"{indent}  {result.status}: {result.outcome.reason}")
     if result.status == "interrupted":
-        out(f"{indent}  to continue from its last checkpoint: {shlex.join(['dropstudy', 'resume', str(result.run_dir)])}")
+        out(f"{indent}  to continue from its last checkpoint: {shell_command('dropstudy', 'resume', Path(result.run_dir))}")
     for name, path in result.figures.items():
         out(f"{indent}  figure: {path}")
     if result.tracker_url:
@@ -356,7 +356,7 @@ def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal:
     points = len(plan.jobs) if method == "grid" else None
     typer.echo(f"W&B sweep config: {path}" + (f"  ({points} grid points)" if points else ""))
     typer.echo("start the sweep (prints its id), then one agent per machine or GPU:")
-    typer.echo(f"  {shlex.join(['wandb', 'sweep', str(path)])}")
+    typer.echo(f"  {shell_command('wandb', 'sweep', path)}")
     agent = f"{first.tracker.entity or 'ENTITY'}/{first.tracker.project}/SWEEP_ID"
     typer.echo(f"  {shlex.join(['wandb', 'agent', agent])}")
 
@@ -464,7 +464,7 @@ def sweep(
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
         what = "every member from its last checkpoint" if vectorized else "what was interrupted"
-        typer.echo(f"to continue {what}: dropstudy resume {shlex.quote(str(plan.sweep_dir))}")
+        typer.echo(f"to continue {what}: {shell_command('dropstudy', 'resume', plan.sweep_dir)}")
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
                    "says which ran.", exit_interrupted)
     if bad:
@@ -584,12 +584,12 @@ def resume_run_dir(run_dir: Path) -> None:
     sweep_dir = batched_member_of(run_dir)
     if sweep_dir is not None:
         raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
-                   f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
+                   f"masks come from one generator); resume the sweep: {shell_command('dropstudy', 'resume', sweep_dir)}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
         if RunDir.existing(run_dir).read_status()[0] == "finished":
             raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
-                       f"To train it again use: {shlex.join(['dropstudy', 'rerun', str(run_dir)])}")
+                       f"To train it again use: {shell_command('dropstudy', 'rerun', run_dir)}")
         check_runnable(cfg)
         resume_log = handle_run_errors(lambda: ResumeLog(run_dir))
         try:
@@ -710,7 +710,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     bad = [o for o in outcomes if not o.ok]
     if resumption.interrupted:
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; "
-                   f"continue with: dropstudy resume {shlex.quote(str(sweep_dir))}", EXIT_INTERRUPTED)
+                   f"continue with: {shell_command('dropstudy', 'resume', sweep_dir)}", EXIT_INTERRUPTED)
     if bad:
         names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
                           + (f": {o.reason}" if o.reason else "") for o in bad)
@@ -741,7 +741,7 @@ def resume_batched_chunks(sweep_dir: Path) -> None:
         typer.echo(f"  run dir: {result.run_dir}  [{result.status}]")
     stopped = [r for r in results if r.status == "interrupted"]
     if stopped:
-        typer.echo(f"to continue every member from its last checkpoint: dropstudy resume {shlex.quote(str(sweep_dir))}")
+        typer.echo(f"to continue every member from its last checkpoint: {shell_command('dropstudy', 'resume', sweep_dir)}")
         raise typer.Exit(stopped[0].exit_code)
 
 
