@@ -169,3 +169,28 @@ def test_a_printed_command_for_a_dir_starting_with_a_dash_pastes_as_it_is(dropst
     pasted = dropstudy(*shlex.split("dropstudy resume ./-r")[1:])
     assert pasted.code == 2 and "finished already" in pasted.output, pasted.output
     assert "To train it again use: dropstudy rerun ./-r" in pasted.output, pasted.output
+
+
+# --------------------------------------------------------------------------- 12: a read-only HOME
+
+
+def test_a_read_only_home_costs_one_line_and_the_run_still_works(clean_env, tmp_path):
+    """W&B's service logged to the console and matplotlib warned twice when they could not write
+    under HOME; the run worked, under 19 lines of their noise."""
+    import re
+
+    from test_failures import run_in_read_only, skip_without_read_only_mounts
+
+    skip_without_read_only_mounts()
+    home = Path(clean_env["HOME"])
+    env = {k: v for k, v in clean_env.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    proc = run_in_read_only(home, tmp_path, env, "train", "trainer.epochs=3", "tracker.mode=offline", "hydra.run.dir=run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    noise = [line for line in proc.stderr.splitlines()
+             if "takes no writes" not in line
+             and (re.match(r"\d{4}/\d\d/\d\d ", line) or "matplotlib" in line.lower() or "mkdir" in line)]
+    assert noise == [], proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if str(home) in line]
+    assert len(notes) == 1 and "W&B and matplotlib keep their settings and caches in" in notes[0], proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")), "the W&B run was still recorded"

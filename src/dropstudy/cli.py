@@ -1007,10 +1007,50 @@ def root(
     """dropstudy: with/without-dropout studies tracked in W&B."""
 
 
+def writable(path: Path) -> bool:
+    """Whether `path`, or the nearest folder above it that exists, takes writes."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+# Where W&B and matplotlib keep settings and caches, by the environment variable that moves each.
+CACHE_VARIABLES = {"XDG_CONFIG_HOME": "config", "XDG_CACHE_HOME": "cache", "MPLCONFIGDIR": "matplotlib",
+                   "WANDB_CONFIG_DIR": "wandb-config", "WANDB_CACHE_DIR": "wandb-cache", "WANDB_DATA_DIR": "wandb-data"}
+
+
+def move_caches_off_a_read_only_home() -> None:
+    """With a HOME that takes no writes (a read-only or foreign home on a cluster node), W&B and
+    matplotlib each print a screenful of warnings and fall back to throw-away caches; point
+    their folders (those the environment does not set already) at one folder of this user's in
+    the temp dir instead, and say so in one line. This process's children inherit it."""
+    home = Path(os.path.expanduser("~"))
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+    if writable(config) and writable(cache):
+        return
+    import tempfile
+
+    base = Path(tempfile.gettempdir()) / f"dropstudy-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        if base.stat().st_uid != os.getuid():  # someone else's folder of that name: use a new one
+            base = Path(tempfile.mkdtemp(prefix="dropstudy-"))
+    except OSError:
+        return  # no writable temp dir either: the tools' own fallbacks are all there is
+    moved = [name for name in CACHE_VARIABLES if not os.environ.get(name)]
+    for name in moved:
+        os.environ[name] = str(base / CACHE_VARIABLES[name])
+    if moved:
+        stderr.print(f"note: {home} takes no writes; W&B and matplotlib keep their settings and caches in {base}",
+                     highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     # A log file on a full disk must not print a traceback between the lines: the failure that
     # matters is reported once, by the write that stops the run.
     logging.raiseExceptions = False
+    move_caches_off_a_read_only_home()
     try:
         app(prog_name="dropstudy")
     except SystemExit as exc:
