@@ -194,3 +194,35 @@ def test_a_read_only_home_costs_one_line_and_the_run_still_works(clean_env, tmp_
     assert len(notes) == 1 and "W&B and matplotlib keep their settings and caches in" in notes[0], proc.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")), "the W&B run was still recorded"
+
+
+# --------------------------------------------------------------------------- 6, 7: a full disk
+
+
+def on_a_full_disk(tmp_path: Path, env: dict[str, str], *args: str, size: str = "256k") -> subprocess.CompletedProcess:
+    """`dropstudy ARGS` with its output under tmp_path/disk, a tmpfs of `size` in a private mount
+    namespace, copied to tmp_path/out afterwards (the tmpfs vanishes with the namespace)."""
+    from test_failures import mount_namespace_reason
+
+    reason = mount_namespace_reason()
+    if reason:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = " ".join(dropstudy_cmd(*args))
+    script = (f"mount -t tmpfs -o size={size} tmpfs '{disk}' && cd '{disk}' && {command}; code=$?; "
+              f"cp -a '{disk}' '{tmp_path / 'out'}'; exit $code")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=False, timeout=300)
+
+
+def test_a_study_on_a_full_disk_says_failed_and_why_in_study_json(clean_env, tmp_path):
+    from test_failures import assert_one_message
+
+    proc = on_a_full_disk(tmp_path, clean_env, "study", *QUICK_REGRESSION, "tracker.mode=disabled",
+                          "hydra.run.dir=st")
+    assert_one_message(proc, "cannot write checkpoints/last.pt", "No space left on device")
+    record = json.loads((tmp_path / "out" / "st" / "study.json").read_text())
+    assert record["status"] == "failed" and "No space left on device" in record["reason"], record
+    assert [arm["status"] for arm in record["arms"]] == ["failed", "not run"], record
