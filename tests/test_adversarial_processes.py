@@ -226,3 +226,18 @@ def test_a_study_on_a_full_disk_says_failed_and_why_in_study_json(clean_env, tmp
     record = json.loads((tmp_path / "out" / "st" / "study.json").read_text())
     assert record["status"] == "failed" and "No space left on device" in record["reason"], record
     assert [arm["status"] for arm in record["arms"]] == ["failed", "not run"], record
+
+
+def test_a_batched_sweep_on_a_full_disk_exits_74_and_each_member_names_its_own_file(clean_env, tmp_path):
+    """It exited 1 with tracebacks, and every member's reason named member 0's checkpoint."""
+    from test_failures import assert_one_message
+
+    proc = on_a_full_disk(tmp_path, clean_env, "sweep", "model.dropout=0,0.5", "seed=0,1", *QUICK_REGRESSION,
+                          "tracker.mode=disabled", "hydra.sweep.dir=sw")
+    assert_one_message(proc, "cannot write checkpoints/last.pt in sw/0", "No space left on device")
+    record = json.loads((tmp_path / "out" / "sw" / "sweep.json").read_text())
+    assert record["mode"] == "vectorized" and "No space left on device" in record["error"], record
+    for job in record["jobs"]:
+        assert job["status"] == "failed", job
+        assert job["reason"].startswith(f"cannot write checkpoints/last.pt in sw/{job['num']}:"), job
+        assert "No space left on device" in job["reason"], job

@@ -438,6 +438,7 @@ def sweep(
         stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
                      highlight=False)
         interrupted, exit_interrupted = False, EXIT_INTERRUPTED
+        io_error: OSError | None = None  # a write that stopped the batched sweep (disk full)
         try:
             if vectorized:
                 from dropstudy.console import setup_logging
@@ -448,7 +449,10 @@ def sweep(
                     if stopped:  # the engine checkpointed every member and said so in its summary
                         interrupted, exit_interrupted = True, stopped[0].exit_code
                 except Exception as exc:  # the table below says which members got how far
-                    logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
+                    io_error = os_error_in(exc)
+                    if io_error is None:
+                        logging.getLogger("dropstudy").exception(
+                            f"vectorized sweep failed: {type(exc).__name__}: {exc}")
             else:
                 launch_multirun(plan, SweepJob(plan.group, plan.search and plan.search.objective))
         except KeyboardInterrupt as exc:
@@ -456,7 +460,15 @@ def sweep(
 
         outcomes = collect_outcomes(plan)
         print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
-        summary = write_sweep_json(plan, outcomes, interrupted, mode)
+        try:
+            summary = write_sweep_json(plan, outcomes, interrupted, mode,
+                                       {"error": describe(io_error)} if io_error is not None else None)
+        except OSError as exc:
+            if io_error is None:
+                raise
+            io_error.add_note(f"sweep.json was not written either: {describe(exc)}")
+    if io_error is not None:  # one line, after the table: the members' summaries name their files
+        raise fail(describe(io_error), EXIT_IO_ERROR)
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     if plan.search and outcomes and outcomes[0].rank == 1:
         typer.echo(f"best: #{outcomes[0].num} {outcomes[0].setting}  {plan.search.objective} {outcomes[0].objective:.4g}"

@@ -51,6 +51,7 @@ class MemberRun:
     lr: float  # constant: there is no learning-rate schedule in these studies
     outcome: Outcome = field(default_factory=lambda: Outcome(status="finished", epoch=0))
     active: bool = True  # still trained on record (not diverged, not interrupted)
+    write_error: OSError | None = None  # its checkpoint's write failed (a full disk): what stopped it
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -126,6 +127,19 @@ class Engine:
             state["ensemble"] = {"index": i, "members": self.backend.members, "shared": shared}
         run.rd.save_checkpoint(state)
         self.timings["checkpoint"] += time.perf_counter() - start
+
+    def checkpoint_all(self) -> None:
+        """Every active member's checkpoint. A failed write (disk full) stops them all, but each
+        member's write is tried, so that each records the failure of its own file."""
+        for i, run in enumerate(self.runs):
+            if run.active:
+                try:
+                    self.checkpoint(i)
+                except OSError as exc:
+                    run.write_error = exc
+        failed = [run.write_error for run in self.runs if run.write_error is not None]
+        if failed:
+            raise failed[0]
 
     def log(self, run: MemberRun, row: dict[str, Any]) -> None:
         """The one place a metric row goes: metrics.jsonl first, then the tracker. The row's
@@ -210,9 +224,7 @@ class Engine:
             if due or not self.gate.defer or self.gate.pending is not None:
                 self._mark_boundary(epoch)
             if due:
-                for i, run in enumerate(self.runs):
-                    if run.active:
-                        self.checkpoint(i)
+                self.checkpoint_all()
         self._last_epoch_s = time.perf_counter() - begun
         self.gate.raise_pending()
 
