@@ -241,3 +241,31 @@ def test_a_batched_sweep_on_a_full_disk_exits_74_and_each_member_names_its_own_f
         assert job["status"] == "failed", job
         assert job["reason"].startswith(f"cannot write checkpoints/last.pt in sw/{job['num']}:"), job
         assert "No space left on device" in job["reason"], job
+
+
+# --------------------------------------------------------------------------- 11: a second Ctrl-C
+
+
+def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clean_env, tmp_path):
+    """The second signal's immediate exit left summary.json saying running (the run was resumable)."""
+    import torch
+
+    run, err_path = tmp_path / "run", tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(dropstudy_cmd("train", *LONG_RUN, "hydra.run.dir=run"), cwd=tmp_path, env=clean_env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), "the first checkpoint", proc)
+            proc.send_signal(signal.SIGINT)
+            wait_for(lambda: "SIGINT again exits at once" in err_path.read_text(), "the first SIGINT's answer", proc)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = err_path.read_text()
+    assert proc.returncode == 130, output
+    summary = json.loads((run / "summary.json").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["status"] == "interrupted" and summary["epoch"] == checkpoint["epoch"], (summary, output)
+    assert summary["reason"].startswith("SIGINT during epoch"), summary

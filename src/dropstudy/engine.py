@@ -35,11 +35,6 @@ DEFER_SIGNALS_BELOW_S = 0.25
 log = logging.getLogger("dropstudy")
 
 
-def _exit_now(signum: int, frame: Any) -> None:
-    os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
-    os._exit(128 + signum)
-
-
 @dataclass
 class MemberRun:
     """What the engine keeps of one member: where its rows and checkpoints go, and how it is doing."""
@@ -84,6 +79,8 @@ class Engine:
         self.gate = InterruptGate()  # run() installs the real one
         self.current_epoch = 0
         self._last_epoch_s = math.inf
+        # Member i's last complete checkpoint's epoch: what a resume continues from.
+        self.checkpointed: dict[int, int] = {}
 
     # -- state ------------------------------------------------------------------------------
     def _mark_boundary(self, epoch: int) -> None:
@@ -109,6 +106,7 @@ class Engine:
                                    if r["epoch"] <= epoch and not any(k.startswith("test/") for k in r)]
             run.rd.rewrite_metrics(run.rows)
             run.outcome.epoch = epoch
+            self.checkpointed[i] = epoch
         self.start_epoch = epoch + 1
         self._mark_boundary(epoch)
 
@@ -126,6 +124,7 @@ class Engine:
             # one checkpoint of the ensemble is enough to continue it exactly.
             state["ensemble"] = {"index": i, "members": self.backend.members, "shared": shared}
         run.rd.save_checkpoint(state)
+        self.checkpointed[i] = self.boundary_epoch
         self.timings["checkpoint"] += time.perf_counter() - start
 
     def checkpoint_all(self) -> None:
@@ -253,8 +252,10 @@ class Engine:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         # A second Ctrl-C from here on exits at once; last.pt is only ever replaced by a rename,
         # so it stays the last complete checkpoint whatever happens.
-        signal.signal(signal.SIGINT, _exit_now)
-        signal.signal(signal.SIGTERM, _exit_now)
+        signal.signal(signal.SIGINT, self._exit_now)
+        signal.signal(signal.SIGTERM, self._exit_now)
+        name = signal.Signals(signum).name
+        log.info(f"{name}: writing the last checkpoint; {name} again exits at once (the run stays resumable)")
         for i, run in enumerate(self.runs):
             if not run.active:
                 continue
@@ -266,6 +267,24 @@ class Engine:
             outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.epochs}"
             run.active = False
             self.checkpoint(i)
+
+    def _exit_now(self, signum: int, frame: Any) -> None:
+        """The second signal: exit at once, but not before each interrupted member's summary.json,
+        if it still says running, says interrupted and from which epoch its checkpoint continues
+        (a small write each; the checkpoint and the figures are what take long)."""
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name} again: exiting now\n".encode())
+        for i, run in enumerate(self.runs):
+            if run.outcome.status != "interrupted":
+                continue
+            try:
+                summary = run.rd.read_summary()
+                if summary.get("status") == "running":
+                    run.rd.write_summary({**summary, "status": "interrupted", "epoch": self.checkpointed.get(i, 0),
+                                          "reason": f"{run.outcome.reason}; {name} again: exited at once"})
+            except (OSError, ValueError):
+                pass  # nothing more can be recorded; the checkpoint is still whole
+        os._exit(128 + signum)
 
     def test(self) -> None:
         """The final row of every member that finished: the test split, in evaluation mode."""
