@@ -269,3 +269,40 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert summary["status"] == "interrupted" and summary["epoch"] == checkpoint["epoch"], (summary, output)
     assert summary["reason"].startswith("SIGINT during epoch"), summary
+
+
+# --------------------------------------------------------------------------- 10: a batched sweep resumed
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """An interrupted engine leaves exit-at-once handlers for a second signal; put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_resuming_a_batched_sweep_says_which_members_continued_from_which_epoch(
+        clean_env, tmp_path, monkeypatch, own_signal_handlers):
+    """It printed '4 jobs, 4 kept' and recorded {"jobs": []}, though all four were continued."""
+    from dropstudy.vectorized import StackedMLPBackend
+
+    grid = ["model.dropout=0.2,0.5", "seed=0,1", "trainer.epochs=40", "trainer.eval_every=10",
+            "model.hidden=[16,16]", "tracker.mode=disabled", "hydra.sweep.dir=sw"]
+    real_set_epoch = StackedMLPBackend.set_epoch
+
+    def set_epoch(self, epoch):
+        if epoch == 17:  # sent from inside the loop: the same epoch on any machine
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_set_epoch(self, epoch)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(StackedMLPBackend, "set_epoch", set_epoch)
+        assert invoke("sweep", *grid).exit_code == 143
+    resumed = invoke("resume", "sw")
+    assert resumed.exit_code == 0, resumed.output
+    assert "4 jobs, 4 continued from checkpoints (batched), 0 kept" in resumed.output, resumed.output
+    assert all(f"#{num} continued after epoch 17" in resumed.output for num in range(4)), resumed.output
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert record["resumed"][-1]["continued"] == [{"num": num, "from_epoch": 17} for num in range(4)], record

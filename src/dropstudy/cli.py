@@ -681,8 +681,8 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
 
     from dropstudy.vectorized import batched_chunks
 
-    if batched_chunks(sweep_dir):
-        resume_batched_chunks(sweep_dir)  # then the jobs no chunk reached, below
+    # The batched chunks first, then the jobs no chunk reached, below; `continued`: run dir -> epoch.
+    continued = resume_batched_chunks(sweep_dir) if batched_chunks(sweep_dir) else {}
 
     from dropstudy.rundir import RunDirError
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
@@ -701,8 +701,12 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
             check_runnable(step.cfg)
     sweep_lock = claimed(sweep_dir, ELSEWHERE_SWEEP, new=False)  # released after the table below
     handle_run_errors(lambda: ResumeLog(sweep_dir))
-    stderr.print(f"sweep: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} kept -> {plan.sweep_dir}  "
+    from_epoch = {job.num: continued[job.run_dir.resolve()] for job in plan.jobs if job.run_dir.resolve() in continued}
+    stderr.print(f"sweep: {len(plan.jobs)} jobs, " + (f"{len(from_epoch)} continued from checkpoints (batched), "
+                 if from_epoch else "") + f"{len(plan.jobs) - len(todo) - len(from_epoch)} kept -> {plan.sweep_dir}  "
                  f"W&B group {plan.group}", highlight=False)
+    for num, epoch in from_epoch.items():
+        stderr.print(f"  #{num} continued after epoch {epoch}", highlight=False)
     for step in todo:
         stderr.print(f"  {step.describe()}", highlight=False, soft_wrap=True)
     if todo:
@@ -715,6 +719,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     resumes = [*resumption.record.get("resumed", []),
                {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "jobs": [job.num for job, s in zip(plan.jobs, resumption.steps) if s.action != "keep"],
+                "continued": [{"num": num, "from_epoch": epoch} for num, epoch in from_epoch.items()],
                 "interrupted": resumption.interrupted}]
     summary = write_sweep_json(plan, outcomes, resumption.interrupted, resumption.mode, {"resumed": resumes})
     sweep_lock.release()
@@ -729,17 +734,18 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
 
 
-def resume_batched_chunks(sweep_dir: Path) -> None:
+def resume_batched_chunks(sweep_dir: Path) -> dict[Path, int]:
     """The batched part of `dropstudy resume SWEEP_DIR`: chunks of a batched sweep that were
     interrupted continue as the ensembles they were (their dropout masks come from one shared
-    generator, saved with every member's checkpoint). Exits when they are interrupted again."""
+    generator, saved with every member's checkpoint). Exits when they are interrupted again;
+    returns the epoch each member continued from, by its resolved run dir."""
     from dropstudy.rundir import RunDirError
     from dropstudy.rundir import read_status
     from dropstudy.vectorized import batched_chunks, resume_sweep
 
     chunks = batched_chunks(sweep_dir)
     if all(read_status(d)[0] in ("finished", "diverged") for chunk in chunks for d in chunk):
-        return
+        return {}
     check_runnable(load_saved_run(chunks[0][0])[0])
     stderr.print(f"continuing {len(chunks)} batched chunk(s) of {sweep_dir} as ensembles", highlight=False)
     with claimed(sweep_dir, ELSEWHERE_SWEEP, new=False):
@@ -755,6 +761,7 @@ def resume_batched_chunks(sweep_dir: Path) -> None:
     if stopped:
         typer.echo(f"to continue every member from its last checkpoint: {shell_command('dropstudy', 'resume', sweep_dir)}")
         raise typer.Exit(stopped[0].exit_code)
+    return {r.run_dir.resolve(): r.resumed_from for r in results if r.resumed_from is not None}
 
 
 @app.command()

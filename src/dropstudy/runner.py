@@ -50,6 +50,7 @@ class RunResult:
     sync_command: str | None = None
     # Seconds per part of the run (summary.json's timings_s, plus W&B's finish under "wandb").
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None  # the epoch of the checkpoint this run continued from, if it did
 
     @property
     def exit_code(self) -> int:
@@ -206,7 +207,8 @@ def _train_run(
         log.info(f"[{label}] resuming {rd.path} after epoch {state['epoch']} of {cfg.trainer.epochs}")
     timings["setup"] = time.perf_counter() - clock
 
-    result = RunResult(rd.path, label, "failed", None, timings=timings)
+    result = RunResult(rd.path, label, "failed", None, timings=timings,
+                       resumed_from=state["epoch"] if state is not None else None)
     started = time.time()
     try:
         (outcome,) = engine.run()

@@ -485,7 +485,8 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
         run = MemberRun(rd, tracker, OmegaConf.to_container(member.cfg, resolve=True), n_train=len(data.train),
                         lr=float(member.cfg.optim.lr))
         records.append(MemberRecord(member, run, RunResult(rd.path, label, "failed", None,
-                                                           sync_command=tracker.sync_command),
+                                                           sync_command=tracker.sync_command,
+                                                           resumed_from=state["epoch"] if state else None),
                                     label, describe_sites(model), group, job_type,
                                     trained=states is None or state is not None))
 
