@@ -102,18 +102,25 @@ def test_a_sweep_on_a_process_launcher_exits_and_leaves_no_process(clean_env, tm
         kill_session(proc)
 
 
-def test_sigterm_to_a_joblib_sweep_stops_its_workers_with_checkpoints(clean_env, tmp_path):
-    """`kill PID` of the sweep reaches the jobs in its worker processes: each checkpoints and
-    says interrupted, the queued jobs do not start, and no worker or resource tracker is left."""
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [False, True], ids=["sigterm-to-the-sweep", "ctrl-c-to-the-group"])
+def test_a_signal_to_a_joblib_sweep_stops_its_workers_with_checkpoints(clean_env, tmp_path, to_group):
+    """`kill PID` of the sweep (SIGTERM) reaches the jobs in its worker processes, as Ctrl-C in a
+    terminal (SIGINT to the whole process group) does: each checkpoints and says interrupted, the
+    queued jobs do not start, and no worker or resource tracker is left. After `kill PID` the
+    workers trained on, orphaned."""
     sweep = tmp_path / "sw"
     proc = start_session(["sweep", "model.dropout=0,0.5", "seed=0,1", *LONG_RUN, "hydra/launcher=joblib",
                           "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sw"], tmp_path, clean_env)
     try:
         wait_for(lambda: all((sweep / str(i) / "checkpoints" / "last.pt").is_file() for i in (0, 1)),
                  "both workers' first checkpoint", proc)
-        proc.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 143, out + err
+        assert proc.returncode == (130 if to_group else 143), out + err
         assert statuses(sweep) == ["interrupted"] * 4, out + err
         for i in (2, 3):  # queued behind the interrupted ones: never started, and resume starts them
             summary = json.loads((sweep / str(i) / "summary.json").read_text())
@@ -246,6 +253,7 @@ def test_a_batched_sweep_on_a_full_disk_exits_74_and_each_member_names_its_own_f
 # --------------------------------------------------------------------------- 11: a second Ctrl-C
 
 
+@pytest.mark.slow  # a minute of a long run on a loaded machine; `make test-slow` runs it in CI
 def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clean_env, tmp_path):
     """The second signal's immediate exit left summary.json saying running (the run was resumable)."""
     import torch
