@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,6 +45,16 @@ bench-sweep: $(STAMP)
 ## `dropstudy --help`; appends a row to BENCHMARKS.md
 bench-study: $(STAMP)
 	$(BIN)/python scripts/bench_study.py $(ARGS)
+
+.PHONY: docs docs-build
+
+## the documentation, served on http://127.0.0.1:8000 and rebuilt as docs/, the schema or the CLI change
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
+
+## the documentation built into site/; --strict fails on a broken link or anchor
+docs-build: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

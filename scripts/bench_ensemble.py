@@ -1,6 +1,6 @@
 """Ensemble throughput: M CIFAR-10 CNN members trained stacked (vmap), sequentially (in turn each
 step, one process, one copy of the data), and as M single models one after another in the same
-process (each a one-member ensemble: the single path's step, as Trainer.train_epoch takes it).
+process (each a one-member ensemble: the step a single `dropstudy train` run takes).
 
 One training epoch each, on synthetic CIFAR-shaped data (`data.synthetic=true`, sized for
 `--steps` steps of `--batch-size`), members = 2 dropout rates x (M/2) seeds sharing data.seed=0.

@@ -48,6 +48,15 @@ class RecordingTracker:
     def set_summary(self, values: dict[str, Any]) -> None:
         self._record("set_summary", values=dict(values))
 
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        self._record("use_dataset", name=name, metadata=dict(metadata), reference=reference)
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        self._record("use_model", name=name, path=Path(path), metadata=dict(metadata))
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        self._record("log_checkpoint", path=Path(path), metadata=dict(metadata), aliases=list(aliases))
+
     def finish(self, exit_code: int = 0) -> None:
         self._record("finish", exit_code=exit_code)
 

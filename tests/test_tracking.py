@@ -274,3 +274,46 @@ def test_wandb_looks_for_launch_inputs_only_where_they_can_be_staged(clean_env, 
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"first": "WandbTracker", "loaded_by_init": False, "second": "WandbTracker", "applied": 1}
+
+
+def test_private_patches_pass_arguments_through_and_step_aside_when_the_library_changes(caplog):
+    """patch_private: a wrapper gets the original's arguments unchanged; a missing name or a
+    different signature leaves the library as it was, with one debug line naming it."""
+    import logging
+    import types
+
+    from dropstudy.tracking import patch_private
+
+    calls = []
+
+    def original(self, x, *, flag=False):
+        calls.append((self, x, flag))
+        return x * 2
+
+    owner = types.SimpleNamespace(fn=original, __name__="lib")
+    wrap = lambda orig: lambda *a, **k: orig(*a, **k) + 1  # noqa: E731
+    assert patch_private(owner, "fn", ("self", "x", "flag"), wrap)
+    assert owner.fn("s", 3, flag=True) == 7 and calls == [("s", 3, True)]
+    assert patch_private(owner, "fn", ("self", "x", "flag"), wrap), "patching twice is a no-op"
+    assert owner.fn("s", 1) == 3, "wrapped once, not twice"
+
+    changed = types.SimpleNamespace(fn=original, __name__="lib")
+    with caplog.at_level(logging.DEBUG, logger="dropstudy"):
+        assert not patch_private(changed, "fn", ("self", "x"), wrap)
+        assert not patch_private(changed, "gone", ("self",), wrap)
+    assert changed.fn is original
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("lib.fn" in m and "written for" in m for m in messages), messages
+    assert any("lib.gone is missing" in m for m in messages), messages
+
+
+def test_the_wandb_patches_fit_the_installed_wandb():
+    """Both W&B patches apply to the installed wandb (a signature change there makes this fail,
+    the cue to revisit them before lifting wandb's upper bound)."""
+    import wandb
+
+    from dropstudy.tracking import cache_installed_packages, skip_unstaged_launch_inputs
+
+    assert cache_installed_packages(wandb)
+    assert skip_unstaged_launch_inputs(wandb)
+    assert getattr(wandb.util.working_set, "dropstudy_patch", False)

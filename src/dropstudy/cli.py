@@ -312,7 +312,9 @@ def study(
         print_run(arm, indent="  ")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
+    typer.echo(f"comparison page: {result.study_dir / 'report.html'}  (self-contained, opens offline)")
     typer.echo(f"study status: {result.status} (study.json)")
+    save_wandb_view(result.study_dir)
     typer.echo(time_line(result))
     raise typer.Exit(max(arm.exit_code for arm in result.arms))
 
@@ -470,6 +472,7 @@ def sweep(
     if io_error is not None:  # one line, after the table: the members' summaries name their files
         raise fail(describe(io_error), EXIT_IO_ERROR)
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
+    save_wandb_view(plan.sweep_dir)
     if plan.search and outcomes and outcomes[0].rank == 1:
         typer.echo(f"best: #{outcomes[0].num} {outcomes[0].setting}  {plan.search.objective} {outcomes[0].objective:.4g}"
                    f"  ({plan.sweep_dir / 'best.json'})")
@@ -593,16 +596,30 @@ def resume_run_dir(run_dir: Path) -> None:
 
     from dropstudy.vectorized import batched_member_of
 
-    sweep_dir = batched_member_of(run_dir)
+    try:
+        sweep_dir = batched_member_of(run_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
     if sweep_dir is not None:
         raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
                    f"masks come from one generator); resume the sweep: {shell_command('dropstudy', 'resume', sweep_dir)}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
-        if RunDir.existing(run_dir).read_status()[0] == "finished":
+        run = RunDir.existing(run_dir)
+        if run.read_status()[0] == "finished":
             raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
                        f"To train it again use: {shell_command('dropstudy', 'rerun', run_dir)}")
         check_runnable(cfg)
+        try:  # read before anything is written: a damaged file refuses the resume
+            run.read_metrics()
+            run.read_provenance()
+        except RunDirError as exc:
+            raise fail(str(exc))
+        if run.torn_tail() and run.has_checkpoint():
+            from rich.markup import escape
+
+            stderr.print(f"[yellow]warning:[/] {escape(run.torn_tail())}; it is dropped, as are all rows after "
+                         "the checkpoint, which are trained again.", highlight=False, soft_wrap=True)
         resume_log = handle_run_errors(lambda: ResumeLog(run_dir))
         try:
             result = handle_run_errors(lambda: train_run(cfg, run_dir, saved_overrides, resume=True))
@@ -679,12 +696,16 @@ def read_status_of(run_dir: Path) -> str:
 def resume_sweep_dir(sweep_dir: Path) -> None:
     from datetime import datetime, timezone
 
+    from dropstudy.rundir import RunDirError
     from dropstudy.vectorized import batched_chunks
 
+    try:
+        chunks = batched_chunks(sweep_dir)
+    except RunDirError as exc:
+        raise fail(str(exc))
     # The batched chunks first, then the jobs no chunk reached, below; `continued`: run dir -> epoch.
-    continued = resume_batched_chunks(sweep_dir) if batched_chunks(sweep_dir) else {}
+    continued = resume_batched_chunks(sweep_dir) if chunks else {}
 
-    from dropstudy.rundir import RunDirError
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
     from dropstudy.sweep import collect_outcomes, write_sweep_json
 
@@ -808,9 +829,8 @@ def rerun(
     cfg, saved_overrides = load_saved_run(run_dir)
     cfg = overridden(cfg, overrides)
     check_runnable(cfg)
-    original = RunDir(run_dir)
-    if not original.read_metrics():
-        raise fail(f"{original.metrics_path}: missing or empty; there is nothing to compare with.")
+    original = RunDir.existing(run_dir)
+    check_original(run_dir)
     new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
     with claimed(new_dir, ELSEWHERE_OUT):
         from dropstudy.runner import train_run
@@ -820,7 +840,7 @@ def rerun(
         previous = original.read_summary().get("wandb", {}) if original.summary_path.is_file() else {}
         result = handle_run_errors(
             lambda: train_run(cfg, new_dir, [*saved_overrides, *overrides], group=previous.get("group"),
-                              job_type="rerun", extra_tags=("rerun",))
+                              job_type="rerun", extra_tags=("rerun",), starts_from=run_dir)
         )
         print_run(result)
         comparison = compare_metrics(original.read_metrics(), RunDir(new_dir).read_metrics(), rtol, atol)
@@ -853,6 +873,34 @@ def rerun(
         raise typer.Exit(0 if comparison.reproduces else 1)
 
 
+def check_original(run_dir: Path) -> None:
+    """A rerun compares with the original's complete rows and its provenance, and joins its W&B
+    group: exit 2 when metrics.jsonl is missing, empty or damaged, or provenance.json or
+    summary.json is; a half-written last line (a crash) is left out of the comparison, saying so."""
+    from rich.markup import escape
+
+    from dropstudy.rundir import RunDir, RunDirError
+
+    run = RunDir.existing(run_dir)
+    try:
+        rows = run.read_metrics()
+        run.read_provenance()
+    except RunDirError as exc:
+        raise fail(str(exc))
+    if run.summary_path.is_file():  # the rerun joins the original's W&B group, read from it
+        try:
+            summary = run.read_summary()
+        except (OSError, ValueError) as exc:
+            raise fail(f"{run.summary_path}: not readable JSON ({exc}), so the run's record is damaged.")
+        if not isinstance(summary, dict):
+            raise fail(f"{run.summary_path}: not a run summary (a JSON object).")
+    if not rows:
+        raise fail(f"{run.metrics_path}: missing or empty; there is nothing to compare with.")
+    if run.torn_tail():
+        stderr.print(f"[yellow]warning:[/] {escape(run.torn_tail())}; it is left out of the comparison.",
+                     highlight=False, soft_wrap=True)
+
+
 def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: list[str], rtol: float, atol: float,
                     out: Optional[Path]) -> None:
     """`dropstudy rerun` of a study or sweep: every member's config is checked before anything is
@@ -861,7 +909,6 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
 
     from dropstudy.console import setup_logging
     from dropstudy.rerun import Member, MemberRerun, rerun_members
-    from dropstudy.rundir import RunDir
 
     members = []
     for name, original in runs:
@@ -872,8 +919,7 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
         cfg, saved_overrides = load_saved_run(original)
         cfg = overridden(cfg, overrides)
         check_runnable(cfg)
-        if not RunDir(original).read_metrics():
-            raise fail(f"{RunDir(original).metrics_path}: missing or empty; there is nothing to compare with.")
+        check_original(original)
         members.append(Member(name, original, status, cfg, [*saved_overrides, *overrides]))
     todo = [m for m in members if m.cfg is not None]
     skipped = ", ".join(f"{m.name} ({m.status})" for m in members if m.cfg is None)
@@ -935,6 +981,8 @@ def report(
     figures as PNG, PDF and SVG, one column wide (metric vs dropout rate, learning curves with 95%
     bands, the regression fit of one seed per setting); when the runs were tracked, logs them to
     one W&B run (job_type report) in their group.
+    DIR/report/report.html shows it all on one self-contained page (figures inline, no request),
+    with each setting's curves, the runs' provenance and commands: it opens offline and prints.
 
     Examples:
 
@@ -944,14 +992,19 @@ def report(
     """
     if not directory.is_dir():  # said before the report's imports (scipy, matplotlib) cost their seconds
         raise fail(f"{directory}: no such directory; give a directory of runs (a sweep, a study, runs/).")
-    from dropstudy.console import setup_logging
-    from dropstudy.report import ReportError, caption, cells, header, make_report, table_rows
+    from rich.markup import escape
 
-    setup_logging(directory / "report" / "report.log")
-    try:
-        result = make_report(directory, baseline)
+    from dropstudy.console import setup_logging
+    from dropstudy.report import ReportError, caption, cells, header, plan_report, skip_reason, table_rows, write_report
+
+    try:  # everything is read and checked before report/ (and its log) is written
+        planned = plan_report(directory, baseline)
     except ReportError as exc:
         raise fail(str(exc))
+    for note in planned.notes:
+        stderr.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    setup_logging(directory / "report" / "report.log")
+    result = write_report(planned)
     from rich.table import Table
 
     console = Console(width=max(Console().width, 200))  # cells unwrapped: a number is never split
@@ -965,12 +1018,66 @@ def report(
             # A rule under each metric's block of settings, as the LaTeX table leaves a space.
             shown.add_row(*cells(table, metric, row), end_section=i + 1 < len(rows) and rows[i + 1][0] != metric)
         console.print(shown)
-    for path, status in result.skipped:
-        stderr.print(f"skipped {path}: {status}, not finished", highlight=False)
+    for path, reason in result.skipped:
+        stderr.print(escape(f"skipped {path}: {skip_reason(reason)}"), highlight=False, soft_wrap=True)
     for path in result.files.values():
         typer.echo(f"wrote {path}")
     if result.tracker_sync:
         typer.echo(f"W&B (offline): {result.tracker_sync}")
+    save_wandb_view(directory, report=True)
+
+
+def save_wandb_view(directory: Path, report: bool = False) -> None:
+    """The W&B view (or `report`) of what a command just made (dropstudy.dashboard); one line,
+    whatever happens."""
+    from dropstudy.dashboard import after_command
+
+    after_command(directory, say=typer.echo, report=report)
+
+
+@app.command()
+def dashboard(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A study (study.json), sweep (sweep.json) or "
+                                     "reported (report/report.csv) directory whose runs were tracked by W&B.",
+                                     show_default=False),
+) -> None:
+    """Save the W&B view of a study or sweep, and the W&B Report of a `dropstudy report`, on the W&B
+    server: the runs of the directory's W&B group, grouped by dropout rate (and kind or site where
+    they vary), one colour per rate as in dropstudy's figures, with sections for loss (train in
+    training mode, train in eval mode, val), the generalisation gap, accuracy, dropout rates and
+    weight norms, gradient and parameter histograms, and the figures. The report adds the table of
+    report.csv, the commands and the provenance. The specification is also written to
+    DIR/wandb_view.json.
+
+    `study`, `sweep` and `report` save it themselves when their runs are online; for offline runs,
+    upload them with `wandb sync` first, then run this. Needs W&B credentials (`wandb login` or
+    WANDB_API_KEY); exit code 1 when the server cannot save it.
+
+    Examples:
+
+        dropstudy dashboard runs/regression/2026-11-22_09-00-00-study-3f2a
+
+        dropstudy dashboard runs/regression/2026-11-22_09-00-00-sweep-3f2a
+    """
+    if not directory.is_dir():
+        raise fail(f"{directory}: no such directory; give a study, sweep or reported directory.")
+    from dropstudy.dashboard import DashboardError, first_line, publish, view_spec, write_spec
+    from dropstudy.tracking import has_wandb_credentials
+
+    try:
+        spec = view_spec(directory)
+    except DashboardError as exc:
+        raise fail(str(exc))
+    if not has_wandb_credentials():
+        raise fail("no W&B credentials: run `wandb login` or set WANDB_API_KEY, then run this again.")
+    path = handle_run_errors(lambda: write_spec(directory, spec))
+    typer.echo(f"W&B view specification: {path}")
+    try:
+        urls = publish(spec)
+    except Exception as exc:
+        raise fail(f"W&B could not save the view ({type(exc).__name__}: {first_line(exc)}).", 1)
+    for url in urls:
+        typer.echo(f"W&B: {url}")
 
 
 @app.command()

@@ -322,6 +322,7 @@ def _decode_torchvision(root: Path, verify: bool) -> dict:
     cls = CIFAR10 if verify else UncheckedCIFAR10
     tensors = {}
     for split, train in (("train", True), ("test", False)):
+        names = [n for n, _ in (CIFAR10.train_list if train else CIFAR10.test_list)] + [CIFAR10.meta["filename"]]
         try:
             ds = cls(str(root), train=train, download=False)
         except RuntimeError as exc:
@@ -329,9 +330,44 @@ def _decode_torchvision(root: Path, verify: bool) -> dict:
                 f"{root / 'cifar-10-batches-py'}: torchvision rejected it ({exc}). If this is a hand-made copy, data.verify=false skips "
                 "the MD5 check; otherwise delete the folder and use data.download=true."
             ) from exc
+        except Exception as exc:  # a file that passed (or skipped) the MD5 check but is not a batch file
+            raise DataError(_malformed_batch(root / CIFAR10.base_folder, names, exc)) from exc
+        if len(ds.data) != len(ds.targets):  # torchvision reads images and labels apart
+            raise DataError(_malformed_batch(root / CIFAR10.base_folder, names, ValueError("images and labels differ in number")))
         tensors[f"{split}_images"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         tensors[f"{split}_labels"] = torch.tensor(ds.targets, dtype=torch.int64)
     return tensors
+
+
+def _malformed_batch(folder: Path, names: list[str], exc: Exception) -> str:
+    """The message for a batch file torchvision could not read: the first of `names` that is not
+    what the CIFAR-10 python release holds, and what is wrong with it."""
+    import pickle
+
+    import numpy as np
+
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+        except Exception as error:
+            return f"{path}: not a CIFAR-10 batch file (cannot be unpickled: {type(error).__name__}: {error})."
+        if not isinstance(entry, dict):
+            return f"{path}: not a CIFAR-10 batch file (it holds a {type(entry).__name__}, not a dict)."
+        wanted = ("label_names",) if name == "batches.meta" else ("data", "labels")
+        missing = [k for k in wanted if k not in entry and not (k == "labels" and "fine_labels" in entry)]
+        if missing:
+            return f"{path}: not a CIFAR-10 batch file (no {' or '.join(repr(k) for k in missing)} entry)."
+        if name == "batches.meta":
+            continue
+        data, labels = np.asarray(entry["data"]), entry.get("labels", entry.get("fine_labels"))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            return (f"{path}: not a CIFAR-10 batch file ('data' is {data.dtype} of shape {tuple(data.shape)}; "
+                    "expected uint8 rows of 3072 values, one 32x32 RGB image each).")
+        if len(labels) != len(data):
+            return f"{path}: not a CIFAR-10 batch file ({len(data)} images but {len(labels)} labels)."
+    return f"{folder}: torchvision could not read it ({type(exc).__name__}: {exc})."
 
 
 def read_cifar10(
@@ -364,16 +400,21 @@ def read_cifar10(
         sources = [p for classes in folder_files.values() for paths in classes.values() for p in paths]
     key = _cache_key(root, layout, sources, content_hash)
     cache = root / f"dropstudy-cifar10-{layout}.pt"
+    # Only the torchvision layout has checksums; a cache decoded without checking them
+    # (data.verify=false) is not trusted by a run that asks for the check.
+    checked = verify and layout == "torchvision"
     if cache.is_file():
         try:
             cached = torch.load(cache, weights_only=True)
-            if cached.get("key") == key:
+            if cached.get("key") == key and (cached.get("verified") is True or not checked):
                 return cached["tensors"], f"CIFAR-10 ({layout} layout, cached in {cache})"
+            if cached.get("key") == key:
+                log(f"the cache {cache} was decoded without data.verify's MD5 check; checking the files now")
         except Exception:
             pass  # unreadable or stale cache: decode again and overwrite it
     log(f"decoding CIFAR-10 from {root} ({layout} layout) once; caching the tensors in {cache}")
     tensors = _decode_torchvision(root, verify) if layout == "torchvision" else _decode_image_folder(folder_files)
-    write_cache(cache, {"key": key, "tensors": tensors})
+    write_cache(cache, {"key": key, "tensors": tensors, "verified": checked})
     return tensors, f"CIFAR-10 ({layout} layout, {root})"
 
 

@@ -215,11 +215,6 @@ def arm_label(dropout: Any, kind: str = "inverted") -> str:
     return f"dropout-{rates}" if kind == "inverted" else f"{kind}-dropout-{rates}"
 
 
-def mean_rate(dropout: Any) -> float:
-    values = dropout if isinstance(dropout, (list, tuple, ListConfig)) else [dropout]
-    return sum(float(p) for p in values) / len(values)
-
-
 # --------------------------------------------------------------------------- schedules
 
 

@@ -1,7 +1,9 @@
 """`dropstudy report DIR`: the paper table, its statistics and figures over every run under a directory.
 
 A run is any folder with summary.json and .hydra/config.yaml (a sweep's jobs, a study's arms,
-single runs), found recursively; runs that did not finish are skipped and named. Runs are
+single runs), found recursively; one that did not finish, a rerun (not another seed) or one
+whose records are missing or unreadable is skipped and named with why. Everything is read and
+checked before root/report/ is written (`plan_report`, then `write_report`). Runs are
 grouped per experiment, and within it per *setting*: the values of the config keys that vary
 between the runs, other than the seed (and what only places a run, tracker.*). For each final
 metric in summary.json a setting's row holds n, mean, std and the 95% interval over its seeds,
@@ -29,7 +31,7 @@ from typing import Any
 import yaml
 
 from dropstudy import plots
-from dropstudy.rundir import RunDir
+from dropstudy.rundir import STATUSES, RunDir, RunDirError
 from dropstudy.stats import PAIRED, WELCH, Comparison, Stat, describe, paired, welch
 from dropstudy.tracking import flatten
 
@@ -56,6 +58,7 @@ class Run:
     path: Path
     config: dict[str, Any]  # flattened: {"model.dropout": 0.5, ...}
     summary: dict[str, Any]
+    metrics: list[dict] | None = None  # metrics.jsonl's rows, once read
 
     @property
     def experiment(self) -> str:
@@ -72,7 +75,9 @@ class Run:
         return float(value) if ok else None
 
     def rows(self) -> list[dict]:
-        return RunDir(self.path).read_metrics()
+        if self.metrics is None:
+            self.metrics = RunDir.existing(self.path).read_metrics()
+        return self.metrics
 
 
 @dataclass
@@ -109,7 +114,9 @@ class Report:
     root: Path
     out_dir: Path
     tables: list[ExperimentTable]
-    skipped: list[tuple[Path, str]]
+    skipped: list[tuple[Path, str]]  # each run left out, and why (its status, when it did not finish)
+    notes: list[str] = field(default_factory=list)  # what was read around (a half-written last line)
+    runs: list[Run] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     tracker_sync: str | None = None
 
@@ -119,24 +126,103 @@ def _text(value: Any) -> str:
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Every run dir under root (summary.json + .hydra/config.yaml); not-finished ones apart."""
+    """Every run dir under root (a folder with summary.json or .hydra/config.yaml, other than a
+    study's own folder); each one that is not a finished run of its own is set apart with why:
+    not finished (its status), a rerun (not another seed), a missing or unreadable record."""
     runs, skipped = [], []
-    for summary_path in sorted(root.rglob("summary.json")):
-        run_dir = summary_path.parent
-        config_path = run_dir / ".hydra" / "config.yaml"
-        if not config_path.is_file() or (root / "report") in run_dir.parents:
+    found = {p.parent for p in root.rglob("summary.json")} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    for run_dir in sorted(found):
+        if (root / "report") in run_dir.parents or run_dir == root / "report" or _is_study_dir(run_dir):
+            continue
+        rerun = next((d for d in (run_dir, *run_dir.parents) if d != root and root in d.parents
+                      and any((d / name).is_file() for name in RERUN_MARKERS)), None)
+        if rerun is not None:
+            skipped.append((run_dir, f"a rerun of another run ({_marker(rerun, RERUN_MARKERS).relative_to(root)}), "
+                                     "not another seed"))
+            continue
+        rd = RunDir.existing(run_dir)
+        if not rd.summary_path.is_file():
+            skipped.append((run_dir, "no summary.json: it never started, or stopped before writing one"))
             continue
         try:
-            summary = RunDir.existing(run_dir).read_summary()
-            config = flatten(RunDir.existing(run_dir).read_config_dict())
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            skipped.append((run_dir, f"unreadable ({type(exc).__name__})"))
+            summary = rd.read_summary()
+        except (OSError, ValueError) as exc:
+            skipped.append((run_dir, f"{rd.summary_path}: not readable JSON ({type(exc).__name__})"))
+            continue
+        if not isinstance(summary, dict):
+            skipped.append((run_dir, f"{rd.summary_path}: not a run summary (a JSON object)"))
+            continue
+        config, problem = _run_config(rd)
+        if problem is not None:
+            skipped.append((run_dir, problem))
             continue
         if summary.get("status") != "finished":
             skipped.append((run_dir, str(summary.get("status"))))
             continue
         runs.append(Run(run_dir, config, summary))
     return runs, skipped
+
+
+# Files a rerun leaves in its directory (or, for a study or sweep rerun, in the folder of its runs).
+RERUN_MARKERS = ("rerun.json", "rerun.log")
+# The keys every run's config has that the report reads: without them it is not a run's config.
+RUN_CONFIG_KEYS = ("experiment", "seed", "model", "data")
+
+
+def _marker(directory: Path, names: Sequence[str]) -> Path:
+    return next(directory / n for n in names if (directory / n).is_file())
+
+
+def _is_study_dir(path: Path) -> bool:
+    """A study's own folder: its config and record, while its arms are runs of their own."""
+    if (path / "study.json").is_file():
+        return True
+    try:
+        return RunDir.existing(path).job_name() == "study"
+    except Exception:  # an unreadable .hydra/hydra.yaml: the run's own checks say what is wrong
+        return False
+
+
+def _run_config(rd: RunDir) -> tuple[dict[str, Any], str | None]:
+    """The run's saved config, flattened, or the reason it is not a run's config."""
+    if not rd.config_path.is_file():
+        return {}, f"{rd.config_path}: missing, so it is not a run directory"
+    try:
+        config = rd.read_config_dict()
+    except Exception as exc:  # OSError, or any of YAML's and OmegaConf's errors on a damaged file
+        return {}, f"{rd.config_path}: not a valid run config (unreadable: {type(exc).__name__})"
+    if not isinstance(config, dict):
+        return {}, f"{rd.config_path}: not a valid run config (not a mapping of keys)"
+    missing = [k for k in RUN_CONFIG_KEYS if k not in config]
+    wrong = [k for k in ("model", "data") if k in config and not isinstance(config[k], dict)]
+    if missing or wrong:
+        detail = f"no {', '.join(missing)}" if missing else f"{', '.join(wrong)} not a mapping"
+        return {}, f"{rd.config_path}: not a valid run config ({detail})"
+    return flatten(config), None
+
+
+def not_finished(status: str) -> bool:
+    """Whether a skipped run's reason is its status (it did not finish), not a problem with it."""
+    return status in STATUSES or status == "None"
+
+
+def skip_reason(reason: str) -> str:
+    return f"{reason}, not finished" if not_finished(reason) else reason
+
+
+def read_rows(runs: list[Run]) -> list[str]:
+    """Every run's metrics rows, read once, before anything is written: a damaged metrics.jsonl
+    refuses the report (ReportError); a half-written last line is left out, and said so."""
+    notes = []
+    for run in runs:
+        rd = RunDir.existing(run.path)
+        try:
+            run.metrics = rd.read_metrics()
+        except RunDirError as exc:
+            raise ReportError(str(exc)) from None
+        if rd.torn_tail():
+            notes.append(f"{rd.torn_tail()}; left out, the learning curves use its complete rows")
+    return notes
 
 
 def setting_keys(runs: list[Run]) -> list[str]:
@@ -427,8 +513,12 @@ def markdown(tables: list[ExperimentTable], root: Path, skipped: list[tuple[Path
                   + "---|" * len(cols) + "\n")
         for metric, row in table_rows(table):
             out.write("| " + " | ".join(c.replace("|", "\\|") for c in cells(table, metric, row)) + " |\n")
-    if skipped:
-        out.write("\nSkipped (not finished): " + ", ".join(f"{p} ({s})" for p, s in skipped) + "\n")
+    unfinished = [(p, s) for p, s in skipped if not_finished(s)]
+    if unfinished:
+        out.write("\nSkipped (not finished): " + ", ".join(f"{p} ({s})" for p, s in unfinished) + "\n")
+    others = [(p, s) for p, s in skipped if not not_finished(s)]
+    if others:
+        out.write("\nSkipped: " + "; ".join(f"{p} ({s})" for p, s in others) + "\n")
     return out.getvalue()
 
 
@@ -631,22 +721,34 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
 def make_report(root: Path, baseline: Sequence[str] = ()) -> Report:
     """Find the runs under root, tabulate and compare them (against `baseline`, KEY=VALUE items;
     none: the setting without dropout), and write the tables and figures to root/report/."""
+    return write_report(plan_report(root, baseline))
+
+
+def plan_report(root: Path, baseline: Sequence[str] = ()) -> Report:
+    """Everything `write_report` writes, read and checked first: a refused report (ReportError)
+    writes nothing, not even root/report/."""
     if not root.is_dir():
         raise ReportError(f"{root}: no such directory; give a directory of runs (a sweep, a study, runs/).")
     pairs = parse_baseline(baseline)
     runs, skipped = find_runs(root)
     if not runs:
-        what = f"; {len(skipped)} did not finish" if skipped else ""
+        what = ("; skipped: " + "; ".join(f"{p} ({skip_reason(s)})" for p, s in skipped[:5])
+                + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")) if skipped else ""
         raise ReportError(f"{root}: no finished runs found (a run is a folder with summary.json and "
                           f".hydra/config.yaml){what}.")
+    notes = read_rows(runs)
     tables = build_tables(runs)
     if pairs:
-        check_baseline(tables, pairs)  # before anything is written
+        check_baseline(tables, pairs)
     for table in tables:
         add_comparisons(table, pairs)
-    out = root / "report"
+    return Report(root, root / "report", tables, skipped, notes, runs)
+
+
+def write_report(report: Report) -> Report:
+    """The tables and figures `plan_report` made, in root/report/."""
+    root, out, tables, skipped, runs = report.root, report.out_dir, report.tables, report.skipped, report.runs
     out.mkdir(exist_ok=True)
-    report = Report(root, out, tables, skipped)
     writers: dict[str, Callable[[], str]] = {"report.md": lambda: markdown(tables, root, skipped),
                                               "report.tex": lambda: latex(tables, root)}
     for name, text in writers.items():
@@ -663,6 +765,9 @@ def make_report(root: Path, baseline: Sequence[str] = ()) -> Report:
                 report.files[f"{table.experiment}_{name}"] = png
                 for suffix in (".pdf", ".svg"):
                     report.files[f"{table.experiment}_{name}{suffix}"] = png.with_suffix(suffix)
+    from dropstudy.html_report import write_report_page  # it builds on this module
+
+    report.files["report.html"] = write_report_page(report, runs, baseline)
     log_to_wandb(report, runs)
     return report
 

@@ -290,7 +290,7 @@ def rerun_members(
                 before = RunDir(m.original)
                 previous = before.read_summary().get("wandb", {}) if before.summary_path.is_file() else {}
                 results.append(train_run(m.cfg, new_dir / m.name, m.overrides, group=previous.get("group"),
-                                         job_type="rerun", extra_tags=("rerun",)))
+                                         job_type="rerun", extra_tags=("rerun",), starts_from=m.original))
                 if results[-1].status == "interrupted":
                     break
         for m, result in zip(group, results):

@@ -96,7 +96,11 @@ def plan_step(name: str, run_dir: Path, planned: DictConfig, overrides: list[str
                 "would not be comparable with it. Restore the configs, or start a new directory.")
     if RunDir.existing(run_dir).has_checkpoint():
         state = RunDir.existing(run_dir).read_checkpoint(cfg)
-        return Step(name, run_dir, status, "resume", cfg, overrides, f"after epoch {state['epoch']}")
+        run = RunDir.existing(run_dir)
+        run.read_metrics()  # a damaged record refuses the whole resume, before anything is written
+        run.read_provenance()
+        torn = f" ({run.metrics_path.name} line {run.torn_line} is half-written: dropped)" if run.torn_tail() else ""
+        return Step(name, run_dir, status, "resume", cfg, overrides, f"after epoch {state['epoch']}{torn}")
     note = "(never started)" if status == "not run" else f"from scratch: {no_checkpoint}"
     return Step(name, run_dir, status, "start", cfg, overrides, note)
 

@@ -100,6 +100,15 @@ def save_torch_atomic(obj: Any, path: Path, base: Path | None = None) -> None:
     write_bytes_atomic(path, buffer.getbuffer(), base)
 
 
+def _metrics_row(line: bytes) -> dict | None:
+    """One line of metrics.jsonl as its row, or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # also a line that is not UTF-8
+        return None
+    return row if isinstance(row, dict) and "epoch" in row else None
+
+
 class RunDir:
     """A run directory; `RunDir(path)` creates it to write a run, `RunDir.existing(path)` reads
     one back without creating anything."""
@@ -116,6 +125,7 @@ class RunDir:
         self.config_path = self.path / ".hydra" / "config.yaml"
         self.checkpoint_path = self.checkpoints / "last.pt"
         self._metrics = None
+        self.torn_line: int | None = None  # set by read_metrics
 
     @classmethod
     def existing(cls, path: str | Path) -> "RunDir":
@@ -209,11 +219,33 @@ class RunDir:
                 metrics.close()
 
     def read_metrics(self) -> list[dict]:
-        """The rows as logged; NaN/inf, written as strings, come back as floats."""
+        """The rows as logged; NaN/inf, written as strings, come back as floats. A half-written
+        last line (what a crash in the middle of a write leaves) is left out, and `torn_line`
+        says which line it was; any other line that is not a row is a RunDirError naming the
+        file and the line, since rows after it mean the file was damaged, not cut short."""
+        self.torn_line = None
         if not self.metrics_path.is_file():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        return [{k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in row.items()} for row in rows]
+        lines = [(number, line) for number, line in enumerate(self.metrics_path.read_bytes().split(b"\n"), start=1)
+                 if line.strip()]
+        rows = []
+        for number, line in lines:
+            row = _metrics_row(line)
+            if row is None:
+                if number == lines[-1][0]:
+                    self.torn_line = number
+                    break
+                raise RunDirError(
+                    f"{self.metrics_path}: line {number} is not a metrics row (a JSON object with an epoch), and "
+                    "rows follow it: the file is damaged, not cut short by a crash. Restore it, or start a new run.")
+            rows.append({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in row.items()})
+        return rows
+
+    def torn_tail(self) -> str | None:
+        """What the last `read_metrics` left out, in words; None when every line was a row."""
+        if self.torn_line is None:
+            return None
+        return f"{self.metrics_path}: line {self.torn_line}, the last, is half-written (the run stopped while writing it)"
 
     # -- summary, provenance, checkpoints -------------------------------------------------
     def write_summary(self, summary: dict) -> None:
@@ -227,8 +259,18 @@ class RunDir:
         write_json_atomic(self.path / "provenance.json", provenance, self.path)
 
     def read_provenance(self) -> dict:
+        """provenance.json ({} without one); a damaged one is a RunDirError naming it."""
         path = self.path / "provenance.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            provenance = json.loads(path.read_bytes())
+        except ValueError as exc:  # also bytes that are not UTF-8
+            raise RunDirError(f"{path}: not readable JSON ({exc}), so the record of how this run was made "
+                              "is damaged.") from None
+        if not isinstance(provenance, dict):
+            raise RunDirError(f"{path}: not a provenance record (a JSON object).")
+        return provenance
 
     def update_provenance(self, **fields: Any) -> None:
         write_json_atomic(self.path / "provenance.json", {**self.read_provenance(), **fields}, self.path)
@@ -533,6 +575,41 @@ def refuse_used(path: str | Path, elsewhere: str) -> None:
             f"{path} already holds {describe_holding(path, marker)}; a directory holds one run, study or sweep. "
             f"To continue it: {shell_command('dropstudy', 'resume', path)}; to start a new one, {elsewhere}."
         )
+    refuse_inside(path, elsewhere)
+
+
+def refuse_inside(path: Path, elsewhere: str) -> None:
+    """RunDirClaimError when a folder above `path` is a run, study, sweep or rerun directory."""
+    outer = enclosing_marker(path)
+    if outer is not None:
+        what = {"study.json": "a study", "sweep.json": "a sweep", "multirun.yaml": "a sweep",
+                "rerun.json": "a rerun"}.get(outer.name, "a run")
+        raise RunDirClaimError(
+            f"{path} lies inside {_shown(outer.parent)}, which holds {what} ({outer.relative_to(outer.parent)}): only "
+            f"that {what.split()[1]} makes directories in it (a report over it would count another run there as "
+            f"one of its own); {elsewhere}."
+        )
+
+
+# Files that show a folder is a run, study, sweep or rerun directory, which nothing but its own
+# command writes a run into (a study its arms, a sweep its jobs, a rerun its runs).
+ENCLOSING_MARKERS = ("summary.json", "study.json", "sweep.json", "multirun.yaml", ".hydra/config.yaml", "rerun.json")
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it, else absolute."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def enclosing_marker(path: Path) -> Path | None:
+    """The marker file of the nearest folder above `path` that is a run, study, sweep or rerun
+    directory; None when no folder above it is one."""
+    for parent in Path(os.path.abspath(path)).parents:
+        for name in ENCLOSING_MARKERS:
+            if (parent / name).is_file():
+                return parent / name
+    return None
 
 
 def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick another directory") -> RunDirLock:
@@ -541,6 +618,8 @@ def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick 
     Returns the held lock, a context manager that releases it (and removes the directory when
     this call created it and nothing was written); RunDirClaimError says why not."""
     path = Path(path)
+    if new and not path.exists():  # before the lock, which would create folders inside the outer one
+        refuse_inside(path, elsewhere)
     if path.exists() and not path.is_dir():
         raise RunDirClaimError(f"{path} is a file, not a directory; {elsewhere}.")
     created = not path.exists()

@@ -10,6 +10,7 @@ start waits in line only where a call needs the run itself.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from dropstudy.data import Dataset, load_dataset
 from dropstudy.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.models import build_model
 from dropstudy.failures import describe
+from dropstudy.html_report import write_study_page
 from dropstudy.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
 from dropstudy.runtime import FastPaths, describe_device, seed_everything, set_up_process
 from dropstudy.tracking import BackgroundTracker, flatten, make_tracker, resolve_mode
@@ -101,18 +103,23 @@ def train_run(
     job_type: str | None = None,
     extra_tags: tuple[str, ...] = (),
     resume: bool = False,
+    starts_from: Path | None = None,
 ) -> RunResult:
     """Train one model into run_dir (or, with resume, continue the one there from its
-    checkpoint). summary.json says `running` from the start and, whatever stops the run, how it
+    checkpoint; `starts_from`: the run a rerun reproduces, whose model W&B shows as its input). summary.json says `running` from the start and, whatever stops the run, how it
     ended (as long as the file system still takes a write)."""
     rd = RunDir(run_dir)
+    if resume:  # a damaged record (RunDirError) refuses the resume before any record changes
+        rd.read_metrics()
+        rd.read_provenance()
     previous = read_summary_or_none(rd)
     # Before data loading: every run that ever started has a status. The W&B placement of a
     # resumed run is kept, since the resume reads it from here.
     rd.write_summary({"status": "running", "started": now_iso(), "pid": os.getpid(),
                       **({"wandb": previous["wandb"]} if previous and "wandb" in previous else {})})
     try:
-        return _train_run(cfg, rd, overrides, group=group, job_type=job_type, extra_tags=extra_tags, resume=resume)
+        return _train_run(cfg, rd, overrides, group=group, job_type=job_type, extra_tags=extra_tags, resume=resume,
+                          starts_from=starts_from)
     except BaseException as exc:
         if resume and isinstance(exc, RunDirError):
             # The run directory is left as it was: nothing was resumed.
@@ -155,6 +162,7 @@ def _train_run(
     job_type: str | None,
     extra_tags: tuple[str, ...],
     resume: bool,
+    starts_from: Path | None = None,
 ) -> RunResult:
     label = arm_label(cfg.model.dropout, cfg.model.dropout_kind)
     clock = time.perf_counter()
@@ -198,6 +206,7 @@ def _train_run(
         cfg, rd, data, label, dropout_sites, provenance, group=group, job_type=job_type, extra_tags=extra_tags,
         resume_id=state.get("tracker_run_id") if state is not None else None, background=True,
     )
+    declare_start(tracker, rd if state is not None else RunDir.existing(starts_from) if starts_from else None)
     backend = Single(model=model, optimizer=optimizer, data=data, cfg=cfg, schedule=schedule, fast=fast)
     member = MemberRun(rd, tracker, resolved, n_train=len(data.train), lr=optimizer.param_groups[0]["lr"])
     engine = Engine(backend, [member], cfg.trainer, label=label, histograms=cfg.tracker.watch,
@@ -254,7 +263,7 @@ def make_run_tracker(
         return BackgroundTracker(lambda: make_run_tracker(
             cfg, rd, data, label, dropout_sites, provenance, group=group, job_type=job_type, extra_tags=extra_tags,
             resume_id=resume_id, shared_process=shared_process))
-    return make_tracker(
+    tracker = make_tracker(
         cfg.tracker,
         run_dir=rd.path,
         group=group,
@@ -267,6 +276,40 @@ def make_run_tracker(
         resume_id=resume_id,
         shared_process=shared_process,
     )
+    tracker.use_dataset(*dataset_artifact(cfg, data, provenance))
+    return tracker
+
+
+def dataset_artifact(cfg: DictConfig, data: Dataset, provenance: dict[str, Any]) -> tuple[str, dict[str, Any], str | None]:
+    """The data a run trained on, as W&B's lineage names it: one artifact per data source, whose
+    content (a description with the data's sha256, as provenance.json has it) changes with the
+    data; data read from disk is referenced by a file:// URI, never copied."""
+    parameters = OmegaConf.to_container(cfg.data, resolve=True)
+    metadata = {"sha256": provenance.get("data_sha256") or data.fingerprint(), "source": data.describe(),
+                "synthetic": data.synthetic, "parameters": parameters,
+                "parameters_sha256": hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()}
+    root = parameters.get("root")
+    reference = Path(root).expanduser().resolve().as_uri() if root and not data.synthetic else None
+    return f"{cfg.data.name}{'-synthetic' if data.synthetic else ''}-data", metadata, reference
+
+
+def checkpoint_artifact(cfg: DictConfig, rd: RunDir, outcome: Outcome, tracker: Any) -> None:
+    """The run's last checkpoint (the only one kept: checkpoints/last.pt) as its model artifact."""
+    if rd.has_checkpoint():
+        metadata = {"status": outcome.status, "epoch": outcome.epoch, "final": outcome.final,
+                    "config": flatten(OmegaConf.to_container(cfg, resolve=True))}
+        tracker.log_checkpoint(rd.checkpoint_path, metadata,
+                               ["latest", "final" if outcome.status == "finished" else outcome.status])
+
+
+def declare_start(tracker: Any, start: RunDir | None) -> None:
+    """A resume or rerun names the model it starts from (the run's checkpoint, as that run's
+    model artifact logged it) as its input, so W&B's lineage joins the two."""
+    if start is None or not start.has_checkpoint():
+        return
+    run_id = ((read_summary_or_none(start) or {}).get("wandb") or {}).get("run_id")
+    if run_id:
+        tracker.use_model(f"model-{run_id}", start.checkpoint_path, {"run_dir": str(start.path)})
 
 
 def draw_run_figures(
@@ -353,6 +396,7 @@ def conclude_run(
     if data.class_counts():  # regression data has no classes
         summary["class_counts"] = data.class_counts()
     tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
+    checkpoint_artifact(cfg, rd, outcome, tracker)
     rd.write_summary(summary)
     rd.update_provenance(ended=now_iso())
 
@@ -487,7 +531,9 @@ def conclude_study(
         shared_process=True,
     ))
     try:
-        figures = draw_study_figures(cfg, out, [a for a in arms if a.status != "not run"], data)
+        started = [a for a in arms if a.status != "not run"]
+        figures = draw_study_figures(cfg, out, started, data)
+        write_study_page(study_dir, lambda svg: draw_study_figures(cfg, svg, started, data))
     except BaseException:
         comparison.finish(exit_code=1)
         raise

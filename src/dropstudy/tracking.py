@@ -19,7 +19,9 @@ thread as soon as a command knows it will train, and `BackgroundTracker` runs a 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import netrc
 import os
 import shlex
@@ -48,6 +50,9 @@ class Tracker(Protocol):
     def log_images(self, images: dict[str, Path], epoch: int, step: int) -> None: ...
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
     def set_summary(self, values: dict[str, Any]) -> None: ...
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None: ...
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None: ...
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -69,6 +74,15 @@ class NullTracker:
         pass
 
     def set_summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        pass
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:
@@ -118,47 +132,76 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def cache_installed_packages(wandb: Any) -> None:
+def patch_private(owner: Any, name: str, params: tuple[str, ...], wrap: Callable[[Callable], Callable]) -> bool:
+    """Replace `owner.name`, a private function of another library, by `wrap(original)`, only
+    while it has the shape the wrapper was written for: the name exists and its parameters are
+    `params`. Otherwise nothing is patched (one debug line says why): an upgrade that changes
+    the function then costs only the saving the patch made, never a failure inside the library.
+    Wrappers take *args/**kwargs and hand them to the original unchanged. Idempotent."""
+    where = f"{getattr(owner, '__name__', owner)}.{name}"
+    original = getattr(owner, name, None)
+    if original is None:
+        log.debug("not patched: %s is missing in this version", where)
+        return False
+    if getattr(original, "dropstudy_patch", False):
+        return True
+    import inspect
+
+    try:
+        found = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        found = None
+    if found != params:
+        log.debug("not patched: %s takes %s, written for %s", where, found, params)
+        return False
+    wrapper = wrap(original)
+    wrapper.dropstudy_patch = True
+    setattr(owner, name, wrapper)
+    return True
+
+
+def cache_installed_packages(wandb: Any) -> bool:
     """At every `wandb.init`, W&B lists the installed packages for the run's requirements.txt by
-    reading every distribution's metadata: about 0.25 s a run, and the same answer each time in
-    one process. Runs that share a process (a study's arms, a vectorized sweep's members) read
-    it once: wandb's `working_set` (looked up at each init) is replaced by a cached copy."""
-    util = getattr(wandb, "util", None)
-    original = getattr(util, "working_set", None)
-    if original is None or getattr(original, "dropstudy_cached", False):
-        return
-    cache: list[Any] = []
+    reading every distribution's metadata: the same answer each time in one process. Runs that
+    share a process (a study's arms, a sweep's members) read it once: wandb's `working_set`
+    (looked up at each init) is replaced by a cached copy."""
 
-    def working_set() -> list[Any]:
-        if not cache:
-            cache.extend(original())
-        return list(cache)
+    def wrap(original: Callable) -> Callable:
+        cache: list[Any] = []
 
-    working_set.dropstudy_cached = True  # type: ignore[attr-defined]
-    util.working_set = working_set
+        def working_set(*args: Any, **kwargs: Any) -> Any:
+            if args or kwargs:  # a call this cache was not written for
+                return original(*args, **kwargs)
+            if not cache:
+                cache.extend(original())
+            return list(cache)
+
+        return working_set
+
+    return patch_private(getattr(wandb, "util", None), "working_set", (), wrap)
 
 
 # The module through which a W&B Launch job stages its inputs (skip_unstaged_launch_inputs).
 LAUNCH_INPUTS_MODULE = "wandb.sdk.launch.inputs.internal"
 
 
-def skip_unstaged_launch_inputs(wandb: Any) -> None:
+def skip_unstaged_launch_inputs(wandb: Any) -> bool:
     """At the end of every `wandb.init`, W&B applies the inputs a W&B Launch job staged in this
-    process, importing its Launch package to look for them: 1.5 s of CPU a process (most of it
-    pydantic reading docstrings), spent on the GIL beside training. Inputs can only have been
-    staged through that package's module, so while it is not imported there are none and the
-    look is skipped; once it is (a Launch job), W&B's own method runs as before."""
+    process, importing its Launch package to look for them: seconds of CPU a process, spent on
+    the GIL beside training. Inputs can only have been staged through that package's module, so
+    while it is not imported there are none and the look is skipped; once it is (a Launch job),
+    W&B's own method runs as before."""
     run_class = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
-    original = getattr(run_class, "_detect_and_apply_job_inputs", None)
-    if original is None or getattr(original, "dropstudy_skips_unstaged", False):
-        return
 
-    def detect_and_apply_job_inputs(run: Any) -> None:
-        if LAUNCH_INPUTS_MODULE in sys.modules:
-            original(run)
+    def wrap(original: Callable) -> Callable:
+        def detect_and_apply_job_inputs(*args: Any, **kwargs: Any) -> Any:
+            if LAUNCH_INPUTS_MODULE in sys.modules:
+                return original(*args, **kwargs)
+            return None
 
-    detect_and_apply_job_inputs.dropstudy_skips_unstaged = True  # type: ignore[attr-defined]
-    run_class._detect_and_apply_job_inputs = detect_and_apply_job_inputs
+        return detect_and_apply_job_inputs
+
+    return patch_private(run_class, "_detect_and_apply_job_inputs", ("self",), wrap)
 
 
 def lighten_wandb_init(wandb: Any) -> None:
@@ -250,6 +293,57 @@ class WandbTracker:
         for key, value in values.items():
             self.run.summary[key] = value
 
+    # Artifacts: the lineage data -> run -> model. A failure here is said once and leaves the
+    # run's metrics flowing (GuardedTracker would drop every later call).
+
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        """The data as an input artifact: a small description (dataset.json, with the data's content
+        hash) and, for data on disk, a reference to it, never a copy."""
+        def use() -> None:
+            artifact = self._wandb.Artifact(name, type="dataset", metadata=json_safe(metadata))
+            with artifact.new_file("dataset.json") as handle:
+                handle.write(json.dumps(json_safe(metadata), sort_keys=True, indent=1))
+            if reference is not None:
+                artifact.add_reference(reference, name="files", checksum=False)
+            self._use(artifact)
+
+        self._artifact("use_dataset", use)
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        """The checkpoint a run starts from (resume, rerun) as an input: the model artifact `name`
+        with that file, which W&B matches by content to the version already logged under it."""
+        def use() -> None:
+            artifact = self._wandb.Artifact(name, type="model", metadata=json_safe(metadata))
+            artifact.add_file(str(path), name=Path(path).name)
+            self._use(artifact)
+
+        self._artifact("use_model", use)
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        """The run's checkpoint as its output model artifact, `model-<run id>` (metadata: the run's
+        config and final metrics)."""
+        def log() -> None:
+            artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model", metadata=json_safe(metadata))
+            artifact.add_file(str(path), name=Path(path).name)
+            self.run.log_artifact(artifact, aliases=aliases)
+
+        self._artifact("log_checkpoint", log)
+
+    def _use(self, artifact: Any) -> None:
+        if self.mode == "offline":
+            # Offline, W&B's use_artifact refuses; the same record it writes online (log, then use
+            # once committed) goes into the offline file for `wandb sync`.
+            self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+        else:
+            self.run.use_artifact(artifact)
+
+    def _artifact(self, what: str, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception as exc:  # lineage is a nicety: the run and its metrics go on
+            log.warning("W&B artifact not recorded (%s: %s: %s); the run goes on.", what, type(exc).__name__,
+                        first_line(exc))
+
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -302,6 +396,15 @@ class GuardedTracker:
 
     def set_summary(self, values: dict[str, Any]) -> None:
         self._call("set_summary", values)
+
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        self._call("use_dataset", name, metadata, reference)
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        self._call("use_model", name, path, metadata)
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        self._call("log_checkpoint", path, metadata, aliases)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.failed:
@@ -492,11 +595,34 @@ class BackgroundTracker:
     def set_summary(self, values: dict[str, Any]) -> None:
         self._deliver("set_summary", dict(values))
 
+    def use_dataset(self, name: str, metadata: dict[str, Any], reference: str | None = None) -> None:
+        self._deliver("use_dataset", name, metadata, reference)
+
+    def use_model(self, name: str, path: Path, metadata: dict[str, Any]) -> None:
+        # Delivered now, not held: the file is read before training writes a newer checkpoint over it.
+        self.wait().use_model(name, path, metadata)
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        self._deliver("log_checkpoint", path, metadata, aliases)
+
     def finish(self, exit_code: int = 0) -> None:
         tracker = self.wait()
         start = time.perf_counter()
         tracker.finish(exit_code=exit_code)
         self.waited_s += time.perf_counter() - start
+
+
+def json_safe(value: Any) -> Any:
+    """Artifact metadata as JSON takes it: non-finite numbers as None, anything else as text."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def first_line(exc: BaseException) -> str:
