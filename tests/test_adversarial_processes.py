@@ -311,6 +311,8 @@ def test_resuming_a_batched_sweep_says_which_members_continued_from_which_epoch(
     resumed = invoke("resume", "sw")
     assert resumed.exit_code == 0, resumed.output
     assert "4 jobs, 4 continued from checkpoints (batched), 0 kept" in resumed.output, resumed.output
-    assert all(f"#{num} continued after epoch 17" in resumed.output for num in range(4)), resumed.output
+    for num, setting in enumerate(["model.dropout=0.2 seed=0", "model.dropout=0.2 seed=1",
+                                   "model.dropout=0.5 seed=0", "model.dropout=0.5 seed=1"]):
+        assert f"member {num} ({setting}): interrupted, resumed after epoch 17" in resumed.output, resumed.output
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert record["resumed"][-1]["continued"] == [{"num": num, "from_epoch": 17} for num in range(4)], record

@@ -726,8 +726,12 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     stderr.print(f"sweep: {len(plan.jobs)} jobs, " + (f"{len(from_epoch)} continued from checkpoints (batched), "
                  if from_epoch else "") + f"{len(plan.jobs) - len(todo) - len(from_epoch)} kept -> {plan.sweep_dir}  "
                  f"W&B group {plan.group}", highlight=False)
-    for num, epoch in from_epoch.items():
-        stderr.print(f"  #{num} continued after epoch {epoch}", highlight=False)
+    varying = set(plan.varying)
+    for job in plan.jobs:
+        if job.num in from_epoch:
+            setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
+            stderr.print(f"  member {job.num} ({setting}): interrupted, resumed after epoch {from_epoch[job.num]}",
+                         highlight=False, soft_wrap=True)
     for step in todo:
         stderr.print(f"  {step.describe()}", highlight=False, soft_wrap=True)
     if todo:
