@@ -437,9 +437,14 @@ def child_pids(parent: int) -> list[int]:
 def signals_reach_workers() -> Iterator[StopRequest]:
     """SIGTERM to the sweep's process (kill, a scheduler) goes on to the launcher's worker
     processes, so that their training checkpoints and reports the interruption back as its
-    result; left alone, this process died and its workers trained on, orphaned. (Ctrl-C in a
-    terminal reaches every process of the group by itself.)"""
+    result; left alone, this process died and its workers trained on, orphaned. Ctrl-C in a
+    terminal reaches every process of the group by itself: it is only noted here (passed on, it
+    would be each worker's second and stop it at once), and this process waits for the workers'
+    answers instead of stopping the pool under them (which kills them mid-checkpoint)."""
     stop = StopRequest()
+
+    def note(signum: int, frame: Any) -> None:
+        stop.signum = signum
 
     def forward(signum: int, frame: Any) -> None:
         stop.signum = signum
@@ -449,11 +454,12 @@ def signals_reach_workers() -> Iterator[StopRequest]:
             except ProcessLookupError:
                 pass
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, note), signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
