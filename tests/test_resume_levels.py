@@ -197,7 +197,7 @@ def test_resume_batched_sweep_starts_members_without_a_checkpoint_again(clean_en
     for num, setting in enumerate(["model.dropout=0 seed=0", "model.dropout=0 seed=1",
                                    "model.dropout=0.5 seed=0", "model.dropout=0.5 seed=1"]):
         said = (f"member {num} ({setting}): interrupted, "
-                + ("resumes after epoch" if checkpointed[num]
+                + ("resumed after epoch" if checkpointed[num]
                    else "restarts from scratch: the batched sweep wrote no checkpoint"))
         assert said in result.stderr, result.stderr
         assert logged_epochs(sweep / str(num)) == uninterrupted, num

@@ -34,7 +34,7 @@ from dropstudy import __version__
 from dropstudy.config import ConfigError, compose_run, conf_dir, hydra_value, process_uid, validate_study
 from rich.console import Console
 
-from dropstudy.console import stderr
+from dropstudy.console import shell_command, stderr
 from dropstudy.datafiles import DataError, check_cifar10_available
 from dropstudy.failures import EXIT_IO_ERROR, describe, os_error_in
 
@@ -217,7 +217,7 @@ def print_run(result: Any, indent: str = "") -> None:
     if result.outcome and result.outcome.reason and result.status != "finished":
         out(f"{indent}  {result.status}: {result.outcome.reason}")
     if result.status == "interrupted":
-        out(f"{indent}  to continue from its last checkpoint: {shlex.join(['dropstudy', 'resume', str(result.run_dir)])}")
+        out(f"{indent}  to continue from its last checkpoint: {shell_command('dropstudy', 'resume', Path(result.run_dir))}")
     for name, path in result.figures.items():
         out(f"{indent}  figure: {path}")
     if result.tracker_url:
@@ -358,7 +358,7 @@ def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal:
     points = len(plan.jobs) if method == "grid" else None
     typer.echo(f"W&B sweep config: {path}" + (f"  ({points} grid points)" if points else ""))
     typer.echo("start the sweep (prints its id), then one agent per machine or GPU:")
-    typer.echo(f"  {shlex.join(['wandb', 'sweep', str(path)])}")
+    typer.echo(f"  {shell_command('wandb', 'sweep', path)}")
     agent = f"{first.tracker.entity or 'ENTITY'}/{first.tracker.project}/SWEEP_ID"
     typer.echo(f"  {shlex.join(['wandb', 'agent', agent])}")
 
@@ -440,6 +440,7 @@ def sweep(
         stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
                      highlight=False)
         interrupted, exit_interrupted = False, EXIT_INTERRUPTED
+        io_error: OSError | None = None  # a write that stopped the batched sweep (disk full)
         try:
             if vectorized:
                 from dropstudy.console import setup_logging
@@ -450,7 +451,10 @@ def sweep(
                     if stopped:  # the engine checkpointed every member and said so in its summary
                         interrupted, exit_interrupted = True, stopped[0].exit_code
                 except Exception as exc:  # the table below says which members got how far
-                    logging.getLogger("dropstudy").exception(f"vectorized sweep failed: {type(exc).__name__}: {exc}")
+                    io_error = os_error_in(exc)
+                    if io_error is None:
+                        logging.getLogger("dropstudy").exception(
+                            f"vectorized sweep failed: {type(exc).__name__}: {exc}")
             else:
                 launch_multirun(plan, SweepJob(plan.group, plan.search and plan.search.objective))
         except KeyboardInterrupt as exc:
@@ -458,7 +462,15 @@ def sweep(
 
         outcomes = collect_outcomes(plan)
         print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
-        summary = write_sweep_json(plan, outcomes, interrupted, mode)
+        try:
+            summary = write_sweep_json(plan, outcomes, interrupted, mode,
+                                       {"error": describe(io_error)} if io_error is not None else None)
+        except OSError as exc:
+            if io_error is None:
+                raise
+            io_error.add_note(f"sweep.json was not written either: {describe(exc)}")
+    if io_error is not None:  # one line, after the table: the members' summaries name their files
+        raise fail(describe(io_error), EXIT_IO_ERROR)
     typer.echo(f"sweep dir: {plan.sweep_dir}  table: {summary}")
     save_wandb_view(plan.sweep_dir)
     if plan.search and outcomes and outcomes[0].rank == 1:
@@ -467,7 +479,7 @@ def sweep(
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
         what = "every member from its last checkpoint" if vectorized else "what was interrupted"
-        typer.echo(f"to continue {what}: dropstudy resume {shlex.quote(str(plan.sweep_dir))}")
+        typer.echo(f"to continue {what}: {shell_command('dropstudy', 'resume', plan.sweep_dir)}")
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
                    "says which ran.", exit_interrupted)
     if bad:
@@ -590,13 +602,13 @@ def resume_run_dir(run_dir: Path) -> None:
         raise fail(str(exc))
     if sweep_dir is not None:
         raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
-                   f"masks come from one generator); resume the sweep: dropstudy resume {shlex.quote(str(sweep_dir))}")
+                   f"masks come from one generator); resume the sweep: {shell_command('dropstudy', 'resume', sweep_dir)}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
         run = RunDir.existing(run_dir)
         if run.read_status()[0] == "finished":
             raise fail(f"{run_dir} finished already (summary.json); there is nothing to resume. "
-                       f"To train it again use: {shlex.join(['dropstudy', 'rerun', str(run_dir)])}")
+                       f"To train it again use: {shell_command('dropstudy', 'rerun', run_dir)}")
         check_runnable(cfg)
         try:  # read before anything is written: a damaged file refuses the resume
             run.read_metrics()
@@ -691,8 +703,8 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         chunks = batched_chunks(sweep_dir)
     except RunDirError as exc:
         raise fail(str(exc))
-    if chunks:
-        resume_batched_chunks(sweep_dir)  # then the jobs no chunk reached, below
+    # The batched chunks first, then the jobs no chunk reached, below; `continued`: run dir -> epoch.
+    continued = resume_batched_chunks(sweep_dir) if chunks else {}
 
     from dropstudy.resume import ResumeError, plan_sweep_resume, resume_sweep
     from dropstudy.sweep import collect_outcomes, write_sweep_json
@@ -710,8 +722,16 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
             check_runnable(step.cfg)
     sweep_lock = claimed(sweep_dir, ELSEWHERE_SWEEP, new=False)  # released after the table below
     handle_run_errors(lambda: ResumeLog(sweep_dir))
-    stderr.print(f"sweep: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} kept -> {plan.sweep_dir}  "
+    from_epoch = {job.num: continued[job.run_dir.resolve()] for job in plan.jobs if job.run_dir.resolve() in continued}
+    stderr.print(f"sweep: {len(plan.jobs)} jobs, " + (f"{len(from_epoch)} continued from checkpoints (batched), "
+                 if from_epoch else "") + f"{len(plan.jobs) - len(todo) - len(from_epoch)} kept -> {plan.sweep_dir}  "
                  f"W&B group {plan.group}", highlight=False)
+    varying = set(plan.varying)
+    for job in plan.jobs:
+        if job.num in from_epoch:
+            setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
+            stderr.print(f"  member {job.num} ({setting}): interrupted, resumed after epoch {from_epoch[job.num]}",
+                         highlight=False, soft_wrap=True)
     for step in todo:
         stderr.print(f"  {step.describe()}", highlight=False, soft_wrap=True)
     if todo:
@@ -724,6 +744,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     resumes = [*resumption.record.get("resumed", []),
                {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "jobs": [job.num for job, s in zip(plan.jobs, resumption.steps) if s.action != "keep"],
+                "continued": [{"num": num, "from_epoch": epoch} for num, epoch in from_epoch.items()],
                 "interrupted": resumption.interrupted}]
     summary = write_sweep_json(plan, outcomes, resumption.interrupted, resumption.mode, {"resumed": resumes})
     sweep_lock.release()
@@ -731,24 +752,25 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     bad = [o for o in outcomes if not o.ok]
     if resumption.interrupted:
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; "
-                   f"continue with: dropstudy resume {shlex.quote(str(sweep_dir))}", EXIT_INTERRUPTED)
+                   f"continue with: {shell_command('dropstudy', 'resume', sweep_dir)}", EXIT_INTERRUPTED)
     if bad:
         names = "; ".join(f"#{o.num} ({o.setting or ' '.join(o.overrides)}) {o.status}"
                           + (f": {o.reason}" if o.reason else "") for o in bad)
         raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
 
 
-def resume_batched_chunks(sweep_dir: Path) -> None:
+def resume_batched_chunks(sweep_dir: Path) -> dict[Path, int]:
     """The batched part of `dropstudy resume SWEEP_DIR`: chunks of a batched sweep that were
     interrupted continue as the ensembles they were (their dropout masks come from one shared
-    generator, saved with every member's checkpoint). Exits when they are interrupted again."""
+    generator, saved with every member's checkpoint). Exits when they are interrupted again;
+    returns the epoch each member continued from, by its resolved run dir."""
     from dropstudy.rundir import RunDirError
     from dropstudy.rundir import read_status
     from dropstudy.vectorized import batched_chunks, resume_sweep
 
     chunks = batched_chunks(sweep_dir)
     if all(read_status(d)[0] in ("finished", "diverged") for chunk in chunks for d in chunk):
-        return
+        return {}
     check_runnable(load_saved_run(chunks[0][0])[0])
     stderr.print(f"continuing {len(chunks)} batched chunk(s) of {sweep_dir} as ensembles", highlight=False)
     with claimed(sweep_dir, ELSEWHERE_SWEEP, new=False):
@@ -762,8 +784,9 @@ def resume_batched_chunks(sweep_dir: Path) -> None:
         typer.echo(f"  run dir: {result.run_dir}  [{result.status}]")
     stopped = [r for r in results if r.status == "interrupted"]
     if stopped:
-        typer.echo(f"to continue every member from its last checkpoint: dropstudy resume {shlex.quote(str(sweep_dir))}")
+        typer.echo(f"to continue every member from its last checkpoint: {shell_command('dropstudy', 'resume', sweep_dir)}")
         raise typer.Exit(stopped[0].exit_code)
+    return {r.run_dir.resolve(): r.resumed_from for r in results if r.resumed_from is not None}
 
 
 @app.command()
@@ -1114,10 +1137,50 @@ def root(
     """dropstudy: with/without-dropout studies tracked in W&B."""
 
 
+def writable(path: Path) -> bool:
+    """Whether `path`, or the nearest folder above it that exists, takes writes."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+# Where W&B and matplotlib keep settings and caches, by the environment variable that moves each.
+CACHE_VARIABLES = {"XDG_CONFIG_HOME": "config", "XDG_CACHE_HOME": "cache", "MPLCONFIGDIR": "matplotlib",
+                   "WANDB_CONFIG_DIR": "wandb-config", "WANDB_CACHE_DIR": "wandb-cache", "WANDB_DATA_DIR": "wandb-data"}
+
+
+def move_caches_off_a_read_only_home() -> None:
+    """With a HOME that takes no writes (a read-only or foreign home on a cluster node), W&B and
+    matplotlib each print a screenful of warnings and fall back to throw-away caches; point
+    their folders (those the environment does not set already) at one folder of this user's in
+    the temp dir instead, and say so in one line. This process's children inherit it."""
+    home = Path(os.path.expanduser("~"))
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+    if writable(config) and writable(cache):
+        return
+    import tempfile
+
+    base = Path(tempfile.gettempdir()) / f"dropstudy-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        if base.stat().st_uid != os.getuid():  # someone else's folder of that name: use a new one
+            base = Path(tempfile.mkdtemp(prefix="dropstudy-"))
+    except OSError:
+        return  # no writable temp dir either: the tools' own fallbacks are all there is
+    moved = [name for name in CACHE_VARIABLES if not os.environ.get(name)]
+    for name in moved:
+        os.environ[name] = str(base / CACHE_VARIABLES[name])
+    if moved:
+        stderr.print(f"note: {home} takes no writes; W&B and matplotlib keep their settings and caches in {base}",
+                     highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     # A log file on a full disk must not print a traceback between the lines: the failure that
     # matters is reported once, by the write that stops the run.
     logging.raiseExceptions = False
+    move_caches_off_a_read_only_home()
     try:
         app(prog_name="dropstudy")
     except SystemExit as exc:
@@ -1137,9 +1200,9 @@ def exit_now(code: int | str | None) -> NoReturn:
     if isinstance(code, str):  # what sys.exit("message") does
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own shutdown does first: the hooks that tell pools' manager threads
+    # to stop (loky's, concurrent.futures'), then a join of every non-daemon thread.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -409,6 +409,27 @@ def check_objective(cfg: DictConfig) -> None:
         raise ConfigError(f"sweep.objective={metric}: the ECE is logged as test/ece and val_mc/ece, test_mc/ece.")
 
 
+# The float keys, each with what a value of it means: nan or inf is none of these.
+FINITE_FLOATS = {
+    "optim.lr": "a positive learning rate, e.g. 0.01",
+    "optim.momentum": "SGD momentum, 0 (off) or positive, e.g. 0.9",
+    "optim.weight_decay": "an L2 penalty, 0 (off) or positive, e.g. 5e-4",
+    "optim.max_norm": "a positive norm (typically 3 or 4), or null for no constraint",
+    "data.slope": "the slope of the regression line, e.g. 1.5",
+    "data.train_noise": "a noise standard deviation, 0 or positive",
+    "data.test_noise": "a noise standard deviation, 0 or positive",
+}
+
+
+def check_finite_floats(cfg: DictConfig) -> None:
+    """nan and inf parse as floats, and pass a range check written as `value <= 0`; none of
+    these keys has a meaning for them, so each is refused by name."""
+    for key, meaning in FINITE_FLOATS.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: must be a finite number ({meaning}).")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks that the schema's types cannot express."""
     if not DEVICE_PATTERN.match(str(cfg.device)):
@@ -419,6 +440,7 @@ def validate(cfg: DictConfig) -> None:
         check_dropout(f"study.arms[{i}]", arm, n_sites, where)
     if len(cfg.study.arms) == 0:
         raise ConfigError("study.arms=[]: list at least one dropout value, e.g. study.arms=[0.0,0.5].")
+    check_finite_floats(cfg)
     if cfg.optim.max_norm is not None and cfg.optim.max_norm <= 0:
         raise ConfigError(
             f"optim.max_norm={cfg.optim.max_norm}: the largest L2 norm of a unit's incoming weights "
@@ -449,6 +471,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use {' or '.join(OptimName)}.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: must be positive.")
+    for key in ("momentum", "weight_decay"):
+        if cfg.optim[key] < 0:
+            raise ConfigError(f"optim.{key}={cfg.optim[key]}: must be 0 (off) or positive.")
     if cfg.tracker.mode not in MODE_CHOICES:
         raise ConfigError(f"tracker.mode={cfg.tracker.mode!r}: use one of {', '.join(MODE_CHOICES)}.")
     if cfg.tracker.watch not in WATCH_CHOICES:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shlex
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from dropstudy.console import shell_command
 
 log = logging.getLogger("dropstudy")
 
@@ -147,7 +148,7 @@ def view_spec(directory: Path) -> dict[str, Any]:
         "sections": _sections(any(e in CLASSIFICATION_EXPERIMENTS for e in experiments), figure_keys),
         # Runs that reached the server online have a URL; offline ones wait for `wandb sync`.
         "online": any((r.summary["wandb"].get("url") or "") for r in runs),
-        "publish": f"dropstudy dashboard {shlex.quote(str(directory))}",
+        "publish": shell_command("dropstudy", "dashboard", Path(directory)),
     }
     if (directory / REPORT_CSV).is_file():
         spec["report"] = report_spec(directory, runs, group)
@@ -173,7 +174,7 @@ def report_spec(directory: Path, runs: list[Any], group: str | None) -> dict[str
         line = (f"{run.path.name}: git {git.get('commit') or 'n/a'}{' (dirty)' if git.get('dirty') else ''}, "
                 f"data sha256 {str(prov.get('data_sha256') or 'n/a')[:12]}")
         provenance.append(line)
-    commands.append(f"dropstudy report {shlex.quote(str(directory))}")
+    commands.append(shell_command("dropstudy", "report", Path(directory)))
     return {"title": f"dropstudy report: {group or directory.name}"[:128], "table": rows, "figures": figures,
             "commands": commands, "provenance": provenance}
 

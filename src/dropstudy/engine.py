@@ -38,11 +38,6 @@ DEFER_SIGNALS_BELOW_S = 0.25
 log = logging.getLogger("dropstudy")
 
 
-def _exit_now(signum: int, frame: Any) -> None:
-    os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
-    os._exit(128 + signum)
-
-
 @dataclass
 class MemberRun:
     """What the engine keeps of one member: where its rows and checkpoints go, and how it is doing."""
@@ -54,6 +49,7 @@ class MemberRun:
     lr: float  # constant: there is no learning-rate schedule in these studies
     outcome: Outcome = field(default_factory=lambda: Outcome(status="finished", epoch=0))
     active: bool = True  # still trained on record (not diverged, not interrupted)
+    write_error: OSError | None = None  # its checkpoint's write failed (a full disk): what stopped it
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -86,6 +82,8 @@ class Engine:
         self.gate = InterruptGate()  # run() installs the real one
         self.current_epoch = 0
         self._last_epoch_s = math.inf
+        # Member i's last complete checkpoint's epoch: what a resume continues from.
+        self.checkpointed: dict[int, int] = {}
 
     # -- state ------------------------------------------------------------------------------
     def _mark_boundary(self, epoch: int) -> None:
@@ -111,6 +109,7 @@ class Engine:
                                    if r["epoch"] <= epoch and not any(k.startswith("test/") for k in r)]
             run.rd.rewrite_metrics(run.rows)
             run.outcome.epoch = epoch
+            self.checkpointed[i] = epoch
         self.start_epoch = epoch + 1
         self._mark_boundary(epoch)
 
@@ -128,7 +127,21 @@ class Engine:
             # one checkpoint of the ensemble is enough to continue it exactly.
             state["ensemble"] = {"index": i, "members": self.backend.members, "shared": shared}
         run.rd.save_checkpoint(state)
+        self.checkpointed[i] = self.boundary_epoch
         self.timings["checkpoint"] += time.perf_counter() - start
+
+    def checkpoint_all(self) -> None:
+        """Every active member's checkpoint. A failed write (disk full) stops them all, but each
+        member's write is tried, so that each records the failure of its own file."""
+        for i, run in enumerate(self.runs):
+            if run.active:
+                try:
+                    self.checkpoint(i)
+                except OSError as exc:
+                    run.write_error = exc
+        failed = [run.write_error for run in self.runs if run.write_error is not None]
+        if failed:
+            raise failed[0]
 
     def log(self, run: MemberRun, row: dict[str, Any]) -> None:
         """The one place a metric row goes: metrics.jsonl first, then the tracker. The row's
@@ -236,9 +249,7 @@ class Engine:
             if due or not self.gate.defer or self.gate.pending is not None:
                 self._mark_boundary(epoch)
             if due:
-                for i, run in enumerate(self.runs):
-                    if run.active:
-                        self.checkpoint(i)
+                self.checkpoint_all()
         self._last_epoch_s = time.perf_counter() - begun
         self.gate.raise_pending()
 
@@ -267,8 +278,10 @@ class Engine:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         # A second Ctrl-C from here on exits at once; last.pt is only ever replaced by a rename,
         # so it stays the last complete checkpoint whatever happens.
-        signal.signal(signal.SIGINT, _exit_now)
-        signal.signal(signal.SIGTERM, _exit_now)
+        signal.signal(signal.SIGINT, self._exit_now)
+        signal.signal(signal.SIGTERM, self._exit_now)
+        name = signal.Signals(signum).name
+        log.info(f"{name}: writing the last checkpoint; {name} again exits at once (the run stays resumable)")
         for i, run in enumerate(self.runs):
             if not run.active:
                 continue
@@ -280,6 +293,24 @@ class Engine:
             outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.epochs}"
             run.active = False
             self.checkpoint(i)
+
+    def _exit_now(self, signum: int, frame: Any) -> None:
+        """The second signal: exit at once, but not before each interrupted member's summary.json,
+        if it still says running, says interrupted and from which epoch its checkpoint continues
+        (a small write each; the checkpoint and the figures are what take long)."""
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name} again: exiting now\n".encode())
+        for i, run in enumerate(self.runs):
+            if run.outcome.status != "interrupted":
+                continue
+            try:
+                summary = run.rd.read_summary()
+                if summary.get("status") == "running":
+                    run.rd.write_summary({**summary, "status": "interrupted", "epoch": self.checkpointed.get(i, 0),
+                                          "reason": f"{run.outcome.reason}; {name} again: exited at once"})
+            except (OSError, ValueError):
+                pass  # nothing more can be recorded; the checkpoint is still whole
+        os._exit(128 + signum)
 
     def test(self) -> None:
         """The final row of every member that finished: the test split, in evaluation mode."""

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from omegaconf import DictConfig, OmegaConf
 
+from dropstudy.console import shell_command
 from dropstudy.failures import WriteError, writing
 
 if TYPE_CHECKING:  # torch is imported where a tensor is read or written: claiming a directory needs none
@@ -572,7 +573,7 @@ def refuse_used(path: str | Path, elsewhere: str) -> None:
     if marker is not None:
         raise RunDirClaimError(
             f"{path} already holds {describe_holding(path, marker)}; a directory holds one run, study or sweep. "
-            f"To continue it: {shlex.join(['dropstudy', 'resume', str(path)])}; to start a new one, {elsewhere}."
+            f"To continue it: {shell_command('dropstudy', 'resume', path)}; to start a new one, {elsewhere}."
         )
     refuse_inside(path, elsewhere)
 

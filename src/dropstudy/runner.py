@@ -52,6 +52,7 @@ class RunResult:
     sync_command: str | None = None
     # Seconds per part of the run (summary.json's timings_s, plus W&B's finish under "wandb").
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None  # the epoch of the checkpoint this run continued from, if it did
 
     @property
     def exit_code(self) -> int:
@@ -215,7 +216,8 @@ def _train_run(
         log.info(f"[{label}] resuming {rd.path} after epoch {state['epoch']} of {cfg.trainer.epochs}")
     timings["setup"] = time.perf_counter() - clock
 
-    result = RunResult(rd.path, label, "failed", None, timings=timings)
+    result = RunResult(rd.path, label, "failed", None, timings=timings,
+                       resumed_from=state["epoch"] if state is not None else None)
     started = time.time()
     try:
         (outcome,) = engine.run()
@@ -486,17 +488,21 @@ def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyRe
     # The record exists from the start, so a study stopped in any way is found by `resume`.
     write_study_record(study_dir, cfg, group, "running", [ArmRecord(a.label, a.run_dir, "not run") for a in arms])
     results: list[RunResult] = []
-    for arm in arms:
-        RunDir(arm.run_dir).write_config(arm.cfg, arm.overrides)
-        log.info(f"study arm {len(results) + 1}/{len(arms)}: {arm.label} -> {arm.run_dir}")
-        result = train_run(arm.cfg, arm.run_dir, overrides, group=group, job_type=arm.label, extra_tags=("study",))
-        results.append(result)
-        if result.status == "interrupted":
-            break
-    records = [ArmRecord.from_result(r) for r in results]
-    records += [ArmRecord(arm.label, arm.run_dir, "not run") for arm in arms[len(results):]]
-    clock = time.perf_counter()
-    figures, status = conclude_study(cfg, study_dir, group, records)
+    try:
+        for arm in arms:
+            RunDir(arm.run_dir).write_config(arm.cfg, arm.overrides)
+            log.info(f"study arm {len(results) + 1}/{len(arms)}: {arm.label} -> {arm.run_dir}")
+            result = train_run(arm.cfg, arm.run_dir, overrides, group=group, job_type=arm.label, extra_tags=("study",))
+            results.append(result)
+            if result.status == "interrupted":
+                break
+        records = [ArmRecord.from_result(r) for r in results]
+        records += [ArmRecord(arm.label, arm.run_dir, "not run") for arm in arms[len(results):]]
+        clock = time.perf_counter()
+        figures, status = conclude_study(cfg, study_dir, group, records)
+    except BaseException as exc:
+        record_stopped_study(study_dir, cfg, group, arms, exc)
+        raise
     timings = study_timings(results, time.perf_counter() - clock)
     return StudyResult(study_dir, results, figures, group, status, timings, started)
 
@@ -573,6 +579,25 @@ def draw_study_figures(cfg: DictConfig, out: RunDir, started: list[ArmRecord], d
     return figures
 
 
+def record_stopped_study(study_dir: Path, cfg: DictConfig, group: str, arms: list[StudyArm],
+                         exc: BaseException) -> None:
+    """study.json when the study stops on an exception (a full disk, a second Ctrl-C's
+    KeyboardInterrupt outside training): failed or interrupted, why, and each arm as its own
+    summary.json says; if the disk refuses this write too, the error says so."""
+    from dropstudy.rundir import read_status
+
+    reason = describe(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    records = []
+    for arm in arms:
+        status, summary = read_status(arm.run_dir) if (arm.run_dir / "summary.json").is_file() else ("not run", {})
+        records.append(ArmRecord(arm.label, arm.run_dir, status, summary.get("final") or {}))
+    try:
+        write_study_record(study_dir, cfg, group, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                           records, reason=reason)
+    except OSError as record_exc:
+        exc.add_note(f"study.json still says running: {describe(record_exc)}")
+
+
 def write_study_record(
     study_dir: Path,
     cfg: DictConfig,
@@ -581,6 +606,7 @@ def write_study_record(
     arms: list[ArmRecord],
     figures: dict[str, Path] | None = None,
     comparison: dict[str, Any] | None = None,
+    reason: str | None = None,
 ) -> None:
     write_json_atomic(
         study_dir / "study.json",
@@ -588,6 +614,7 @@ def write_study_record(
             "experiment": cfg.experiment,
             "group": group,
             "status": status,
+            **({"reason": reason} if reason else {}),
             "arms": [{"label": a.label, "run_dir": str(a.run_dir), "status": a.status, "final": a.final}
                      for a in arms],
             "figures": {k: str(v) for k, v in (figures or {}).items()},

@@ -233,6 +233,10 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, 140 for SIGUSR2, as shells report them
 
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        # Rebuilt from the signal's number when a worker process (joblib's loky) sends it back.
+        return Interrupted, (self.signum,)
+
 
 class InterruptGate:
     """Where a training signal goes: raised at once as `Interrupted`, or, while `defer` is on,

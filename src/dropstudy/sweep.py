@@ -23,10 +23,12 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -272,6 +274,8 @@ class SweepJob:
     group: str
     objective: str | None = None  # set in an Optuna search: the job returns this metric's value
     launched_from: int = field(default_factory=os.getpid)  # the `dropstudy sweep` process
+    # The signal that interrupted a job in this process, if one did (a class attribute: one per process).
+    stopped_by: ClassVar[int | None] = None
 
     def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
         record = self.train(cfg, run_dir, overrides)
@@ -290,6 +294,16 @@ class SweepJob:
         from dropstudy.rundir import claim_run_dir, read_status
         from dropstudy.runner import train_run
 
+        if SweepJob.stopped_by is not None:
+            from dropstudy.rundir import RunDir
+            from dropstudy.runtime import Interrupted
+
+            # A worker process that was interrupted starts none of the jobs queued behind; each
+            # says so (Hydra made its directory already), and `dropstudy resume` starts it.
+            name = signal.Signals(SweepJob.stopped_by).name
+            RunDir(run_dir).write_summary({"status": "interrupted", "epoch": 0,
+                                           "reason": f"{name}: the sweep stopped before this job started"})
+            raise Interrupted(SweepJob.stopped_by)
         try:
             # The sweep dir was new when the sweep claimed it; the job's lock keeps others out of its run.
             with claim_run_dir(run_dir, new=False):
@@ -315,6 +329,7 @@ class SweepJob:
                 hand_back_to_slurm(result.exit_code - 128)
             # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
             # and let the sweep exit with the signal's code.
+            SweepJob.stopped_by = result.exit_code - 128
             raise Interrupted(result.exit_code - 128)
         return {"run_dir": str(run_dir), "status": result.status}
 
@@ -360,8 +375,18 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
     if plan.launcher in SLURM_LAUNCHERS or plan.search is not None:
         # Raised rather than printed by Hydra (and exit 1): a job's failure is the table's to report.
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    worker_launcher = plan.launcher in WORKER_LAUNCHERS
     try:
-        sweep_job()
+        with signals_reach_workers() if worker_launcher else nullcontext() as stop:
+            try:
+                sweep_job()
+            finally:
+                if stop and stop.signum is not None:
+                    # The workers checkpointed and stopped (or died before training began);
+                    # either way the sweep was interrupted, and says so with the signal's code.
+                    from dropstudy.runtime import Interrupted
+
+                    raise Interrupted(stop.signum)
     except Exception as exc:
         if plan.search is not None and plan.launcher not in SLURM_LAUNCHERS:
             # e.g. Optuna's "no trials are completed yet" when every trial failed.
@@ -385,6 +410,56 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+
+
+# Launchers whose jobs run in worker processes of this one (SLURM's run on their nodes).
+WORKER_LAUNCHERS = ("joblib", "submitit_local")
+
+
+class StopRequest:
+    signum: int | None = None
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (Linux's /proc; none where there is no /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it exited while we looked
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextmanager
+def signals_reach_workers() -> Iterator[StopRequest]:
+    """SIGTERM to the sweep's process (kill, a scheduler) goes on to the launcher's worker
+    processes, so that their training checkpoints and reports the interruption back as its
+    result; left alone, this process died and its workers trained on, orphaned. Ctrl-C in a
+    terminal reaches every process of the group by itself: it is only noted here (passed on, it
+    would be each worker's second and stop it at once), and this process waits for the workers'
+    answers instead of stopping the pool under them (which kills them mid-checkpoint)."""
+    stop = StopRequest()
+
+    def note(signum: int, frame: Any) -> None:
+        stop.signum = signum
+
+    def forward(signum: int, frame: Any) -> None:
+        stop.signum = signum
+        for pid in child_pids(os.getpid()):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, note), signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import urlparse
 
+from dropstudy.console import shell_path
+
 if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
     from torch import Tensor
 
@@ -269,7 +271,7 @@ class WandbTracker:
         self.run_id = self.run.id
         self.url = self.run.url if mode == "online" else None
         # The folder quoted for the shell, the glob left for it to expand (a resumed run has two).
-        self.sync_command = (f"wandb sync {shlex.quote(str(Path(run_dir) / 'wandb'))}/offline-run-*-{self.run_id}"
+        self.sync_command = (f"wandb sync {shlex.quote(shell_path(Path(run_dir) / 'wandb'))}/offline-run-*-{self.run_id}"
                              if mode == "offline" else None)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")

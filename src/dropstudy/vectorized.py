@@ -40,6 +40,7 @@ from dropstudy.config import dropout_site_count
 from dropstudy.data import Dataset, TrainBatches, load_dataset
 from dropstudy.dropout import apply_dropout, arm_label, describe_sites, site_rates, sites
 from dropstudy.engine import Engine, MemberRun
+from dropstudy.failures import describe
 from dropstudy.models import build_model
 from dropstudy.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso
 from dropstudy.runner import RunResult, conclude_run, draw_run_figures, make_run_tracker
@@ -395,11 +396,22 @@ def _guarded(members: list[Member], group: str | None, extra_tags: tuple[str, ..
             if not rec.trained or rec.result.outcome is not None:  # set aside, or concluded already
                 continue
             rec.result.outcome = None  # W&B gets a non-zero exit code too
-            rec.run.rd.write_summary({
-                "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                "reason": f"{type(exc).__name__}: {exc}",
-                "epoch": rec.run.outcome.epoch,
-            })
+            # Each member names its own file that could not be written; one whose write went
+            # through stopped with the batch, for the reason the batch stopped.
+            if rec.run.write_error is not None:
+                reason = describe(rec.run.write_error)
+            elif isinstance(exc, OSError):
+                reason = f"stopped with its batch: {describe(exc)}"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            try:
+                rec.run.rd.write_summary({
+                    "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                    "reason": reason,
+                    "epoch": rec.run.outcome.epoch,
+                })
+            except OSError as summary_exc:  # the disk that stopped the batch may refuse this too
+                exc.add_note(f"{rec.run.rd.summary_path} still says running: {describe(summary_exc)}")
         raise
     finally:
         for rec in records:
@@ -473,7 +485,8 @@ def _train_members(members: list[Member], records: list[MemberRecord], group: st
         run = MemberRun(rd, tracker, OmegaConf.to_container(member.cfg, resolve=True), n_train=len(data.train),
                         lr=float(member.cfg.optim.lr))
         records.append(MemberRecord(member, run, RunResult(rd.path, label, "failed", None,
-                                                           sync_command=tracker.sync_command),
+                                                           sync_command=tracker.sync_command,
+                                                           resumed_from=state["epoch"] if state else None),
                                     label, describe_sites(model), group, job_type,
                                     trained=states is None or state is not None))
 
