@@ -31,8 +31,10 @@ TABLE = ("| when (UTC) | machine | load | repeats | eval_every | wall s (median)
 def one_run(every: int, where: Path) -> dict:
     run_dir = where / f"e{every}-{time.monotonic_ns()}"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dropstudy", "train", f"trainer.eval_every={every}", "tracker.mode=disabled",
-                    f"hydra.run.dir={run_dir}"], check=True, capture_output=True, cwd=where)
+    proc = subprocess.run([sys.executable, "-m", "dropstudy", "train", f"trainer.eval_every={every}",
+                           "tracker.mode=disabled", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=where)
+    if proc.returncode != 0:
+        sys.exit(f"eval_every={every} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     wall = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
     timings = summary["timings_s"]
