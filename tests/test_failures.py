@@ -67,12 +67,13 @@ def test_help_documents_the_write_failure_exit_code():
 
 
 def test_a_file_size_limit_fails_the_run_with_one_message(clean_env, tmp_path):
-    proc = run_limited(tmp_path, clean_env, "train", *QUICK_REGRESSION, "tracker.mode=disabled", "hydra.run.dir=run")
+    proc = run_limited(tmp_path, clean_env, "train", *QUICK_REGRESSION, "trainer.checkpoint_every=10", "tracker.mode=disabled",
+                       "hydra.run.dir=run")
     run = tmp_path / "run"
     assert_one_message(proc, f"cannot write checkpoints/last.pt in {run}", "File too large")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "checkpoints/last.pt" in summary["reason"], summary
-    assert summary["epoch"] == 10  # the first checkpoint (eval_every) is the write that failed
+    assert summary["epoch"] == 10  # the first checkpoint (checkpoint_every) is the write that failed
     assert tmp_files(run) == [], "a failed write leaves no temporary file behind"
     assert not (run / "checkpoints" / "last.pt").exists()
 

@@ -175,10 +175,10 @@ def test_a_run_sends_its_tracker_every_row_the_summary_and_the_figures(clean_env
     assert tracker.calls[-1] == ("finish", {"exit_code": 0}) and len(tracker.of("finish")) == 1
 
     # The figures show the run: its logged losses, and the trained model's curve over x.
-    (curves,) = drawn_figures[run / "plots" / "learning_curves.png"]
-    for split in ("train", "val"):
+    curves = {label: line for axes in drawn_figures[run / "plots" / "learning_curves.png"] for label, line in axes.items()}
+    for split, label in (("train", "train (dropout on)"), ("train_eval", "train (eval mode)"), ("val", "validation")):
         logged = [(r["epoch"], r[f"{split}/loss"]) for r in rows if f"{split}/loss" in r]
-        assert curves[split] == ([e for e, _ in logged], [v for _, v in logged]), split
+        assert curves[label] == ([e for e, _ in logged], [v for _, v in logged]), split
     (fit,) = drawn_figures[run / "plots" / "regression_fit.png"]
     ((label, (xs, ys)),) = fit.items()
     assert label.startswith("dropout-0.5: train MSE")

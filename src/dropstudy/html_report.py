@@ -26,7 +26,7 @@ from markupsafe import Markup
 from dropstudy import plots
 from dropstudy.report import (ExperimentTable, Report, Run, add_comparisons, build_tables, caption,
                               cells, find_runs, header, table_rows)
-from dropstudy.rundir import RunDir
+from dropstudy.rundir import RunDir, RunDirError
 
 PAGE = "report.html"
 
@@ -129,11 +129,20 @@ def _dirty(git: dict) -> str:
     return "yes: uncommitted changes, saved as git.diff in each run dir" if git["dirty"] else "no"
 
 
+def _provenance(run: Run) -> dict[str, Any]:
+    """The run's provenance.json; a damaged one shows as unknown (report names it when it reads
+    the runs) instead of stopping the page."""
+    try:
+        return RunDir(run.path).read_provenance()
+    except RunDirError:
+        return {}
+
+
 def provenance_rows(runs: Sequence[Run]) -> list[tuple[str, str]]:
     """What produced the runs (their provenance.json), field by field."""
     if not runs:
         return [("runs", "none finished")]
-    records = [RunDir(run.path).read_provenance() for run in runs]
+    records = [_provenance(run) for run in runs]
     fields: dict[str, Callable[[dict], Any]] = {
         "runs": lambda p: None,
         "git commit": lambda p: (p.get("git") or {}).get("commit"),
@@ -153,7 +162,7 @@ def provenance_rows(runs: Sequence[Run]) -> list[tuple[str, str]]:
 
 def run_commands(runs: Sequence[Run]) -> list[str]:
     """The distinct command lines that started (or resumed) the runs, in the order first seen."""
-    records = [RunDir(run.path).read_provenance() for run in runs]
+    records = [_provenance(run) for run in runs]
     commands = [p.get("command") for p in records] + [r.get("command") for p in records for r in p.get("resumed", [])]
     return list(dict.fromkeys(c for c in commands if c))
 
