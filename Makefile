@@ -50,11 +50,11 @@ bench-study: $(STAMP)
 
 ## the documentation, served on http://127.0.0.1:8000 and rebuilt as docs/, the schema or the CLI change
 docs: $(STAMP)
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 ## the documentation built into site/; --strict fails on a broken link or anchor
 docs-build: $(STAMP)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs outputs multirun
