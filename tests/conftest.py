@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -198,3 +199,12 @@ def regression_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Cl
         cwd=tmp, env=clean_environment(tmp), capture_output=True, text=True, timeout=600,
     )
     return tmp / "sw", CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """An interrupted engine leaves exit-at-once handlers for a second signal; put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

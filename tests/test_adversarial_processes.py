@@ -282,15 +282,6 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
 # --------------------------------------------------------------------------- 10: a batched sweep resumed
 
 
-@pytest.fixture
-def own_signal_handlers():
-    """An interrupted engine leaves exit-at-once handlers for a second signal; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def test_resuming_a_batched_sweep_says_which_members_continued_from_which_epoch(
         clean_env, tmp_path, monkeypatch, own_signal_handlers):
     """It printed '4 jobs, 4 kept' and recorded {"jobs": []}, though all four were continued."""

@@ -38,15 +38,6 @@ def results(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in read_jsonl(run / "metrics.jsonl")]
 
 
-@pytest.fixture
-def own_signal_handlers():
-    """An interrupted engine leaves exit-at-once handlers for a second signal; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 # --------------------------------------------------------------------------- interrupt and resume
 
 
