@@ -45,12 +45,9 @@ def rate_colors(rates: list[Any]) -> dict[str, str]:
     from matplotlib.colors import to_hex
 
     from dropstudy.plots import COLORS
+    from dropstudy.report import value_text
 
     return {value_text(rate): to_hex(COLORS[i % len(COLORS)]) for i, rate in enumerate(rates)}
-
-
-def value_text(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 # --------------------------------------------------------------------------- the specification
@@ -111,6 +108,8 @@ def _sections(classification: bool, figure_keys: list[str]) -> list[dict[str, An
 
 def view_spec(directory: Path) -> dict[str, Any]:
     """What the view (and, for a reported directory, the report) shows, from the directory alone."""
+    from dropstudy.report import value_text
+
     directory = Path(directory)
     kind = _kind_of(directory)
     runs = _runs(directory)

@@ -25,7 +25,7 @@ from markupsafe import Markup
 
 from dropstudy import plots
 from dropstudy.report import (ExperimentTable, Report, Run, add_comparisons, build_tables, caption,
-                              cells, find_runs, header, table_rows)
+                              cells, find_runs, header, seed_values, table_rows)
 from dropstudy.rundir import RunDir, RunDirError
 
 PAGE = "report.html"
@@ -82,12 +82,10 @@ def figure_of(name: str, svg_path: Path) -> Figure:
 
 def _mean_curve(per_run: list[list[dict]], metric: str, label: str, style: str) -> plots.SeedStats | None:
     """`metric` over the runs at the epochs every run logged it (plots draws its centre and 95% band)."""
-    series = [{row["epoch"]: row[metric] for row in rows if "epoch" in row and isinstance(row.get(metric), (int, float))}
-              for rows in per_run]
-    epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    epochs, samples = seed_values(per_run, metric)
     if not epochs:
         return None
-    return plots.SeedStats(label, epochs, [[s[e] for s in series] for e in epochs], style,
+    return plots.SeedStats(label, epochs, samples, style,
                            plots.COLORS[[c[0] for c in ARM_CURVES].index(metric.split("/")[0])])
 
 

@@ -99,7 +99,7 @@ class SettingRow:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in self.setting.items()) or "all runs"
+        return ", ".join(f"{k.split('.')[-1]}={value_text(v)}" for k, v in self.setting.items()) or "all runs"
 
 
 @dataclass
@@ -131,7 +131,8 @@ class Report:
     baseline: tuple[str, ...] = ()  # the --baseline items it was made with, for the commands it prints
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A config value as tables, labels and W&B group keys print it (lists as JSON)."""
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
@@ -238,7 +239,7 @@ def read_rows(runs: list[Run]) -> list[str]:
 def setting_keys(runs: list[Run]) -> list[str]:
     """Config keys whose value differs between the runs: dropout first, its kind next."""
     keys = set().union(*(r.config.keys() for r in runs))
-    values = {key: {_text(run.config.get(key)) for run in runs} for key in keys}
+    values = {key: {value_text(run.config.get(key)) for run in runs} for key in keys}
     varying = [k for k, v in values.items() if len(v) > 1 and k not in NOT_SETTINGS
                and not k.startswith(NOT_SETTING_PREFIXES)]
     first = [k for k in ("model.dropout", "model.dropout_kind") if k in varying]
@@ -246,14 +247,14 @@ def setting_keys(runs: list[Run]) -> list[str]:
 
 
 def _sort_key(setting: dict[str, Any]) -> tuple:
-    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, _text(v)) for v in setting.values())
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, value_text(v)) for v in setting.values())
 
 
 def experiment_table(experiment: str, runs: list[Run]) -> ExperimentTable:
     keys = setting_keys(runs)
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(json.dumps([_text(run.config.get(k)) for k in keys]), []).append(run)
+        groups.setdefault(json.dumps([value_text(run.config.get(k)) for k in keys]), []).append(run)
     present = [m for m in (*METRICS, BEST_VAL_LOSS, BEST_EPOCH) if any(r.value(m) is not None for r in runs)]
     rows = []
     for members in groups.values():
@@ -305,7 +306,7 @@ def _resolve_key(key: str, keys: Sequence[str]) -> str | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return a == b or _text(a) == _text(b)
+    return a == b or value_text(a) == value_text(b)
 
 
 def _no_dropout(value: Any) -> bool:
@@ -327,9 +328,9 @@ def check_baseline(tables: list[ExperimentTable], pairs: list[tuple[str, Any]]) 
             for t in tables:
                 full = _resolve_key(key, t.setting_keys)
                 if full:
-                    values.setdefault(full, []).extend(_text(r.setting[full]) for r in t.rows)
+                    values.setdefault(full, []).extend(value_text(r.setting[full]) for r in t.rows)
         allowed = "; ".join(f"{k} takes {', '.join(dict.fromkeys(v))}" for k, v in values.items())
-        wanted = " ".join(f"{k}={_text(v)}" for k, v in pairs)
+        wanted = " ".join(f"{k}={value_text(v)}" for k, v in pairs)
         raise ReportError(f"--baseline {wanted} matches no setting: {allowed}.")
 
 
@@ -354,10 +355,10 @@ def better_is_higher(metric: str) -> bool | None:
 
 def compare(row: SettingRow, base: SettingRow, metric: str) -> Comparison | None:
     """`row` against `base` on one metric: by seed when both ran the same seeds once each."""
-    seeds, base_seeds = [_text(r.seed) for r in row.runs], [_text(r.seed) for r in base.runs]
+    seeds, base_seeds = [value_text(r.seed) for r in row.runs], [value_text(r.seed) for r in base.runs]
     if len(set(seeds)) == len(seeds) and len(set(base_seeds)) == len(base_seeds) and set(seeds) == set(base_seeds):
-        by_seed = {_text(r.seed): r.value(metric) for r in base.runs}
-        pairs = [(r.value(metric), by_seed[_text(r.seed)]) for r in row.runs]
+        by_seed = {value_text(r.seed): r.value(metric) for r in base.runs}
+        pairs = [(r.value(metric), by_seed[value_text(r.seed)]) for r in row.runs]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if pairs:
             return paired([a for a, _ in pairs], [b for _, b in pairs], better_is_higher(metric))
@@ -371,7 +372,7 @@ def add_comparisons(table: ExperimentTable, pairs: list[tuple[str, Any]]) -> Non
     that shares the most of its other setting values (with dropout kinds, the same kind)."""
     bases = _baseline_rows(table, pairs)
     if not bases:
-        wanted = " ".join(f"{k}={_text(v)}" for k, v in pairs) if pairs else "no dropout (model.dropout=0)"
+        wanted = " ".join(f"{k}={value_text(v)}" for k, v in pairs) if pairs else "no dropout (model.dropout=0)"
         if len(table.rows) > 1:
             table.notes.append(f"no comparisons: no setting has {wanted}; pick the baseline with --baseline KEY=VALUE")
         return
@@ -393,7 +394,7 @@ def add_comparisons(table: ExperimentTable, pairs: list[tuple[str, Any]]) -> Non
         for attr in ("p_t", "p_wilcoxon"):
             for c, adjusted in zip(family, holm([getattr(c, attr) for c in family])):
                 setattr(c, f"{attr}_holm", adjusted)
-    shared = ", ".join(f"{k.split('.')[-1]}={_text(bases[0].setting[k])}" for k in keys)
+    shared = ", ".join(f"{k.split('.')[-1]}={value_text(bases[0].setting[k])}" for k in keys)
     table.baseline = bases[0].label if len(bases) == 1 else f"{shared}, with the same other settings"
 
 
@@ -447,7 +448,7 @@ def _metric_name(metric: str) -> str:
 
 def _cells(table: ExperimentTable, metric: str, row: SettingRow) -> list[Cell]:
     s = row.metrics[metric]
-    out = [[_metric_name(metric)], *([_text(row.setting[k])] for k in table.setting_keys), [str(s.n)],
+    out = [[_metric_name(metric)], *([value_text(row.setting[k])] for k in table.setting_keys), [str(s.n)],
            _mean_std(s), _interval(s.low, s.high)]
     if table.baseline is None:
         return out
@@ -617,7 +618,7 @@ def write_csv(tables: list[ExperimentTable], path: Path) -> None:
         for table in tables:
             for metric, row in table_rows(table):
                 s = row.metrics[metric]
-                line = [table.experiment, *(_text(row.setting[k]) if k in row.setting else "" for k in setting_cols),
+                line = [table.experiment, *(value_text(row.setting[k]) if k in row.setting else "" for k in setting_cols),
                         metric, s.n, *(number(v) for v in (s.mean, s.std, s.low, s.high))]
                 c = row.comparisons.get(metric)
                 if row.is_baseline:
@@ -677,7 +678,7 @@ def figure_vs_dropout(table: ExperimentTable, out: Path) -> Path:
     others = [k for k in table.setting_keys if k != DROPOUT] if numeric else []
     groups: dict[str, list[SettingRow]] = {}
     for row in table.rows:
-        groups.setdefault(", ".join(f"{k.split('.')[-1]}={_text(row.setting[k])}" for k in others), []).append(row)
+        groups.setdefault(", ".join(f"{k.split('.')[-1]}={value_text(row.setting[k])}" for k in others), []).append(row)
     loss_label, acc_label = _units(table)
     panels: dict[str, list[plots.SeedStats]] = {}
     for metric in (m for m in table.metric_keys if m in METRICS and not m.startswith("gap/")):
@@ -696,6 +697,14 @@ def figure_vs_dropout(table: ExperimentTable, out: Path) -> Path:
                                    xticks=ticks)
 
 
+def seed_values(per_run: Sequence[Sequence[dict]], metric: str) -> tuple[list[int], list[list[float]]]:
+    """`metric` at the epochs every run logged it: those epochs, and at each its values over the runs."""
+    series = [{row["epoch"]: row[metric] for row in rows if isinstance(row.get(metric), (int, float))}
+              for rows in per_run]
+    epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    return epochs, [[s[e] for s in series] for e in epochs]
+
+
 def figure_learning_curves(table: ExperimentTable, out: Path) -> Path:
     """Per setting, the centre over seeds of each curve with its 95% band, at the epochs every
     seed logged: training (dropout on, and in eval mode where logged) and validation loss in one
@@ -705,15 +714,13 @@ def figure_learning_curves(table: ExperimentTable, out: Path) -> Path:
     for color, row in zip(plots.COLORS * 4, table.rows):
         per_run = [r.rows() for r in row.runs]
         for metric in CURVE_METRICS:
-            series = [{x["epoch"]: x[metric] for x in rows if metric in x and isinstance(x[metric], (int, float))}
-                      for rows in per_run]
-            epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            epochs, samples = seed_values(per_run, metric)
             if not epochs:
                 continue
             split = metric.split("/")[0]
             lines.append((metric, plots.SeedStats(
                 f"{row.label}, {SPLIT_NAMES[split]}", epochs,
-                [_figure_values(metric, [s[e] for s in series]) for e in epochs], SPLIT_STYLES[split], color)))
+                [_figure_values(metric, values) for values in samples], SPLIT_STYLES[split], color)))
 
     def values(metrics: Sequence[str]) -> list[float]:
         return [v for m, line in lines if m in metrics for vs in line.samples for v in vs]
