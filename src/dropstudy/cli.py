@@ -268,7 +268,7 @@ def train(
         return show_config(overrides)
     config, run_dir = checked_config(overrides)
     warm_up_wandb(config)
-    from dropstudy.runner import train_run
+    from dropstudy.execute import train_run
 
     with claimed(run_dir, ELSEWHERE_RUN):
         result = handle_run_errors(lambda: run_hydra_task("train", overrides, run_dir, train_run))
@@ -405,8 +405,8 @@ def sweep(
 
         dropstudy sweep hydra/sweeper=optuna 'model.dropout=interval(0,0.8)' hydra.sweeper.n_trials=20
     """
-    from dropstudy.sweep import (SweepJob, collect_outcomes, launch_multirun, plan_sweep, train_vectorized,
-                                 vectorized_reason, write_sweep_json)
+    from dropstudy.sweep import (SweepJob, batch_reason, collect_outcomes, launch_multirun, plan_sweep, train_batches,
+                                 write_sweep_json)
 
     overrides = list(overrides or [])
     check_override_syntax(overrides, "sweep")
@@ -422,10 +422,11 @@ def sweep(
         if key not in seen_data:
             seen_data.add(key)
             check_runnable(job.cfg)
-    vectorized, reason = vectorized_reason(plan)
+    reason = batch_reason(plan)
+    batched = reason is None
     if reason and plan.jobs[0].cfg.sweep.vectorize and plan.launcher == "basic":
         stderr.print(f"sweep.vectorize: one job per member ({reason})", highlight=False)
-    mode = "vectorized" if vectorized else plan.launcher
+    mode = "batched" if batched else plan.launcher
     if dry_run:
         typer.echo(f"sweep dir: {plan.sweep_dir}  launcher: {mode}  W&B group: {plan.group}")
         if plan.search:
@@ -442,19 +443,19 @@ def sweep(
         interrupted, exit_interrupted = False, EXIT_INTERRUPTED
         io_error: OSError | None = None  # a write that stopped the batched sweep (disk full)
         try:
-            if vectorized:
+            if batched:
                 from dropstudy.console import setup_logging
 
                 setup_logging(plan.sweep_dir / "sweep.log")
                 try:
-                    stopped = [r for r in train_vectorized(plan, vectorized) if r.status == "interrupted"]
+                    stopped = [r for r in train_batches(plan) if r.status == "interrupted"]
                     if stopped:  # the engine checkpointed every member and said so in its summary
                         interrupted, exit_interrupted = True, stopped[0].exit_code
                 except Exception as exc:  # the table below says which members got how far
                     io_error = os_error_in(exc)
                     if io_error is None:
                         logging.getLogger("dropstudy").exception(
-                            f"vectorized sweep failed: {type(exc).__name__}: {exc}")
+                            f"batched sweep failed: {type(exc).__name__}: {exc}")
             else:
                 launch_multirun(plan, SweepJob(plan.group, plan.search and plan.search.objective))
         except KeyboardInterrupt as exc:
@@ -478,7 +479,7 @@ def sweep(
                    f"  ({plan.sweep_dir / 'best.json'})")
     bad = [o for o in outcomes if not o.ok]
     if interrupted:
-        what = "every member from its last checkpoint" if vectorized else "what was interrupted"
+        what = "every member from its last checkpoint" if batched else "what was interrupted"
         typer.echo(f"to continue {what}: {shell_command('dropstudy', 'resume', plan.sweep_dir)}")
         raise fail(f"interrupted: {len(outcomes) - len(bad)} of {len(outcomes)} jobs finished; the table "
                    "says which ran.", exit_interrupted)
@@ -592,17 +593,16 @@ class ResumeLog:
 
 def resume_run_dir(run_dir: Path) -> None:
     from dropstudy.rundir import RunDir, RunDirError
-    from dropstudy.runner import train_run
-
-    from dropstudy.vectorized import batched_member_of
+    from dropstudy.execute import train_run
+    from dropstudy.sweep_batches import sweep_of_member
 
     try:
-        sweep_dir = batched_member_of(run_dir)
+        sweep_dir = sweep_of_member(run_dir)
     except RunDirError as exc:
         raise fail(str(exc))
     if sweep_dir is not None:
-        raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together (their dropout "
-                   f"masks come from one generator); resume the sweep: {shell_command('dropstudy', 'resume', sweep_dir)}")
+        raise fail(f"{run_dir} is a member of a batched sweep, whose members continue together; "
+                   f"resume the sweep: {shell_command('dropstudy', 'resume', sweep_dir)}")
     cfg, saved_overrides = load_saved_run(run_dir)
     with claimed(run_dir, ELSEWHERE_RUN, new=False):
         run = RunDir.existing(run_dir)
@@ -697,10 +697,10 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     from datetime import datetime, timezone
 
     from dropstudy.rundir import RunDirError
-    from dropstudy.vectorized import batched_chunks
+    from dropstudy.sweep_batches import sweep_batches
 
     try:
-        chunks = batched_chunks(sweep_dir)
+        chunks = sweep_batches(sweep_dir)
     except RunDirError as exc:
         raise fail(str(exc))
     # The batched chunks first, then the jobs no chunk reached, below; `continued`: run dir -> epoch.
@@ -760,19 +760,18 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
 
 
 def resume_batched_chunks(sweep_dir: Path) -> dict[Path, int]:
-    """The batched part of `dropstudy resume SWEEP_DIR`: chunks of a batched sweep that were
-    interrupted continue as the ensembles they were (their dropout masks come from one shared
-    generator, saved with every member's checkpoint). Exits when they are interrupted again;
-    returns the epoch each member continued from, by its resolved run dir."""
+    """The batched part of `dropstudy resume SWEEP_DIR`: batches of a sweep that were interrupted
+    continue as the batches they were. Exits when they are interrupted again; returns the epoch
+    each member continued from, by its resolved run dir."""
     from dropstudy.rundir import RunDirError
     from dropstudy.rundir import read_status
-    from dropstudy.vectorized import batched_chunks, resume_sweep
+    from dropstudy.sweep_batches import resume_sweep, sweep_batches
 
-    chunks = batched_chunks(sweep_dir)
+    chunks = sweep_batches(sweep_dir)
     if all(read_status(d)[0] in ("finished", "diverged") for chunk in chunks for d in chunk):
         return {}
     check_runnable(load_saved_run(chunks[0][0])[0])
-    stderr.print(f"continuing {len(chunks)} batched chunk(s) of {sweep_dir} as ensembles", highlight=False)
+    stderr.print(f"continuing {len(chunks)} batch(es) of {sweep_dir}", highlight=False)
     with claimed(sweep_dir, ELSEWHERE_SWEEP, new=False):
         resume_log = handle_run_errors(lambda: ResumeLog(sweep_dir))
         try:
@@ -837,7 +836,7 @@ def rerun(
     check_original(run_dir)
     new_dir = out or Path("runs") / cfg.experiment / f"{datetime.now():%Y-%m-%d_%H-%M-%S}-rerun-{process_uid()}"
     with claimed(new_dir, ELSEWHERE_OUT):
-        from dropstudy.runner import train_run
+        from dropstudy.execute import train_run
 
         setup_logging(new_dir / "rerun.log")
         RunDir(new_dir).write_config(cfg, [*saved_overrides, *overrides])

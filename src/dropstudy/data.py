@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -34,17 +34,44 @@ CACHE_VERSION = 2
 
 @dataclass
 class Split:
+    """Examples of one split. `inputs`/`targets` hold them, or, with `index`, hold a larger set
+    (one copy of a dataset's images shared by splits drawn with different data.seed) of which
+    the split is the rows `index`: batches gather those rows, nothing else is copied."""
+
     inputs: torch.Tensor  # regression: float [N, 1]; CIFAR-10: uint8 [N, 3, 32, 32]
     targets: torch.Tensor  # regression: float [N, 1]; CIFAR-10: int64 [N]
+    index: torch.Tensor | None = None  # rows of inputs/targets that make the split (None: all)
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.targets) if self.index is None else len(self.index)
+
+    @property
+    def device(self) -> torch.device:
+        return self.targets.device
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's examples at positions `rows` (a gather, on the device)."""
+        if self.index is not None:
+            rows = self.index[rows]
+        return self.inputs[rows], self.targets[rows]
+
+    def slice(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Examples start..stop-1 in order: views without an index, a gather with one."""
+        if self.index is None:
+            return self.inputs[start:stop], self.targets[start:stop]
+        return self.take(torch.arange(start, min(stop, len(self)), device=self.index.device))
+
+    def own(self) -> "Split":
+        """The split as a tensor pair of its own (copied out when it is rows of a shared set)."""
+        return self if self.index is None else Split(*self.take(torch.arange(len(self), device=self.index.device)))
 
     def to(self, device: torch.device) -> "Split":
+        index = None if self.index is None else self.index.to(device)
         if device.type == "cuda":
             # The one host-to-device copy of a run: from pinned memory, without staging.
-            return Split(*(t.pin_memory().to(device, non_blocking=True) for t in (self.inputs, self.targets)))
-        return Split(self.inputs.to(device), self.targets.to(device))
+            return Split(*(t.pin_memory().to(device, non_blocking=True) for t in (self.inputs, self.targets)),
+                         index=index)
+        return Split(self.inputs.to(device), self.targets.to(device), index=index)
 
 
 @dataclass
@@ -81,7 +108,7 @@ class Dataset:
             return self.sha256
         digest = hashlib.sha256()
         for split in (self.train, self.val, self.test):
-            for tensor in (split.inputs, split.targets):
+            for tensor in split.slice(0, len(split)):
                 digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -95,10 +122,17 @@ class Dataset:
         values are bit-identical to preparing each batch; float32 takes 4x the memory of uint8."""
         sha256 = self.fingerprint()
         blank = self.prepare(torch.zeros((1, self.train.inputs.shape[1], 1, 1), dtype=self.train.inputs.dtype,
-                                         device=self.train.inputs.device)).view(-1)
-        splits = [Split(self.prepare(s.inputs), s.targets) for s in (self.train, self.val, self.test)]
-        train_eval = splits[0] if self.train_eval is self.train else Split(self.prepare(self.train_eval.inputs),
-                                                                         self.train_eval.targets)
+                                         device=self.train.device)).view(-1)
+        # Splits that are rows of one shared set stay so: that set is prepared once, for all of them.
+        prepared: dict[int, torch.Tensor] = {}
+
+        def normalised(split: Split) -> Split:
+            if id(split.inputs) not in prepared:
+                prepared[id(split.inputs)] = self.prepare(split.inputs)
+            return Split(prepared[id(split.inputs)], split.targets, index=split.index)
+
+        splits = [normalised(s) for s in (self.train, self.val, self.test)]
+        train_eval = splits[0] if self.train_eval is self.train else normalised(self.train_eval)
         return Dataset(self.task, *splits, source=self.source, synthetic=self.synthetic, classes=self.classes,
                        augment=self.augment, blank=blank, sha256=sha256, train_eval=train_eval)
 
@@ -131,7 +165,7 @@ def batches(split: Split, batch_size: int | None) -> Iterator[tuple[torch.Tensor
     n = len(split)
     step = n if batch_size is None else batch_size
     for start in range(0, n, max(step, 1)):
-        yield split.inputs[start : start + step], split.targets[start : start + step]
+        yield split.slice(start, start + step)
 
 
 def device_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -161,21 +195,18 @@ class TrainBatches:
         self.split = split
         self.batch_size = batch_size
         self.blank = blank
-        device = split.targets.device
+        device = split.device
         self.shuffle = device_generator(device, seed)
         self.crops = device_generator(device, seed + AUGMENT_SEED_OFFSET) if augment else None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         split, n = self.split, len(self.split)
         if self.batch_size is None or self.batch_size >= n:
-            batches_ = [(split.inputs, split.targets)]
+            batches_ = [split.slice(0, n)]
         else:
             order = torch.randperm(n, generator=self.shuffle, device=self.shuffle.device)
-            order = order.to(split.targets.device)
-            batches_ = (
-                (split.inputs[idx], split.targets[idx])
-                for idx in order.split(self.batch_size)
-            )
+            order = order.to(split.device)
+            batches_ = (split.take(idx) for idx in order.split(self.batch_size))
         for xb, yb in batches_:
             yield (augment_images(xb, self.crops, blank=self.blank) if self.crops is not None else xb), yb
 
@@ -476,19 +507,30 @@ def eval_subset(train_labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return stratified_subset(order, train_labels[order], n).sort().values
 
 
-def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:
+def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print,
+                 shared: dict[Any, Any] | None = None) -> Dataset:
     """Train/val/test CIFAR-10 on `device`. The validation images are drawn from the training
     set with data.seed; data.subset then draws a class-stratified random sample of the remaining
-    training images with the same seed, so the order of the files on disk never matters."""
+    training images with the same seed, so the order of the files on disk never matters.
+
+    The splits are rows (`Split.index`) of one copy of the images on the device; `shared` (one
+    dict per batch of members) keeps that copy, so members that differ in data.seed share it."""
     root = Path(os.path.expanduser(str(cfg.root)))
+    shared = {} if shared is None else shared
     if cfg.synthetic:
         n_train = 50_000 if cfg.subset is None else max(int(cfg.subset) + int(cfg.val_size), 2)
-        tensors = synthetic_cifar10(n_train, 10_000 if cfg.subset is None else max(cfg.subset // 5, 100), cfg.seed)
-        source = "SYNTHETIC CIFAR-shaped random data (not CIFAR-10)"
+        n_test = 10_000 if cfg.subset is None else max(cfg.subset // 5, 100)
+        key: tuple[Any, ...] = ("synthetic", n_train, n_test, int(cfg.seed), str(device))
+        if key not in shared:
+            shared[key] = _ImageSet(synthetic_cifar10(n_train, n_test, cfg.seed),
+                                    "SYNTHETIC CIFAR-shaped random data (not CIFAR-10)", device)
     else:
-        tensors, source = read_cifar10(root, cfg.download, cfg.verify, log, bool(cfg.get("cache_hash", False)))
-
-    images, labels = tensors["train_images"], tensors["train_labels"]
+        key = ("files", str(root), bool(cfg.verify), bool(cfg.get("cache_hash", False)), str(device))
+        if key not in shared:
+            shared[key] = _ImageSet(*read_cifar10(root, cfg.download, cfg.verify, log, bool(cfg.get("cache_hash", False))),
+                                    device)
+    images: _ImageSet = shared[key]
+    labels = images.host["train_labels"]
     n = len(labels)
     if cfg.val_size >= n:
         raise DataError(
@@ -500,37 +542,61 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
     if cfg.subset is not None:
         train_idx = stratified_subset(train_idx, labels[train_idx], int(cfg.subset))
     train_idx = train_idx.sort().values  # in file order: the batches are shuffled anyway
-    train = Split(images[train_idx], labels[train_idx]).to(device)
-    val = Split(images[val_idx], labels[val_idx]).to(device)
-    test = Split(tensors["test_images"], tensors["test_labels"]).to(device)
     eval_idx = eval_subset(labels[train_idx], len(val_idx), int(cfg.seed))
-    train_eval = train if len(eval_idx) == len(train_idx) else Split(train.inputs[eval_idx.to(device)],
-                                                                     train.targets[eval_idx.to(device)])
-    data = Dataset(
-        "classification",
-        train,
-        val,
-        test,
-        source=source,
-        synthetic=bool(cfg.synthetic),
-        classes=CIFAR10_CLASSES,
-        prepare=_normalizer(device),
-        augment=bool(cfg.get("augment", False)),
-        train_eval=train_eval,
-    )
+    eval_rows = train_idx if len(eval_idx) == len(train_idx) else train_idx[eval_idx]
+
+    def rows(name: str, index: torch.Tensor | None = None, host: bool = False) -> Split:
+        where = images.host if host else images.device
+        return Split(where[f"{name}_images"], where[f"{name}_labels"],
+                     index=None if index is None else index if host else index.to(device))
+
+    def dataset(host: bool) -> Dataset:
+        train = rows("train", train_idx, host)
+        return Dataset("classification", train, rows("train", val_idx, host), rows("test", host=host), source=images.source,
+                       synthetic=bool(cfg.synthetic), classes=CIFAR10_CLASSES,
+                       prepare=_normalizer(device) if host or device.type == "cpu" else (lambda x: x),
+                       augment=bool(cfg.get("augment", False)), blank=None if host else images.blank,
+                       train_eval=train if eval_rows is train_idx else rows("train", eval_rows, host))
+
+    # The fingerprint is of the images as loaded (uint8), whatever the device keeps.
+    data = dataset(host=False)
+    data.sha256 = dataset(host=True).fingerprint()
     log(data.describe_class_counts())
-    # On an accelerator the splits are normalised once (float32: 737 MB of device memory for
-    # CIFAR-10's 60,000 images instead of 184 MB of uint8), which takes the normalisation out of
-    # every step; a CPU run keeps uint8, since its RSS would grow by 550 MB to save 0.05 ms a step.
-    return data if device.type == "cpu" else data.normalised_once()
+    return data
 
 
-def load_dataset(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print) -> Dataset:
+class _ImageSet:
+    """The decoded images and labels once per batch of members: on the host (uint8, what splits
+    are drawn from and fingerprinted) and on the device. On an accelerator the device copy is
+    normalised once (float32: 4x the memory of uint8), which takes the normalisation out of every
+    step; a CPU run keeps uint8, since its RSS would grow by 550 MB to save 0.05 ms a step."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str, device: torch.device):
+        self.host, self.source = tensors, source
+        self.device = {name: _to(t, device) for name, t in tensors.items()}
+        self.blank = None
+        if device.type != "cpu":
+            prepare = _normalizer(device)
+            for name in ("train_images", "test_images"):
+                self.device[name] = prepare(self.device[name])
+            self.blank = prepare(torch.zeros((1, tensors["train_images"].shape[1], 1, 1), dtype=torch.uint8,
+                                             device=device)).view(-1)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)  # without staging
+    return tensor.to(device)
+
+
+def load_dataset(cfg: DictConfig, device: torch.device, log: Callable[[str], None] = print,
+                 shared: dict[Any, Any] | None = None) -> Dataset:
+    """The dataset `data.*` describes, on `device`; `shared` as load_cifar10 takes it."""
     if cfg.name == "regression":
         data = make_regression(cfg)
         return Dataset(
             data.task, data.train.to(device), data.val.to(device), data.test.to(device), source=data.source
         )
     if cfg.name == "cifar10":
-        return load_cifar10(cfg, device, log)
+        return load_cifar10(cfg, device, log, shared)
     raise DataError(f"data.name={cfg.name!r}: use regression or cifar10.")

@@ -156,13 +156,27 @@ def apply_dropout(
     like = x[..., :1, :1] if kind == "spatial" else x
     # Without a generator the draws are `*_like` ones from the global generator, which vmap
     # (randomness="different") batches: one independent draw per member there too.
+    draw = torch.randn_like if kind == "gaussian" else torch.rand_like
+    if generator is None:
+        noise = draw(like)
+    else:
+        noise = (torch.randn if kind == "gaussian" else torch.rand)(like.shape, generator=generator, device=x.device,
+                                                                      dtype=x.dtype)
+    return apply_noise(kind, x, p, noise)
+
+
+def noise_is_normal(kind: str) -> bool:
+    """Whether `apply_noise` takes standard normal draws (gaussian) rather than uniform ones."""
+    return kind == "gaussian"
+
+
+def apply_noise(kind: str, x: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Training-mode dropout of `kind` with tensor p from noise drawn beforehand (uniform on [0, 1),
+    or standard normal for gaussian, shaped like x or broadcastable to it): a unit is kept where
+    u >= p, with probability 1-p, as torch's Bernoulli(1-p) mask keeps it."""
     if kind == "gaussian":
-        noise = torch.randn_like(like) if generator is None else torch.randn(
-            like.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x * (1.0 + torch.sqrt(p / (1.0 - p)) * noise)
-    uniform = torch.rand_like(like) if generator is None else torch.rand(
-        like.shape, generator=generator, device=x.device, dtype=x.dtype)
-    keep = uniform >= p
+    keep = noise >= p
     return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
 
 

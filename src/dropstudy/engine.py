@@ -1,6 +1,6 @@
-"""The one lifecycle of every training run, and of every member of an ensemble.
+"""The one lifecycle of every training run, and of every member of a batch.
 
-`Engine` drives a backend (backends.py) epoch by epoch: dropout schedule, one training pass,
+`Engine` drives the backend (backend.py) epoch by epoch: dropout schedule, one training pass,
 evaluation every `trainer.eval_every` epochs (validation, and the training data in eval mode for
 the gap, `gap_metrics`), histograms every `tracker.log_freq` steps, a metrics row every `trainer.log_every` (to
 metrics.jsonl first, then the tracker, the row's index as its W&B step), checkpoints every
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dropstudy.backends import Backend, snapshot
+from dropstudy.backend import Backend
 from dropstudy.console import TrainingProgress
 from dropstudy.rundir import RunDir
 from dropstudy.runtime import InterruptGate, Interrupted, signals_interrupt_training
@@ -87,7 +87,7 @@ class Engine:
 
     # -- state ------------------------------------------------------------------------------
     def _mark_boundary(self, epoch: int) -> None:
-        self.boundary = snapshot(self.backend)
+        self.boundary = self.backend.snapshot()
         self.boundary_epoch = epoch
 
     def resume(self, states: list[dict[str, Any] | None]) -> None:
@@ -103,8 +103,8 @@ class Engine:
                 run.active = False
                 continue
             self.backend.load_member_state(i, state)
-            if "ensemble" in state:
-                self.backend.load_shared_state(state["ensemble"]["shared"])
+            if "batch" in state:
+                self.backend.load_shared_state(state["batch"]["shared"])
             run.outcome.rows[:] = [r for r in run.rd.read_metrics()
                                    if r["epoch"] <= epoch and not any(k.startswith("test/") for k in r)]
             run.rd.rewrite_metrics(run.rows)
@@ -123,9 +123,9 @@ class Engine:
                  "config": run.config}
         shared = self.boundary.shared_state()
         if shared:
-            # What the members share (the masks' generator) travels with every member, so any
-            # one checkpoint of the ensemble is enough to continue it exactly.
-            state["ensemble"] = {"index": i, "members": self.backend.members, "shared": shared}
+            # What the members share (vmap's mask stream) travels with every member, so any
+            # one checkpoint of the batch is enough to continue it exactly.
+            state["batch"] = {"index": i, "members": self.backend.members, "shared": shared}
         run.rd.save_checkpoint(state)
         self.checkpointed[i] = self.boundary_epoch
         self.timings["checkpoint"] += time.perf_counter() - start

@@ -744,7 +744,7 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     from dropstudy.rundir import RunDirError
     from dropstudy.data import load_dataset
     from dropstudy.models import build_model
-    from dropstudy.runner import _points, regression_fit_curve
+    from dropstudy.execute import regression_fit_curve, split_points
     from dropstudy.runtime import seed_everything
 
     shared = set.intersection(*({str(r.seed) for r in row.runs} for row in table.rows))
@@ -766,7 +766,7 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
         fits.append(regression_fit_curve(model, run_data, f"{row.label}, seed {cfg.seed}"))
     if not fits:
         return None
-    return plots.regression_fit(_points(data.train), _points(data.test), fits,
+    return plots.regression_fit(split_points(data.train), split_points(data.test), fits,
                                 out / f"{table.experiment}_fit.png", f"{table.experiment}: fit", column=True)
 
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dropstudy.backend import why_not
+from dropstudy.execute import Batch, batch_record, train_members
+from dropstudy.execute import Member as ExecMember
+
 # Wall-clock measurements differ between any two runs; they are not results.
 NOT_RESULTS = ("perf/",)
 
@@ -82,13 +86,15 @@ def compare_metrics(original: list[dict], rerun: list[dict], rtol: float, atol: 
 def environment_differences(original: dict, rerun: dict) -> list[str]:
     """What differs between the two runs' provenance that can change results."""
     out = []
-    batch_a, batch_b = original.get("vectorized") or {}, rerun.get("vectorized") or {}
+    batch_a, batch_b = batch_record(original) or {}, batch_record(rerun) or {}
     members = int(batch_a.get("members", 1))
-    if members > 1 and (batch_b.get("members"), batch_b.get("index")) != (members, batch_a.get("index")):
-        # The members of an ensemble draw their dropout masks from one generator they share.
-        out.append(f"batched: the original trained as member {batch_a.get('index')} of a batched ensemble of "
-                   f"{members}, whose members draw their dropout masks from one shared generator; alone, a run "
-                   "draws its own (rerun the sweep directory, which trains the ensemble again, to reproduce it)")
+    # Members whose masks came from one stream they shared (vmap's, or any batch of an earlier
+    # version, recorded as `vectorized`) are reproduced only by their batch; the others alone too.
+    shared = "vectorized" in original or batch_a.get("shared_stream", False)
+    if members > 1 and shared and (batch_b.get("members"), batch_b.get("index")) != (members, batch_a.get("index")):
+        out.append(f"batched: the original trained as member {batch_a.get('index')} of a batch of "
+                   f"{members}, whose members drew their dropout masks from one shared stream; alone, a run "
+                   "draws its own (rerun the sweep directory, which trains the batch again, to reproduce it)")
     versions_a, versions_b = original.get("versions", {}), rerun.get("versions", {})
     for name in sorted(set(versions_a) | set(versions_b)):
         if versions_a.get(name) != versions_b.get(name):
@@ -112,8 +118,8 @@ def likely_cause(comparison: Comparison, overrides: list[str], env: list[str], d
     if overrides:
         return f"the overrides given to rerun ({' '.join(overrides)})"
     for needle, cause in (
-        ("batched:", "the original was a member of a batched ensemble (its dropout masks came from the "
-                     "ensemble's shared generator); rerun the sweep directory to reproduce it"),
+        ("batched:", "the original was a member of a batch whose dropout masks came from one shared "
+                     "stream; rerun the sweep directory to reproduce it"),
         ("the data differs", "the data changed"),
         ("code:", "the code changed between the runs"),
         ("uncommitted", "uncommitted changes to the code"),
@@ -263,10 +269,10 @@ def _batch_of(member: Member) -> tuple | None:
     None when it trained on its own."""
     from dropstudy.rundir import RunDir
 
-    vec = RunDir(member.original).read_provenance().get("vectorized") if (member.original / "provenance.json").is_file() else None
+    vec = batch_record(RunDir(member.original).read_provenance()) if (member.original / "provenance.json").is_file() else None
     if not isinstance(vec, dict) or "run_dirs" not in vec:
         return None
-    return vec.get("chunk", 0), tuple(vec["run_dirs"])
+    return vec.get("number", vec.get("chunk", 0)), tuple(vec["run_dirs"])
 
 
 def rerun_members(
@@ -277,9 +283,9 @@ def rerun_members(
     original, and keep `new_dir/rerun.json` up to date after each (so a crash still leaves the
     verdicts so far). A member that trained alone trains alone again, exactly as `dropstudy
     rerun RUN_DIR` trains one run; the members of a batched sweep chunk train together again as
-    one ensemble, as their dropout masks came from one generator. Stops after an interruption."""
+    one batch. Stops after an interruption."""
     from dropstudy.rundir import RunDir, write_json_atomic
-    from dropstudy.runner import train_run
+    from dropstudy.execute import train_run
 
     out = DirectoryRerun(original, new_dir, skipped=[m for m in members if m.cfg is None])
     todo = [m for m in members if m.cfg is not None]
@@ -319,15 +325,13 @@ def rerun_members(
 
 
 def train_batch(group: list[Member], new_dir: Path, batch: tuple) -> list | None:
-    """The members of one batched chunk trained again as one ensemble (in the original's member
+    """The members of one batch trained again as one batch (in the original's member
     order); None when the rerun's overrides made them unbatchable, so they train one by one."""
-    from dropstudy import vectorized
     from dropstudy.rundir import RunDir
 
-    if len(group) < 2 or vectorized.why_not_vectorizable([m.cfg for m in group]) is not None:
+    if len(group) < 2 or why_not([m.cfg for m in group]) is not None:
         return None
     before = RunDir(group[0].original)
     wandb = before.read_summary().get("wandb", {}) if before.summary_path.is_file() else {}
-    members = [vectorized.Member(cfg=m.cfg, run_dir=new_dir / m.name, overrides=m.overrides) for m in group]
-    return vectorized.train_members(members, group=wandb.get("group"), extra_tags=("rerun",),
-                                    chunk=(batch[0], new_dir))
+    members = [ExecMember(cfg=m.cfg, run_dir=new_dir / m.name, overrides=m.overrides) for m in group]
+    return train_members(members, Batch(group=wandb.get("group"), extra_tags=("rerun",), sweep=(batch[0], new_dir)))

@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dropstudy.config import ConfigError, validate, validate_study
-from dropstudy.runner import (ArmRecord, RunResult, conclude_study, json_or_empty, regression_fit_curve,
-                              study_arms, study_group, train_run)
+from dropstudy.execute import RunResult, regression_fit_curve, train_run
+from dropstudy.runner import ArmRecord, conclude_study, json_or_empty, study_arms, study_group
 from dropstudy.rundir import RunDir, RunDirError, computation_differences, read_status
 from dropstudy.sweep import SweepPlan, plan_sweep, sweep_dir_override
 
@@ -286,13 +286,13 @@ def plan_sweep_resume(sweep_dir: Path) -> SweepResume:
                           "(the configs changed?), so the sweep cannot be resumed.")
     plan.group = record.get("group") or plan.group
     mode = record.get("mode", plan.launcher)
-    no_checkpoint = ("the batched sweep wrote no checkpoint" if mode == "vectorized"
+    no_checkpoint = ("the batched sweep wrote no checkpoint" if mode in ("batched", "vectorized")
                      else "it stopped before its first checkpoint")
     varying = set(plan.varying)
     steps = []
     for job in plan.jobs:
         setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
-        name = f"member {job.num} ({setting})" if mode == "vectorized" else f"#{job.num} ({setting})"
+        name = f"member {job.num} ({setting})" if mode in ("batched", "vectorized") else f"#{job.num} ({setting})"
         if (job.run_dir / ".hydra" / "overrides.yaml").is_file() and saved_overrides(job.run_dir) != job.overrides:
             raise ResumeError(f"{job.run_dir / '.hydra' / 'overrides.yaml'}: not the overrides the sweep plans "
                               f"for job {job.num} ({job.label}), so the sweep cannot be resumed.")

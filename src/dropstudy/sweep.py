@@ -11,9 +11,9 @@ started again in a run dir it wrote before (SLURM requeued it, `dropstudy.slurm`
 continues that run from its checkpoint. The table is built from each job's summary.json, the
 source of truth whichever process wrote it.
 
-With `sweep.vectorize` on, a grid that `dropstudy.vectorized` can train as one batched model
-is trained that way instead, into the same run directories, in chunks of at most
-`sweep.max_members` members (`train_vectorized`).
+With `sweep.vectorize` on, a grid whose members can train together (`backend.why_not`) is
+trained in this process instead, into the same run directories, in batches of at most
+`sweep.max_members` members (`train_batches`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ import logging
 import os
 import signal
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dropstudy.backend import why_not
 from dropstudy.config import ConfigError, conf_dir, explain_composition_error, hydra_value, validate
+from dropstudy.execute import Batch, Member, train_members
+from dropstudy.rundir import RunDir, claim_run_dir
 
 if TYPE_CHECKING:
     from dropstudy.search import SearchSpec
@@ -292,7 +295,7 @@ class SweepJob:
 
     def train(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         from dropstudy.rundir import claim_run_dir, read_status
-        from dropstudy.runner import train_run
+        from dropstudy.execute import train_run
 
         if SweepJob.stopped_by is not None:
             from dropstudy.rundir import RunDir
@@ -462,43 +465,37 @@ def signals_reach_workers() -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
-def vectorized_reason(plan: SweepPlan) -> tuple[Any, str | None]:
-    """The vectorized module when it can train this plan as one batched model, else why not."""
+def batch_reason(plan: SweepPlan) -> str | None:
+    """None when this plan's jobs train as batches of members in this process (the one backend),
+    else why not."""
     if not plan.jobs[0].cfg.sweep.vectorize:
-        return None, "sweep.vectorize=false"
+        return "sweep.vectorize=false"
     if plan.search is not None:
-        return None, f"hydra/sweeper={plan.search.sweeper} picks each trial after the ones before"
+        return f"hydra/sweeper={plan.search.sweeper} picks each trial after the ones before"
     if plan.launcher != "basic":
-        return None, f"hydra/launcher={plan.launcher} runs one job per member"
-    from dropstudy import vectorized
-
-    reason = vectorized.why_not_vectorizable([job.cfg for job in plan.jobs])
-    return (vectorized, None) if reason is None else (None, reason)
+        return f"hydra/launcher={plan.launcher} runs one job per member"
+    return why_not([job.cfg for job in plan.jobs])
 
 
-def train_vectorized(plan: SweepPlan, vectorized: Any) -> list[Any]:
-    """Every job as a member of a batched model, each in the run dir the launcher would use: in
-    chunks of at most sweep.max_members members, one chunk after another. Stops after a chunk
-    that was interrupted; returns every trained member's RunResult."""
-    from contextlib import ExitStack
-
-    from dropstudy.rundir import RunDir, claim_run_dir
-
+def train_batches(plan: SweepPlan) -> list[Any]:
+    """Every job as a member of a batch, each in the run dir the launcher would use: batches of at
+    most sweep.max_members members, one after another. Stops after a batch that was interrupted;
+    returns every trained member's RunResult."""
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(plan.master, plan.sweep_dir / "multirun.yaml")
     size = plan.jobs[0].cfg.sweep.max_members
     results: list[Any] = []
-    for chunk, start in enumerate(range(0, len(plan.jobs), size)):
+    for number, start in enumerate(range(0, len(plan.jobs), size)):
         members = []
         with ExitStack() as held:
             for job in plan.jobs[start:start + size]:
                 held.enter_context(claim_run_dir(job.run_dir, new=False))
                 RunDir(job.run_dir).write_config(job.cfg, job.overrides)
-                members.append(vectorized.Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
-            chunk_results = vectorized.train_members(members, group=plan.group, extra_tags=("sweep",),
-                                                     chunk=(chunk, plan.sweep_dir))
-        results.extend(chunk_results)
-        if any(r.status == "interrupted" for r in chunk_results):
+                members.append(Member(cfg=job.cfg, run_dir=job.run_dir, overrides=job.overrides))
+            batch_results = train_members(members, Batch(group=plan.group, extra_tags=("sweep",),
+                                                         sweep=(number, plan.sweep_dir)))
+        results.extend(batch_results)
+        if any(r.status == "interrupted" for r in batch_results):
             break
     return results
 
