@@ -1,6 +1,7 @@
-"""Ensemble throughput: M CIFAR-10 CNN members trained stacked (vmap), sequentially (in turn each
-step, one process, one copy of the data), and as M single models one after another in the same
-process (each a one-member ensemble: the step a single `dropstudy train` run takes).
+"""Backend throughput: M members trained stacked, in turn (one process, one copy of the data),
+and as M single models one after another in the same process (each a one-member backend: the
+step a single `dropstudy train` run takes). For the MLP, `stacked` is the hand-batched forward
+and `vmap` the generic stacked forward (torch.func) it is measured against.
 
 One training epoch each, on synthetic CIFAR-shaped data (`data.synthetic=true`, sized for
 `--steps` steps of `--batch-size`), members = 2 dropout rates x (M/2) seeds sharing data.seed=0.
@@ -30,7 +31,7 @@ from benchlib import cpu_name
 
 from dropstudy.config import compose
 from dropstudy.data import load_dataset
-from dropstudy.ensemble import Ensemble
+from dropstudy.backend import Backend
 from dropstudy.runtime import (
     FastPaths,
     describe_device,
@@ -56,10 +57,10 @@ def member_configs(args: argparse.Namespace) -> list:
             for i in range(args.members)]
 
 
-def timed(ensembles: list[Ensemble], epochs: int) -> tuple[float, float]:
+def timed(ensembles: list[Backend], epochs: int) -> tuple[float, float]:
     """Wall and process CPU seconds for `epochs` training epochs of every ensemble, one after
     another (CPU seconds count this process's threads alone: less sensitive to other load)."""
-    device = ensembles[0].data.train.targets.device
+    device = ensembles[0].device
     cpu = time.process_time()
     start = time.perf_counter()
     for ens in ensembles:
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--contenders", default="stacked,sequential,single")
+    parser.add_argument("--contenders", default="stacked,sequential,single", help="also: vmap (the MLP's generic stacked forward)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every member, e.g. trainer.channels_last=false")
     args = parser.parse_args()
 
@@ -90,10 +91,12 @@ def main() -> None:
     data = load_dataset(cfgs[0].data, device, lambda _: None)
     epochs = 1 if args.model == "cnn" else args.steps
 
-    def build(contender: str) -> list[Ensemble]:
+    def build(contender: str) -> list[Backend]:
         if contender == "single":
-            return [Ensemble([cfg], data, fast, execution="sequential") for cfg in cfgs]
-        return [Ensemble(cfgs, data, fast, execution=contender)]
+            return [Backend([cfg], [data], fast, execution="sequential") for cfg in cfgs]
+        if contender == "vmap":
+            return [Backend(cfgs, [data] * len(cfgs), fast, execution="stacked", hand_mlp=False)]
+        return [Backend(cfgs, [data] * len(cfgs), fast, execution=contender)]
 
     contenders = args.contenders.split(",")
     seconds: dict[str, list[float]] = {c: [] for c in contenders}

@@ -3,7 +3,7 @@ offline in both: the regression study at full length, or with --experiment cifar
 synthetic data (8 members: 2 rates x 4 seeds, 1 epoch, --subset training images, one shared
 data.seed so that the members share one copy of the data):
 
-  vectorized   every member at once as one batched model (dropstudy.vectorized.train_members)
+  vectorized   every member at once as one batched model (dropstudy.execute.train_members)
   per-member   one member after another through the single path (runner.train_run), in this
                one process, as Hydra's basic launcher runs a sweep's jobs
 
@@ -156,8 +156,8 @@ def main() -> None:
     from dropstudy.config import compose
     from dropstudy.data import load_dataset
     from dropstudy.rundir import RunDir
-    from dropstudy.runner import train_run
-    from dropstudy.vectorized import Member, train_members, why_not_vectorizable
+    from dropstudy.backend import why_not
+    from dropstudy.execute import Batch, Member, train_members, train_run
 
     rates = [float(r) for r in args.rates.split(",")]
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-sweep-"))
@@ -167,7 +167,7 @@ def main() -> None:
             overrides = [*args.extra, f"model.dropout={p}", f"seed={seed}", f"trainer.epochs={args.epochs}",
                          f"device={args.device}", "tracker.mode=offline"]
             members.append((overrides, compose(overrides)))
-    reason = why_not_vectorizable([cfg for _, cfg in members])
+    reason = why_not([cfg for _, cfg in members])
     if reason:
         sys.exit(f"bench_sweep: {reason}")
     # One short run first, untimed: the process's first-use costs (lazy imports, first kernels,
@@ -180,7 +180,7 @@ def main() -> None:
 
     started = time.perf_counter()
     results = train_members([Member(cfg, out / "vectorized" / f"{i}", o) for i, (o, cfg) in enumerate(members)],
-                            group="bench-vectorized")
+                            Batch(group="bench-vectorized"))
     vectorized_s = time.perf_counter() - started
     assert all(r.status == "finished" for r in results), [r.status for r in results]
     print(f"vectorized: {len(members)} members in {vectorized_s:.1f} s", file=sys.stderr)
@@ -206,7 +206,7 @@ def main() -> None:
     measured_loop_s = sum(loop_seconds(RunDir.existing(out / "per-member" / f"{i}").read_summary())
                           for i in range(len(measured)))
     per_member_loop_s = measured_loop_s / len(measured) * len(members)
-    execution = RunDir.existing(out / "vectorized" / "0").read_provenance().get("vectorized", {}).get("execution")
+    execution = RunDir.existing(out / "vectorized" / "0").read_provenance().get("batch", {}).get("execution")
     result = {
         "experiment": args.experiment,
         "train_images": train_images,

@@ -164,7 +164,7 @@ class Backend:
     share one object, and CIFAR-10 members share the images whatever their data.seed)."""
 
     def __init__(self, cfgs: list[DictConfig], datas: list[Dataset], fast: FastPaths | None = None,
-                 execution: str | None = None):
+                 execution: str | None = None, hand_mlp: bool = True):
         reason = why_not(cfgs)
         if reason is not None:
             raise ValueError(reason)
@@ -202,7 +202,8 @@ class Backend:
         # The last evaluation's MC-dropout predictions per split and member (the test set's feed
         # the calibration figure).
         self.mc_predictions: dict[str, list[Predictions]] = {}
-        self.hand_mlp = self.execution == "stacked" and cfg.model.name == "mlp"
+        # `hand_mlp=False` only for scripts/bench_ensemble.py, which measures this choice.
+        self.hand_mlp = hand_mlp and self.execution == "stacked" and cfg.model.name == "mlp"
         # Stacked weights the hand-written MLP keeps as [M, in, out] (see `own_layout`).
         self.transposed: set[str] = set()
         if self.execution == "stacked":
