@@ -55,6 +55,7 @@ BAD_INPUTS = [
     (["trainer.log_every=0"], "trainer.log_every=0", "positive"),
     (["device=gpu"], "device='gpu'", "auto, cpu, cuda, cuda:N or mps"),
     (["study.arms=[0.0,1.5]"], "study.arms[1]", "[0, 1)"),
+    (["study.arms=???"], "study.arms", "needs a value"),
     (["--epochs", "3"], "--epochs", "key=value"),
     (["model.dropout_kind=spatial"], "model.dropout_kind=spatial", "experiment=cifar10"),
     (["experiment=cifar10", "model.dropout_kind=spatial"], "model.conv_dropout", "model.conv_dropout=0.1"),

@@ -592,6 +592,9 @@ def compose(overrides: list[str], command: str = "train", *, resolve: bool = Tru
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # `???`, given on the command line or left by an experiment that does not set the key
+        raise ConfigError(f"{missing[0]}=???: it needs a value; set it with {missing[0]}=VALUE.")
     validate(cfg)
     if return_hydra_config:
         with open_dict(cfg):
