@@ -90,7 +90,6 @@ CHOICES = {**{key: tuple(allowed) for key, allowed in CHOICE_KEYS.items()},
 @pytest.mark.parametrize("key", CHOICES)
 def test_a_bad_choice_lists_the_declared_choices(clean_env, tmp_path: Path, command, key):
     """The message names the key and lists exactly the choices its StrEnum declares, in order."""
-    assert len(CHOICE_KEYS) >= 11, "the schema's choice keys were not all found"
     result = invoke(command, f"{key}=bogus")
     assert result.exit_code == 2, result.output
     assert f"{key}='bogus': use one of {', '.join(CHOICES[key])}." in result.output, result.output

@@ -12,6 +12,12 @@ from dropstudy.cli import app
 from dropstudy.config import CHOICE_KEYS, GROUP_KEYS, ConfigError, compose, conf_dir, validate
 
 
+def test_choice_keys_are_found_in_the_schema_nested_ones_included():
+    assert {"experiment", "model.name", "model.dropout_kind", "model.dropout_schedule.kind", "data.name",
+            "optim.name", "trainer.on_nan", "trainer.amp", "tracker.mode", "tracker.watch",
+            "sweep.member_execution"} == set(CHOICE_KEYS)
+
+
 @pytest.mark.parametrize("group", GROUP_KEYS)
 def test_each_config_group_has_one_file_per_declared_choice(group):
     files = sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))

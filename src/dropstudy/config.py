@@ -458,6 +458,9 @@ def check_finite_floats(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks that the schema's types cannot express."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # `???`, given on the command line or left by an experiment that does not set the key
+        raise ConfigError(f"{missing[0]}=???: it needs a value; set it with {missing[0]}=VALUE.")
     check_choices(cfg)
     if not DEVICE_PATTERN.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda, cuda:N or mps.")
@@ -592,9 +595,6 @@ def compose(overrides: list[str], command: str = "train", *, resolve: bool = Tru
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:  # `???`, given on the command line or left by an experiment that does not set the key
-        raise ConfigError(f"{missing[0]}=???: it needs a value; set it with {missing[0]}=VALUE.")
     validate(cfg)
     if return_hydra_config:
         with open_dict(cfg):
