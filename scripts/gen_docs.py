@@ -207,7 +207,7 @@ def value_text(value: Any) -> str:
 
 def composed_configs() -> dict[str, DictConfig]:
     """Each experiment's composed config (read unresolved, so `${seed}` reads as written)."""
-    return {name: schema.compose_raw([f"experiment={name}"]) for name in EXPERIMENTS}
+    return {name: schema.compose([f"experiment={name}"], resolve=False) for name in EXPERIMENTS}
 
 
 def unresolved(cfg: DictConfig, key: str) -> Any:

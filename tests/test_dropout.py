@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import reliability
-from dropstudy.config import DROPOUT_KINDS, compose
+from dropstudy.config import DropoutKind, compose
 from dropstudy.dropout import (
     DropoutSchedule,
     FORMULATIONS,
@@ -39,7 +39,7 @@ def site(kind: str, p: float, feature_maps: bool = False) -> nn.Module:
 
 
 def test_every_configurable_kind_has_an_implementation():
-    assert set(FORMULATIONS) | {"none"} == set(DROPOUT_KINDS)
+    assert set(FORMULATIONS) | {"none"} == set(DropoutKind)
     assert make_dropout("none", 0.5, "test") is None
 
 

@@ -178,8 +178,8 @@ def test_the_os_releases_the_lock_of_a_killed_writer(clean_env, tmp_path):
 
 
 def test_default_dirs_of_processes_started_in_one_second_differ(clean_env, tmp_path):
-    code = ("from dropstudy.config import compose_run; from dropstudy.sweep import plan_sweep; "
-            "print(compose_run([])[1]); print(plan_sweep(['model.dropout=0,0.5']).sweep_dir)")
+    code = ("from dropstudy.config import compose; from dropstudy.sweep import plan_sweep; "
+            "print(compose([], return_hydra_config=True).hydra.run.dir); print(plan_sweep(['model.dropout=0,0.5']).sweep_dir)")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
     names = [p.communicate(timeout=120)[0].split() for p in procs]

@@ -65,7 +65,7 @@ BAD_INPUT = {
     "bad choice": (("study", "optim.name=adamw"), "optim.name='adamw'"),
     "study check": (("study", "model.dropout_kind=none"), "every arm of study.arms"),
     "sweep point": (("sweep", "model.dropout=0,1.5"), "model.dropout=1.5"),
-    "no such experiment": (("train", "experiment=mnist"), "experiment=mnist: no such experiment"),
+    "no such experiment": (("train", "experiment=mnist"), "experiment='mnist': use one of regression, cifar10"),
     "missing data": (("train", "experiment=cifar10", "data.root=missing"), "CIFAR-10 was not found"),
     "resume: missing dir": (("resume", "missing"), "missing: no such directory"),
     "rerun: missing dir": (("rerun", "missing"), "missing: no such directory"),

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional
 
 import typer
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dropstudy import __version__
-from dropstudy.config import ConfigError, compose_run, conf_dir, hydra_value, process_uid, validate_study
+from dropstudy.config import ConfigError, compose, conf_dir, hydra_value, process_uid, validate_study
 from rich.console import Console
 
 from dropstudy.console import shell_command, stderr
@@ -107,7 +107,10 @@ def checked_config(
     or exit 2 with the reason. Also returns the run directory the overrides name (resolved once)."""
     check_override_syntax(overrides, command)
     try:
-        cfg, run_dir = compose_run(overrides, command)
+        cfg = compose(overrides, command, return_hydra_config=True)
+        run_dir = Path(cfg.hydra.run.dir)
+        with open_dict(cfg):
+            del cfg["hydra"]
         if extra_check is not None:
             extra_check(cfg)
         if check_data and cfg.data.name == "cifar10":

@@ -3,8 +3,9 @@
 Every key a user can set is declared here once, as dataclasses registered in Hydra's
 ConfigStore; the YAML files under `conf/` only fill in values. A key that is not declared, or a
 value of the wrong type, therefore fails when Hydra composes the config. `validate` adds the
-checks a type cannot express (ranges, list lengths, devices), and `compose` runs both and
-raises `ConfigError` with a message that names the key and what is allowed.
+checks a type cannot express (ranges, list lengths, devices), and `compose`, the one function that
+composes a config from overrides (for the CLI, the tests and the scripts), runs both and raises
+`ConfigError` with a message that names the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -36,8 +38,10 @@ def choice(name: str, values: str) -> type[StrEnum]:
     return StrEnum(name, values.split(), module=__name__)
 
 
-# The choices of the string keys below, declared once; dropout.py implements one module per kind
-# (kept here so that `--help` and config checks need no torch).
+# The choices of the string keys below, declared once: every check and message that lists a key's
+# choices reads them from here (CHOICE_KEYS, choice_text). dropout.py implements one module per kind,
+# and conf/ has one file per experiment, model, data set and optimizer (kept here so that `--help`
+# and config checks need no torch).
 Experiment = choice("Experiment", "regression cifar10")
 ModelName = choice("ModelName", "mlp cnn")
 DataName = choice("DataName", "regression cifar10")
@@ -49,8 +53,6 @@ Amp = choice("Amp", "auto bf16 off")
 TrackerMode = choice("TrackerMode", "auto online offline disabled")
 Watch = choice("Watch", "gradients parameters all none")
 MemberExecution = choice("MemberExecution", "auto stacked sequential")
-DROPOUT_KINDS = tuple(DropoutKind)
-DROPOUT_SCHEDULES = tuple(ScheduleKind)
 
 
 @dataclass
@@ -193,7 +195,9 @@ class EvalConfig:
 
 @dataclass
 class StudyConfig:
-    arms: List[Any] = field(default_factory=lambda: [0.0, 0.5])
+    """Each experiment sets its own arms (`conf/experiment/NAME.yaml`): they differ between experiments."""
+
+    arms: List[Any] = MISSING
 
 
 @dataclass
@@ -267,11 +271,6 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"dropstudy's conf/ directory was not found next to {here}")
 
 
-def choices(group: str) -> list[str]:
-    """The options of a config group, e.g. choices('experiment') -> ['cifar10', 'regression']."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -279,11 +278,44 @@ class ConfigError(Exception):
     """Bad user input: the message names the key and what is allowed."""
 
 
-WATCH_CHOICES = tuple(Watch)
-MODE_CHOICES = tuple(TrackerMode)
-ON_NAN_CHOICES = tuple(OnNan)
-AMP_CHOICES = tuple(Amp)
-MEMBER_EXECUTION_CHOICES = tuple(MemberExecution)
+def choice_text(key: str, value: Any, allowed: Iterable[str]) -> str:
+    """The one message for a value outside a key's choices, e.g. "trainer.amp='fp16': use one of auto, bf16, off."."""
+    return f"{key}={value!r}: use one of {', '.join(str(a) for a in allowed)}."
+
+
+def choice_keys(schema: type, prefix: str = "") -> dict[str, type[StrEnum]]:
+    """Every choice key of the dataclass `schema` (dotted, nested dataclasses included) with its StrEnum."""
+    found: dict[str, type[StrEnum]] = {}
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        hint = hints[f.name]
+        if isinstance(hint, type) and issubclass(hint, StrEnum):
+            found[prefix + f.name] = hint
+        elif is_dataclass(hint):
+            found.update(choice_keys(hint, f"{prefix}{f.name}."))
+    return found
+
+
+# Every choice key with its choices, read from the schema. model and data are typed Any at the top
+# (the experiment picks their dataclass), so their keys come from the dataclasses the groups use.
+CHOICE_KEYS = {
+    **choice_keys(Config),
+    **{k: v for schema in (MLPConfig, CNNConfig) for k, v in choice_keys(schema, "model.").items()},
+    **{k: v for schema in (RegressionDataConfig, Cifar10DataConfig) for k, v in choice_keys(schema, "data.").items()},
+}
+# The config groups whose options (conf/GROUP/NAME.yaml) are a choice key's choices.
+GROUP_KEYS = {"experiment": "experiment", "model": "model.name", "data": "data.name", "optim": "optim.name"}
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Each choice key holds one of its choices. Hydra checks these at composition; a saved config
+    (resume, rerun) is plain YAML without the schema's types, so it is checked here."""
+    for key, allowed in CHOICE_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in tuple(allowed):
+            raise ConfigError(choice_text(key, value, allowed))
+
+
 # trainer.* counts: each must be at least 1 (null, where the schema allows it, has the meaning given).
 TRAINER_COUNTS = {
     "epochs": "must be a positive integer.",
@@ -332,10 +364,8 @@ def check_dropout(key: str, value: Any, n_sites: int, where: str) -> None:
 
 
 def validate_dropout(model: DictConfig) -> None:
-    """model.dropout, dropout_kind, input_dropout, conv_dropout and dropout_schedule."""
-    kinds = ", ".join(DROPOUT_KINDS)
-    if model.dropout_kind not in DROPOUT_KINDS:
-        raise ConfigError(f"model.dropout_kind={model.dropout_kind!r}: use one of {kinds}.")
+    """model.dropout, dropout_kind, input_dropout, conv_dropout and dropout_schedule (their choices
+    are check_choices')."""
     check_dropout("model.dropout", model.dropout, dropout_site_count(model), DROPOUT_SITES_WHERE[model.name])
     _check_p("model.input_dropout", model.input_dropout)
     if model.name == "cnn":
@@ -344,7 +374,8 @@ def validate_dropout(model: DictConfig) -> None:
         if model.name != "cnn":
             raise ConfigError(
                 f"model.dropout_kind=spatial drops whole feature maps, and the {model.name} model has none; "
-                "use it with experiment=cifar10, or pick inverted, vanilla, gaussian or none."
+                "use it with experiment=cifar10, or pick another kind: "
+                f"{', '.join(k for k in DropoutKind if k != DropoutKind.spatial)}."
             )
         if not _any_positive(model.conv_dropout):
             raise ConfigError(
@@ -353,11 +384,6 @@ def validate_dropout(model: DictConfig) -> None:
                 "e.g. model.conv_dropout=0.1."
             )
     schedule = model.dropout_schedule
-    if schedule.kind not in DROPOUT_SCHEDULES:
-        raise ConfigError(
-            f"model.dropout_schedule.kind={schedule.kind!r}: use constant, warmup (0 -> p over "
-            "model.dropout_schedule.epochs) or anneal (p -> 0 over them)."
-        )
     if schedule.epochs is not None and schedule.epochs < 1:
         raise ConfigError(
             f"model.dropout_schedule.epochs={schedule.epochs}: a positive number of epochs, or null for "
@@ -375,8 +401,8 @@ def validate_study(cfg: DictConfig) -> None:
     if cfg.model.dropout_kind == "none" and len(cfg.study.arms) > 1:
         raise ConfigError(
             f"model.dropout_kind=none: every arm of study.arms={list(cfg.study.arms)} would train the same "
-            "network without dropout; pick a kind that drops units (inverted, vanilla, gaussian, spatial), "
-            "or use `dropstudy train model.dropout_kind=none`."
+            "network without dropout; pick a kind that drops units "
+            f"({', '.join(k for k in DropoutKind if k != DropoutKind.none)}), or use `dropstudy train model.dropout_kind=none`."
         )
 
 
@@ -432,6 +458,10 @@ def check_finite_floats(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks that the schema's types cannot express."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # `???`, given on the command line or left by an experiment that does not set the key
+        raise ConfigError(f"{missing[0]}=???: it needs a value; set it with {missing[0]}=VALUE.")
+    check_choices(cfg)
     if not DEVICE_PATTERN.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda, cuda:N or mps.")
     validate_dropout(cfg.model)
@@ -455,29 +485,12 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value is not None and value < 1:
             raise ConfigError(f"trainer.{key}={value}: {rule}")
-    if cfg.trainer.on_nan not in ON_NAN_CHOICES:
-        raise ConfigError(f"trainer.on_nan={cfg.trainer.on_nan!r}: use one of {', '.join(ON_NAN_CHOICES)}.")
-    if cfg.trainer.amp not in AMP_CHOICES:
-        raise ConfigError(
-            f"trainer.amp={cfg.trainer.amp!r}: use auto (bf16 autocast on CUDA when supported), bf16 or off."
-        )
-    if cfg.sweep.member_execution not in MEMBER_EXECUTION_CHOICES:
-        raise ConfigError(
-            f"sweep.member_execution={cfg.sweep.member_execution!r}: use auto, stacked (members vmap'd "
-            "together) or sequential (members in turn)."
-        )
     check_objective(cfg)
-    if cfg.optim.name not in tuple(OptimName):
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: use {' or '.join(OptimName)}.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: must be positive.")
     for key in ("momentum", "weight_decay"):
         if cfg.optim[key] < 0:
             raise ConfigError(f"optim.{key}={cfg.optim[key]}: must be 0 (off) or positive.")
-    if cfg.tracker.mode not in MODE_CHOICES:
-        raise ConfigError(f"tracker.mode={cfg.tracker.mode!r}: use one of {', '.join(MODE_CHOICES)}.")
-    if cfg.tracker.watch not in WATCH_CHOICES:
-        raise ConfigError(f"tracker.watch={cfg.tracker.watch!r}: use one of {', '.join(WATCH_CHOICES)}.")
     if cfg.tracker.log_freq is not None and cfg.tracker.log_freq < 1:
         raise ConfigError(
             f"tracker.log_freq={cfg.tracker.log_freq}: a positive number of steps, or null for once per evaluation."
@@ -521,7 +534,7 @@ def _valid_keys(full_key: str) -> str:
     """The keys allowed beside `full_key`, read from the default config."""
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
     try:
-        base = compose_raw([])
+        base = compose([], resolve=False)
         node = OmegaConf.select(base, parent) if parent else base
         keys = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
     except Exception:
@@ -531,16 +544,15 @@ def _valid_keys(full_key: str) -> str:
 
 
 # OmegaConf's message for a value outside an Enum-typed key's choices.
-INVALID_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+INVALID_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[.*\]")
 
 
 def explain_composition_error(exc: BaseException) -> str:
     """Turn Hydra/OmegaConf's composition errors into one paragraph naming the key."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-        group = exc.missing_cfg_file.split("/")[0]
-        if group in ("experiment", "model", "data", "optim"):
-            value = exc.missing_cfg_file.split("/", 1)[-1]
-            return f"{group}={value}: no such {group}; choose one of: {', '.join(choices(group))}."
+        group, _, value = exc.missing_cfg_file.partition("/")
+        if group in GROUP_KEYS:
+            return choice_text(group, value, CHOICE_KEYS[GROUP_KEYS[group]])
     cause = _omegaconf_cause(exc)
     if cause is not None and getattr(cause, "full_key", None):
         key = cause.full_key
@@ -549,27 +561,20 @@ def explain_composition_error(exc: BaseException) -> str:
             hint = _valid_keys(key)
             return f"{key}: unknown key. {hint}. (To add a new key on purpose use +{key}=VALUE.)"
         invalid = INVALID_CHOICE.match(text)
-        if invalid:  # a choice key (an Enum in the schema) given another value
-            return f"{key}={invalid.group(1)!r}: use one of {invalid.group(2)}."
+        if invalid and key in CHOICE_KEYS:  # a choice key (an Enum in the schema) given another value
+            return choice_text(key, invalid.group(1), CHOICE_KEYS[key])
         return f"{key}: {text}"
     first = str(exc).strip().splitlines()
     return " ".join(line.strip() for line in first if line.strip())
 
 
-def compose_raw(overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose and check the config for `overrides`; ConfigError on any bad input."""
-    return compose_run(overrides)[0]
-
-
-def compose_run(overrides: list[str], command: str = "train") -> tuple[DictConfig, Path]:
-    """compose(), and the directory Hydra's `hydra.run.dir` names for `command` (resolved once:
-    its `${now:}` is read again, and may differ, each time Hydra composes)."""
+def compose(overrides: list[str], command: str = "train", *, resolve: bool = True,
+            return_hydra_config: bool = False) -> DictConfig:
+    """The config `overrides` compose, checked (ConfigError on any bad input): what every command
+    runs, and what tests and scripts build runs from. `resolve=False` keeps interpolations as
+    written (`${seed}`). `return_hydra_config` also keeps Hydra's own node, with `hydra.run.dir`, the
+    directory a run of `command` writes, resolved once: its `${now:}` is read again, and may differ,
+    each time it is read."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
 
@@ -580,17 +585,21 @@ def compose_run(overrides: list[str], command: str = "train") -> tuple[DictConfi
             cfg = hydra_compose(config_name="config", overrides=[*overrides, f"hydra.job.name={command}"],
                                 return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the directory's name
-        run_dir = Path(str(cfg.hydra.run.dir))
-        with open_dict(cfg):
-            del cfg["hydra"]
-        OmegaConf.resolve(cfg)
+        with open_dict(cfg), read_write(cfg.hydra):
+            cfg.hydra.run.dir = str(cfg.hydra.run.dir)
+            hydra_node = cfg.pop("hydra")
+        if resolve:
+            OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(explain_composition_error(exc)) from exc
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
     validate(cfg)
-    return cfg, run_dir
+    if return_hydra_config:
+        with open_dict(cfg):
+            cfg.hydra = hydra_node
+    return cfg
 
 
 HYDRA_PLAIN_VALUE = re.compile(r"^[\w./:-]+$")
