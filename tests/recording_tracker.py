@@ -3,7 +3,7 @@ what W&B would have been sent against the run directory, in-process and without 
 
 `recording_trackers(monkeypatch)` makes every run this process starts get one: each run path
 (single runs, a study's arms, a vectorized sweep's members) creates its tracker through
-`dropstudy.runner.make_tracker`, which is replaced, so the creation arguments (name, group, job
+`dropstudy.execute.make_tracker` (and a study's comparison through `dropstudy.runner.make_tracker`), which are replaced, so the creation arguments (name, group, job
 type, tags, config) are recorded too.
 """
 
@@ -89,5 +89,6 @@ def recording_trackers(monkeypatch: pytest.MonkeyPatch) -> list[RecordingTracker
         made.append(RecordingTracker(mode=tracker_cfg.mode, **created_with))
         return made[-1]
 
-    monkeypatch.setattr("dropstudy.runner.make_tracker", make_tracker)
+    monkeypatch.setattr("dropstudy.execute.make_tracker", make_tracker)  # every run's
+    monkeypatch.setattr("dropstudy.runner.make_tracker", make_tracker)  # a study's comparison
     return made

@@ -243,7 +243,7 @@ def test_a_batched_sweep_on_a_full_disk_exits_74_and_each_member_names_its_own_f
                           "tracker.mode=disabled", "hydra.sweep.dir=sw")
     assert_one_message(proc, "cannot write checkpoints/last.pt in sw/0", "No space left on device")
     record = json.loads((tmp_path / "out" / "sw" / "sweep.json").read_text())
-    assert record["mode"] == "vectorized" and "No space left on device" in record["error"], record
+    assert record["mode"] == "batched" and "No space left on device" in record["error"], record
     for job in record["jobs"]:
         assert job["status"] == "failed", job
         assert job["reason"].startswith(f"cannot write checkpoints/last.pt in sw/{job['num']}:"), job
@@ -285,11 +285,11 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
 def test_resuming_a_batched_sweep_says_which_members_continued_from_which_epoch(
         clean_env, tmp_path, monkeypatch, own_signal_handlers):
     """It printed '4 jobs, 4 kept' and recorded {"jobs": []}, though all four were continued."""
-    from dropstudy.vectorized import StackedMLPBackend
+    from dropstudy.backend import Backend
 
     grid = ["model.dropout=0.2,0.5", "seed=0,1", "trainer.epochs=40", "trainer.eval_every=10",
             "model.hidden=[16,16]", "tracker.mode=disabled", "hydra.sweep.dir=sw"]
-    real_set_epoch = StackedMLPBackend.set_epoch
+    real_set_epoch = Backend.set_epoch
 
     def set_epoch(self, epoch):
         if epoch == 17:  # sent from inside the loop: the same epoch on any machine
@@ -297,7 +297,7 @@ def test_resuming_a_batched_sweep_says_which_members_continued_from_which_epoch(
         return real_set_epoch(self, epoch)
 
     with monkeypatch.context() as mp:
-        mp.setattr(StackedMLPBackend, "set_epoch", set_epoch)
+        mp.setattr(Backend, "set_epoch", set_epoch)
         assert invoke("sweep", *grid).exit_code == 143
     resumed = invoke("resume", "sw")
     assert resumed.exit_code == 0, resumed.output

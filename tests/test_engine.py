@@ -47,9 +47,9 @@ def test_a_sigtermed_batched_sweep_resumes_as_an_ensemble_and_equals_one_never_s
     is the same on any machine); the epochs are short, so the signal is held to the end of epoch
     27: exit 143, every member interrupted with its checkpoint at epoch 27, one resume command. `dropstudy resume SWEEP_DIR` then continues all four members together,
     with the masks' generator from the checkpoints, and every row equals an uninterrupted sweep's."""
-    from dropstudy.vectorized import StackedMLPBackend
+    from dropstudy.backend import Backend
 
-    real_set_epoch = StackedMLPBackend.set_epoch
+    real_set_epoch = Backend.set_epoch
 
     def set_epoch(self, epoch):
         if epoch == 27:
@@ -57,7 +57,7 @@ def test_a_sigtermed_batched_sweep_resumes_as_an_ensemble_and_equals_one_never_s
         return real_set_epoch(self, epoch)
 
     with monkeypatch.context() as mp:
-        mp.setattr(StackedMLPBackend, "set_epoch", set_epoch)
+        mp.setattr(Backend, "set_epoch", set_epoch)
         stopped = invoke("sweep", *GRID, "hydra.sweep.dir=sw")
     assert stopped.exit_code == 143, stopped.output
     assert stopped.output.count("dropstudy resume") == 1
@@ -119,8 +119,8 @@ def test_a_grid_larger_than_max_members_trains_in_chunks(clean_env, tmp_path):
     grid = ["model.dropout=0", "seed=0,1,2", "trainer.epochs=20", "trainer.eval_every=10", "tracker.mode=disabled"]
     assert invoke("sweep", *grid, "sweep.max_members=2", "hydra.sweep.dir=a").exit_code == 0
     assert invoke("sweep", *grid, "hydra.sweep.dir=b").exit_code == 0
-    chunks = [json.loads((tmp_path / "a" / str(n) / "provenance.json").read_text())["vectorized"] for n in range(3)]
-    assert [(c["chunk"], c["members"], c["index"]) for c in chunks] == [(0, 2, 0), (0, 2, 1), (1, 1, 0)]
+    chunks = [json.loads((tmp_path / "a" / str(n) / "provenance.json").read_text())["batch"] for n in range(3)]
+    assert [(c["number"], c["members"], c["index"]) for c in chunks] == [(0, 2, 0), (0, 2, 1), (1, 1, 0)]
     for num in range(3):
         for ours, theirs in zip(results(tmp_path / "a" / str(num)), results(tmp_path / "b" / str(num))):
             assert ours.keys() == theirs.keys()
@@ -138,7 +138,7 @@ def test_a_cnn_ensemble_member_with_dropout_0_equals_dropstudy_train(clean_env, 
              "trainer.batch_size=32", "data.seed=0", "seed=3", "tracker.mode=disabled"]
     swept = invoke("sweep", *quick, "model.dropout=0,0.25", "hydra.sweep.dir=sw")
     assert swept.exit_code == 0, swept.output
-    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "batched"
     assert invoke("train", *quick, "model.dropout=0", "hydra.run.dir=single").exit_code == 0
     ours, theirs = results(tmp_path / "sw" / "0"), results(tmp_path / "single")
     assert [sorted(r) for r in ours] == [sorted(r) for r in theirs] and len(ours) == 3

@@ -144,5 +144,5 @@ def test_batched_sweep_member_logs_the_same_gap(dropstudy, tmp_path):
     assert result.code == 0, result.output
     member = next(p.parent for p in (tmp_path / "sw").glob("*/summary.json")
                   if json.loads(p.read_text())["dropout"] == 0.5)
-    assert json.loads((member / "provenance.json").read_text())["vectorized"]["backend"] == "stacked_mlp"
+    assert json.loads((member / "provenance.json").read_text())["batch"]["execution"] == "stacked"
     check_regression_gap(member)

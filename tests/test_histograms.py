@@ -15,7 +15,7 @@ from conftest import QUICK_REGRESSION, read_jsonl
 from dropstudy.config import compose
 from dropstudy.histograms import BINS, histograms
 from dropstudy.models import build_model
-from dropstudy.runner import train_run
+from dropstudy.execute import train_run
 from recording_tracker import recording_trackers
 from wandb_offline import load_run
 

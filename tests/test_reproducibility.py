@@ -284,7 +284,7 @@ def test_on_nan_raise_stops_with_diverged_summary(dropstudy, tmp_path):
 
 
 def test_on_nan_skip_skips_bad_steps_and_goes_on(clean_env, tmp_path):
-    from dropstudy.runner import train_run
+    from dropstudy.execute import train_run
 
     cfg = compose(["experiment=cifar10", "data.synthetic=true", "data.subset=256", "data.val_size=64",
                    "trainer.epochs=2", "trainer.batch_size=64", "trainer.on_nan=skip", "tracker.mode=disabled"])

@@ -99,11 +99,11 @@ def test_batched_sweep_rerun_is_identical(dropstudy, tmp_path):
     sweep = dropstudy("sweep", "trainer.epochs=20", "trainer.eval_every=10", "tracker.mode=disabled",
                       "model.dropout=0.0,0.5", "hydra.sweep.dir=sw")
     assert sweep.code == 0, sweep.output
-    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "batched"
     result = dropstudy("rerun", "sw", "--out", "again")
     assert result.code == 0, result.output
     assert "  0: identical" in result.stdout and "  1: identical" in result.stdout
-    assert json.loads((tmp_path / "again" / "1" / "provenance.json").read_text())["vectorized"]["run_dirs"] == ["0", "1"]
+    assert json.loads((tmp_path / "again" / "1" / "provenance.json").read_text())["batch"]["run_dirs"] == ["0", "1"]
     record = json.loads((tmp_path / "again" / "rerun.json").read_text())
     assert record["verdict"] == "identical" and [m["name"] for m in record["members"]] == ["0", "1"]
 
@@ -113,7 +113,7 @@ def test_a_batched_member_rerun_alone_names_the_shared_masks_as_the_cause(dropst
     rerun alone it draws its own, and the verdict says that, not that the code changed."""
     sweep = dropstudy("sweep", "model.dropout=0.5", "seed=0,1", *SHORT_STUDY, "hydra.sweep.dir=sw")
     assert sweep.code == 0, sweep.output
-    assert json.loads((tmp_path / "sw" / "1" / "provenance.json").read_text())["vectorized"]["members"] == 2
+    assert json.loads((tmp_path / "sw" / "1" / "provenance.json").read_text())["batch"]["members"] == 2
     result = dropstudy("rerun", "sw/1", "--out", "alone")
     assert result.code == 1, result.output
     assert "likely cause: the original was a member of a batched ensemble" in result.output

@@ -188,7 +188,7 @@ def test_resume_batched_sweep_starts_members_without_a_checkpoint_again(clean_en
     output = stop_once_it_logs(proc, tmp_path / "sw" / "0" / "metrics.jsonl")
     sweep = tmp_path / "sw"
     record = json.loads((sweep / "sweep.json").read_text())
-    assert record["mode"] == "vectorized" and set(statuses(record)) == {"interrupted"}, output
+    assert record["mode"] == "batched" and set(statuses(record)) == {"interrupted"}, output
     checkpointed = [(sweep / str(n) / "checkpoints" / "last.pt").is_file() for n in range(4)]
     uninterrupted = [*range(10, 2001, 10), 2000]  # what a run of GRID logs: every 10th epoch, the test row
 

@@ -251,37 +251,27 @@ def test_wandb_sweep_rejects_what_an_agent_cannot_run(clean_env):
     assert result.exit_code == 2 and "model.dropout=2" in result.output
 
 
-def fake_vectorized(monkeypatch, reason):
-    """A stand-in for dropstudy.vectorized with its interface, recording calls: how the sweep hands
-    a grid over, apart from what the batched training does (test_vectorized.py covers that)."""
-    import types
-    from dataclasses import dataclass
-
+def fake_batches(monkeypatch, reason):
+    """Stand-ins for the batching rule and the orchestrator, recording calls: how the sweep hands a
+    grid over, apart from what the batched training does (test_execute.py covers that)."""
+    from dropstudy import sweep
     from dropstudy.rundir import RunDir
-
-    @dataclass
-    class Member:
-        cfg: object
-        run_dir: Path
-        overrides: list
 
     calls = []
 
-    def train_members(members, *, group, extra_tags=(), chunk=None):
-        calls.append((members, group, extra_tags))
+    def train_members(members, batch):
+        calls.append((members, batch.group, batch.extra_tags))
         for m in members:
             RunDir(m.run_dir).write_summary({"status": "finished", "final": {"val/loss": float(m.cfg.seed)}})
         return []
 
-    module = types.SimpleNamespace(Member=Member, train_members=train_members,
-                                   why_not_vectorizable=lambda cfgs: reason)
-    monkeypatch.setitem(sys.modules, "dropstudy.vectorized", module)
-    monkeypatch.setattr("dropstudy.vectorized", module, raising=False)
+    monkeypatch.setattr(sweep, "train_members", train_members)
+    monkeypatch.setattr(sweep, "why_not", lambda cfgs: reason)
     return calls
 
 
-def test_a_vectorizable_grid_goes_to_train_members_in_the_launchers_run_dirs(clean_env, tmp_path, monkeypatch):
-    calls = fake_vectorized(monkeypatch, None)
+def test_a_batchable_grid_goes_to_train_members_in_the_launchers_run_dirs(clean_env, tmp_path, monkeypatch):
+    calls = fake_batches(monkeypatch, None)
     result = invoke("sweep", "model.dropout=0,0.5", "seed=0,1", "hydra.sweep.dir=sw")
     assert result.exit_code == 0, result.output
     ((members, group, tags),) = calls
@@ -291,11 +281,11 @@ def test_a_vectorizable_grid_goes_to_train_members_in_the_launchers_run_dirs(cle
     assert [(m.cfg.model.dropout, m.cfg.seed) for m in members] == [(0, 0), (0, 1), (0.5, 0), (0.5, 1)]
     saved = yaml.safe_load((tmp_path / "sw" / "3" / ".hydra" / "overrides.yaml").read_text())
     assert saved == ["model.dropout=0.5", "seed=1"]
-    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "batched"
 
 
-def test_a_grid_vectorized_cannot_train_falls_back_and_says_why(clean_env, monkeypatch):
-    fake_vectorized(monkeypatch, "model.name=cnn: only MLPs are batched")
+def test_a_grid_that_cannot_batch_falls_back_and_says_why(clean_env, monkeypatch):
+    fake_batches(monkeypatch, "model.name=cnn: only MLPs are batched")
     result = invoke("sweep", "--dry-run", "model.dropout=0,0.5")
     assert result.exit_code == 0, result.output
     assert "sweep.vectorize: one job per member (model.name=cnn: only MLPs are batched)" in result.output
@@ -304,18 +294,18 @@ def test_a_grid_vectorized_cannot_train_falls_back_and_says_why(clean_env, monke
     assert "sweep.vectorize:" not in result.output
 
 
-def test_a_real_vectorized_sweep_writes_a_finished_run_per_member(clean_env, tmp_path):
-    """The real dropstudy.vectorized behind `dropstudy sweep`: one batched model, one complete run
+def test_a_real_batched_sweep_writes_a_finished_run_per_member(clean_env, tmp_path):
+    """The real orchestrator behind `dropstudy sweep`: one batch, one complete run
     dir per grid point with the metrics of its own rate and seed."""
     result = invoke("sweep", "model.dropout=0,0.5", "seed=0,1", "trainer.epochs=20", "trainer.eval_every=10",
                     "tracker.mode=disabled", "hydra.sweep.dir=sw")
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert table["mode"] == "vectorized"
+    assert table["mode"] == "batched"
     for num, (rate, seed) in enumerate([(0, 0), (0, 1), (0.5, 0), (0.5, 1)]):
         run = tmp_path / "sw" / str(num)
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["status"] == "finished" and summary["vectorized"] == {"members": 4, "index": num}
+        assert summary["status"] == "finished" and summary["batch"] == {"members": 4, "index": num}
         assert (summary["dropout"], summary["seed"]) == (rate, seed)
         # Epochs 10 and 20 (the regression logs every 10th epoch and every evaluation), then the test row.
         assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [10, 20, 20]
@@ -325,16 +315,16 @@ def test_a_real_vectorized_sweep_writes_a_finished_run_per_member(clean_env, tmp
     assert len(set(finals)) == 4, "every member trained on its own seed and rate"
 
 
-def test_a_grid_the_real_vectorized_path_cannot_batch_falls_back(clean_env):
+def test_a_grid_the_real_batching_rule_cannot_batch_falls_back(clean_env):
     result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25",
                     "optim.lr=0.1,0.01")
     assert result.exit_code == 0, result.output
     assert "sweep.vectorize: one job per member (members differ in optim.lr" in result.output
     assert "launcher: basic" in result.output
-    # Seeds alone are batched once the members share one copy of the data (data.seed set).
+    # Seeds alone are batched, each member with its own data.seed's rows of the one copy of the data.
     result = invoke("sweep", "--dry-run", "experiment=cifar10", "data.synthetic=true", "model.dropout=0,0.25",
-                    "seed=0,1", "data.seed=0")
-    assert result.exit_code == 0 and "launcher: vectorized" in result.output, result.output
+                    "seed=0,1")
+    assert result.exit_code == 0 and "launcher: batched" in result.output, result.output
 
 
 @pytest.mark.parametrize("grid, copied", [

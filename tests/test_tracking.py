@@ -19,7 +19,7 @@ from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
 from dropstudy.cli import app
 from dropstudy.config import compose
 from dropstudy.models import build_model
-from dropstudy.runner import train_run
+from dropstudy.execute import train_run
 from dropstudy.tracking import flatten, has_wandb_credentials, resolve_mode
 from recording_tracker import recording_trackers
 
@@ -213,7 +213,7 @@ def test_every_member_of_a_vectorized_sweep_sends_its_own_tracker_its_rows_and_h
                                  "trainer.eval_every=10", "tracker.log_freq=5", "hydra.sweep.dir=sw"],
                            prog_name="dropstudy")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "vectorized"
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["mode"] == "batched"
     assert [str(t.created_with["run_dir"]) for t in trackers] == ["sw/0", "sw/1", "sw/2", "sw/3"]
     first_weights = []
     for tracker, (rate, seed) in zip(trackers, [(0, 0), (0, 1), (0.5, 0), (0.5, 1)]):

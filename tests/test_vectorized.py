@@ -81,7 +81,7 @@ def test_every_member_gets_a_complete_run_directory(sweep):
         assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) == member.overrides
         provenance = json.loads((run / "provenance.json").read_text())
         assert {"command", "git", "versions", "device", "host", "data_sha256"} <= provenance.keys()
-        assert provenance["vectorized"]["members"] == 2
+        assert provenance["batch"]["members"] == 2
         rows = read_jsonl(run / "metrics.jsonl")
         assert [r["epoch"] for r in rows if "train/loss" in r] == QUICK_REGRESSION_LOGGED
         assert [r["epoch"] for r in rows if "val/loss" in r] == [10, 20, 30, 40]
@@ -222,7 +222,7 @@ def test_final_mse_over_seeds_matches_single_runs(tmp_path, clean_env):
     """Dropout 0.5 over 8 seeds: the mean final train and test MSE of the vectorized members and
     of single runs of the same configs agree within the standard error of their difference (the
     masks differ, so single seeds do not agree; their average does)."""
-    from dropstudy.runner import train_run
+    from dropstudy.execute import train_run
 
     seeds = range(8)
     base = ["trainer.epochs=300", "trainer.eval_every=100", "tracker.mode=disabled", "model.dropout=0.5"]
@@ -240,7 +240,7 @@ def test_final_mse_over_seeds_matches_single_runs(tmp_path, clean_env):
 def test_adam_members_match_single_runs(tmp_path, clean_env):
     """Adam is elementwise too (its step count is the same for every member): one Adam over the
     stacked weights is one Adam per member."""
-    from dropstudy.runner import train_run
+    from dropstudy.execute import train_run
 
     base = ["trainer.epochs=40", "trainer.eval_every=10", "tracker.mode=disabled", "optim=adam", "optim.lr=0.001",
             "model.dropout=0.0"]
