@@ -34,44 +34,45 @@ CACHE_VERSION = 2
 
 @dataclass
 class Split:
-    """Examples of one split. `inputs`/`targets` hold them, or, with `index`, hold a larger set
-    (one copy of a dataset's images shared by splits drawn with different data.seed) of which
-    the split is the rows `index`: batches gather those rows, nothing else is copied."""
+    """Examples of one split: `base_inputs`/`base_targets` whole, or, with `index`, the rows
+    `index` of a larger set (one copy of the images shared by the splits of members that differ
+    in data.seed). Batches gather their rows (`take`, `slice`); `inputs`/`targets` give the split's
+    own examples (a copy when it is rows of a shared set)."""
 
-    inputs: torch.Tensor  # regression: float [N, 1]; CIFAR-10: uint8 [N, 3, 32, 32]
-    targets: torch.Tensor  # regression: float [N, 1]; CIFAR-10: int64 [N]
-    index: torch.Tensor | None = None  # rows of inputs/targets that make the split (None: all)
+    base_inputs: torch.Tensor  # regression: float [N, 1]; CIFAR-10: uint8 [N, 3, 32, 32]
+    base_targets: torch.Tensor  # regression: float [N, 1]; CIFAR-10: int64 [N]
+    index: torch.Tensor | None = None  # rows of the base tensors that make the split (None: all)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.base_inputs if self.index is None else self.base_inputs[self.index]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.base_targets if self.index is None else self.base_targets[self.index]
 
     def __len__(self) -> int:
-        return len(self.targets) if self.index is None else len(self.index)
+        return len(self.base_targets) if self.index is None else len(self.index)
 
     @property
     def device(self) -> torch.device:
-        return self.targets.device
+        return self.base_targets.device
 
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The split's examples at positions `rows` (a gather, on the device)."""
         if self.index is not None:
             rows = self.index[rows]
-        return self.inputs[rows], self.targets[rows]
+        return self.base_inputs[rows], self.base_targets[rows]
 
     def slice(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples start..stop-1 in order: views without an index, a gather with one."""
         if self.index is None:
-            return self.inputs[start:stop], self.targets[start:stop]
+            return self.base_inputs[start:stop], self.base_targets[start:stop]
         return self.take(torch.arange(start, min(stop, len(self)), device=self.index.device))
-
-    def own(self) -> "Split":
-        """The split as a tensor pair of its own (copied out when it is rows of a shared set)."""
-        return self if self.index is None else Split(*self.take(torch.arange(len(self), device=self.index.device)))
 
     def to(self, device: torch.device) -> "Split":
         index = None if self.index is None else self.index.to(device)
-        if device.type == "cuda":
-            # The one host-to-device copy of a run: from pinned memory, without staging.
-            return Split(*(t.pin_memory().to(device, non_blocking=True) for t in (self.inputs, self.targets)),
-                         index=index)
-        return Split(self.inputs.to(device), self.targets.to(device), index=index)
+        return Split(_to(self.base_inputs, device), _to(self.base_targets, device), index=index)
 
 
 @dataclass
@@ -121,15 +122,15 @@ class Dataset:
         once, here, instead of to every batch), so a training step spends no operators on it. The
         values are bit-identical to preparing each batch; float32 takes 4x the memory of uint8."""
         sha256 = self.fingerprint()
-        blank = self.prepare(torch.zeros((1, self.train.inputs.shape[1], 1, 1), dtype=self.train.inputs.dtype,
+        blank = self.prepare(torch.zeros((1, self.train.base_inputs.shape[1], 1, 1), dtype=self.train.base_inputs.dtype,
                                          device=self.train.device)).view(-1)
         # Splits that are rows of one shared set stay so: that set is prepared once, for all of them.
         prepared: dict[int, torch.Tensor] = {}
 
         def normalised(split: Split) -> Split:
-            if id(split.inputs) not in prepared:
-                prepared[id(split.inputs)] = self.prepare(split.inputs)
-            return Split(prepared[id(split.inputs)], split.targets, index=split.index)
+            if id(split.base_inputs) not in prepared:
+                prepared[id(split.base_inputs)] = self.prepare(split.base_inputs)
+            return Split(prepared[id(split.base_inputs)], split.base_targets, index=split.index)
 
         splits = [normalised(s) for s in (self.train, self.val, self.test)]
         train_eval = splits[0] if self.train_eval is self.train else normalised(self.train_eval)
