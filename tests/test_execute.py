@@ -217,7 +217,7 @@ def test_a_regression_sweep_with_every_member_path_batches_and_each_member_equal
     """max-norm, MC dropout, input dropout, a warmup schedule and minibatches of 4: the sweep
     still trains as one stacked batch, and each member (the dropping ones too: their masks come
     from their own streams) logs what `dropstudy train` of its config logs."""
-    common = ["optim.max_norm=2", "eval.mc_samples=5", "model.input_dropout=0.1", "model.dropout_schedule.kind=warmup",
+    common = ["optim.max_norm=0.5", "eval.mc_samples=5", "model.input_dropout=0.1", "model.dropout_schedule.kind=warmup",
               "trainer.batch_size=4", "trainer.epochs=6", "trainer.eval_every=3", "model.hidden=[32,32]",
               "tracker.mode=disabled"]
     grid = ["model.dropout=0,0.5", "seed=0,1"]
