@@ -268,6 +268,38 @@ def test_a_cifar10_seed_grid_shares_one_copy_of_the_images_and_each_member_equal
     assert results(tmp_path / "sw" / "0") != results(tmp_path / "sw" / "1")
 
 
+def test_an_interrupted_stacked_batch_resumes_exactly(clean_env, tmp_path, monkeypatch, own_signal_handlers):
+    """A batched sweep of stacked MLP members stopped by Ctrl-C during epoch 5 (checkpoints of
+    epoch 4) and continued with `dropstudy resume SWEEP_DIR`: each member's masks' generator,
+    optimizer state and batch order come back from its checkpoint, and every row equals those of
+    a sweep never stopped."""
+    grid = ["model.dropout=0.2,0.5", "seed=0,1", "trainer.epochs=8", "trainer.eval_every=2", "trainer.checkpoint_every=2",
+            "trainer.batch_size=4",
+            "optim.momentum=0.9", "model.hidden=[16,16]", "tracker.mode=disabled"]
+    real_set_epoch = Backend.set_epoch
+
+    def set_epoch(self, epoch):
+        if epoch == 5:
+            raise KeyboardInterrupt
+        return real_set_epoch(self, epoch)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Backend, "set_epoch", set_epoch)
+        stopped = invoke("sweep", *grid, "hydra.sweep.dir=sw")
+    assert stopped.exit_code == 130, stopped.output
+    for num in range(4):
+        state = torch.load(tmp_path / "sw" / str(num) / "checkpoints" / "last.pt", weights_only=False)
+        assert state["epoch"] == 4 and state["execution"] == "stacked" and "masks" in state["rng"]
+    resumed = invoke("resume", "sw")
+    assert resumed.exit_code == 0, resumed.output
+    assert invoke("sweep", *grid, "hydra.sweep.dir=ref").exit_code == 0
+    for num in range(4):
+        ours, theirs = results(tmp_path / "sw" / str(num)), results(tmp_path / "ref" / str(num))
+        assert [r["epoch"] for r in ours] == [2, 4, 6, 8, 8]
+        assert ours == theirs, num
+    assert results(tmp_path / "sw" / "0") != results(tmp_path / "sw" / "1")
+
+
 # --------------------------------------------------------------------------- records of earlier versions
 
 
