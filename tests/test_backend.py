@@ -36,7 +36,7 @@ MODES = ["stacked", "sequential"]
 
 # Every path a member has of its own: shuffled minibatches (a short last batch too), max-norm that
 # bites, MC-dropout evaluation; the CNN also augments.
-MLP = ["device=cpu", "trainer.epochs=20", "trainer.eval_every=5", "trainer.log_every=5", "trainer.batch_size=4",
+MLP = ["device=cpu", "trainer.epochs=10", "trainer.eval_every=5", "trainer.log_every=5", "trainer.batch_size=4",
        "optim.max_norm=0.5", "eval.mc_samples=4"]
 CNN = ["experiment=cifar10", "device=cpu", "data.synthetic=true", "data.subset=128", "data.val_size=32",
        "trainer.batch_size=32", "trainer.epochs=2", "data.seed=0", "data.augment=true", "optim.max_norm=0.5",
@@ -447,7 +447,7 @@ def test_why_not_says_why():
         "model.dropout_kind": configs("cnn", [["seed=0"], ["seed=1", "model.dropout_kind=vanilla"]]),
         "dropout sites": configs("cnn", [["seed=0"], ["seed=1", "model.conv_dropout=0.1"]]),
         "trainer.batch_size": configs("mlp", [["seed=0"], ["seed=1", "trainer.batch_size=5"]]),
-        "trainer.epochs": configs("mlp", [["seed=0"], ["seed=1", "trainer.epochs=10"]]),
+        "trainer.epochs": configs("mlp", [["seed=0"], ["seed=1", "trainer.epochs=30"]]),
         "members differ in": [compose(["seed=0"]), compose(["experiment=cifar10", "data.synthetic=true", "seed=1"])],
     }
     for needle, members in cases.items():
