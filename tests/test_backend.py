@@ -401,7 +401,7 @@ def test_a_diverged_member_is_reported_alone_and_the_others_train_on(mode):
 
 
 def test_on_nan_skip_skips_only_the_bad_members_steps():
-    cfgs = configs("mlp", extra=["trainer.on_nan=skip"])
+    cfgs = configs("mlp", extra=["trainer.on_nan=skip", "optim.momentum=0.9"])
     backend = make_backend(cfgs)
     assert backend.execution == "sequential"
     with_nan_weights(backend, 0)
@@ -409,6 +409,8 @@ def test_on_nan_skip_skips_only_the_bad_members_steps():
     metrics = backend.train_epoch(NoProgress())
     assert [m["train/skipped_steps"] for m in metrics] == [backend.steps_per_epoch, 0]
     assert math.isnan(metrics[0]["train/loss"]) and math.isfinite(metrics[1]["train/loss"])
+    # A skipped step leaves the optimizer alone: member 0's never stepped (no momentum buffers).
+    assert not backend.optimizers[0].state and backend.optimizers[1].state
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
