@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dropstudy.backends import Single
+from dropstudy.backend import Backend
 from dropstudy.config import compose
 from dropstudy.console import TrainingProgress
 from dropstudy.data import load_dataset
-from dropstudy.models import build_model
-from dropstudy.runtime import FastPaths, seed_everything, set_up_process
-from dropstudy.train import evaluate, make_optimizer
+from dropstudy.runtime import FastPaths, set_up_process
+from dropstudy.train import evaluate
 
 # One batch of 64 images is the whole training split, so an epoch is exactly one step.
 CNN_STEP = ["experiment=cifar10", "data.synthetic=true", "data.subset=64", "data.val_size=16",
@@ -44,17 +43,15 @@ def restore_torch_settings():
     torch.set_num_threads(threads)
 
 
-def single_backend(overrides: list[str], data_hook=None) -> Single:
-    """What `dropstudy train OVERRIDES` trains, built as train_run builds it."""
+def single_backend(overrides: list[str], data_hook=None) -> Backend:
+    """What `dropstudy train OVERRIDES` trains, built as train_run builds it: the backend of one member."""
     cfg = compose(overrides)
     device = set_up_process(cfg)
     fast = FastPaths.resolve(cfg.trainer, device)
     data = load_dataset(cfg.data, device, lambda line: None)
     if data_hook is not None:
         data = data_hook(data)
-    seed_everything(cfg.seed)
-    model = fast.prepare_model(build_model(cfg.model).to(device))
-    return Single(model=model, optimizer=make_optimizer(cfg.optim, model), data=data, cfg=cfg, fast=fast)
+    return Backend([cfg], [data], fast)
 
 
 def step_operators(overrides: list[str]) -> Counter:
@@ -76,7 +73,10 @@ def step_operators(overrides: list[str]) -> Counter:
 # past it has gained work that belongs elsewhere.
 STEP_OPERATORS = {
     # name: (overrides, measured before, measured now, bound)
-    "mlp": (MLP_STEP, 303, 274, 290),
+    # `dropstudy train` of the MLP: the backend's hand-written stacked forward with one member
+    # (its masks drawn as uniforms and compared with p, a bool mask cast to float per site).
+    "mlp": (MLP_STEP, 274, 321, 345),
+    "mlp one module": ([*MLP_STEP, "sweep.member_execution=sequential"], 303, 274, 290),
     "cnn": (CNN_STEP, 624, 339, 370),
     "cnn bf16": ([*CNN_STEP, "trainer.amp=bf16"], 745, 437, 480),
 }
@@ -99,7 +99,7 @@ def trained(overrides: list[str], fill: bool, epochs: int = 3, data_hook=None) -
     for epoch in range(1, epochs + 1):
         backend.set_epoch(epoch)
         metrics += backend.train_epoch(NoProgress()) + backend.evaluate("val")
-    return metrics, {k: v.clone() for k, v in backend.model.state_dict().items()}
+    return metrics, backend.member_state(0)["model"]
 
 
 CNN_EPOCHS = ["experiment=cifar10", "data.synthetic=true", "data.subset=192", "data.val_size=64",
@@ -146,17 +146,18 @@ def test_splits_normalised_once_train_exactly_as_batches_normalised_each_step(re
 
 def test_bf16_evaluation_casts_each_weight_once_not_once_per_batch(restore_torch_settings):
     backend = single_backend([*CNN_EPOCHS, "trainer.amp=bf16"])
-    data = backend.data
+    assert backend.execution == "sequential"
+    data, net, model = backend.datas[0], backend.nets[0], backend.models[0]
     assert len(data.val) == 64
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        result = evaluate(backend.net, data, data.val, 16, backend.fast)  # 4 batches
+        result = evaluate(net, data, data.val, 16, backend.fast)  # 4 batches
     # The same model evaluated in float32: bf16 agrees within its precision (as in training).
-    fp32 = evaluate(backend.net, data, data.val, 16, FastPaths(backend.fast.device, channels_last=True))
+    fp32 = evaluate(net, data, data.val, 16, FastPaths(backend.fast.device, channels_last=True))
     assert result["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and result["loss"] != fp32["loss"]
     casts = Counter(tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::_to_copy")
     # Every weight and bias (distinct shapes in this CNN) cast to bf16 once for the whole evaluation.
-    assert {tuple(p.shape): casts[tuple(p.shape)] for p in backend.model.parameters()} == {
-        tuple(p.shape): 1 for p in backend.model.parameters()}
+    assert {tuple(p.shape): casts[tuple(p.shape)] for p in model.parameters()} == {
+        tuple(p.shape): 1 for p in model.parameters()}
     assert casts[(16, 3, 32, 32)] == 2 * 4, "each batch: uint8 to float32, float32 to bf16"
 
 
@@ -178,7 +179,7 @@ def test_the_progress_bar_moves_in_strides_and_ends_on_the_total():
 FAULTS_PROBE = """
 import json, resource, sys
 import torch
-from dropstudy.backends import Single
+from dropstudy.backend import Backend
 from dropstudy.config import compose
 from dropstudy.data import load_dataset
 from dropstudy.models import build_model
@@ -191,11 +192,8 @@ class NoProgress:
 
 cfg = compose(sys.argv[1:])
 device = set_up_process(cfg)
-seed_everything(cfg.seed)
 data = load_dataset(cfg.data, device, lambda *a: None)
-model = build_model(cfg.model)
-backend = Single(model=model, optimizer=make_optimizer(cfg.optim, model), data=data, cfg=cfg,
-                 fast=FastPaths.resolve(cfg.trainer, device))
+backend = Backend([cfg], [data], FastPaths.resolve(cfg.trainer, device))
 for _ in range(3):  # warm-up: Adam's state, oneDNN's kernels, the heap grown to a step's size
     backend.train_epoch(NoProgress())
 faults = []
