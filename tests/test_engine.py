@@ -68,7 +68,7 @@ def test_a_sigtermed_batched_sweep_resumes_as_an_ensemble_and_equals_one_never_s
         assert summary["status"] == "interrupted" and summary["epoch"] == 27, summary
         assert summary["reason"] == "SIGTERM during epoch 27 of 60", summary
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-        assert state["epoch"] == 27 and "masks" in state["ensemble"]["shared"]
+        assert state["epoch"] == 27 and "masks" in state["rng"]
         assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [5, 10, 15, 20, 25]
     assert invoke("resume", "sw/1").exit_code == 2, "a member alone cannot continue: its masks are the chunk's"
 

@@ -108,15 +108,15 @@ def test_batched_sweep_rerun_is_identical(dropstudy, tmp_path):
     assert record["verdict"] == "identical" and [m["name"] for m in record["members"]] == ["0", "1"]
 
 
-def test_a_batched_member_rerun_alone_names_the_shared_masks_as_the_cause(dropstudy, tmp_path):
-    """A member of a batched sweep drew its dropout masks from the ensemble's shared generator;
-    rerun alone it draws its own, and the verdict says that, not that the code changed."""
+def test_a_batched_member_rerun_alone_reproduces_it(dropstudy, tmp_path):
+    """A member of a batched sweep drew its dropout masks from its own stream, as its single run
+    does: rerun alone it reproduces its metrics (to float rounding of the stacked matmuls), and
+    the batch is not named as a cause."""
     sweep = dropstudy("sweep", "model.dropout=0.5", "seed=0,1", *SHORT_STUDY, "hydra.sweep.dir=sw")
     assert sweep.code == 0, sweep.output
     assert json.loads((tmp_path / "sw" / "1" / "provenance.json").read_text())["batch"]["members"] == 2
-    result = dropstudy("rerun", "sw/1", "--out", "alone")
-    assert result.code == 1, result.output
-    assert "likely cause: the original was a member of a batched ensemble" in result.output
+    result = dropstudy("rerun", "sw/1", "--out", "alone", "--rtol", "1e-4")
+    assert result.code == 0, result.output
     record = json.loads((tmp_path / "alone" / "rerun.json").read_text())
-    assert any(item.startswith("batched: the original trained as member 1 of a batched ensemble of 2")
-               for item in record["environment_differences"]), record
+    assert record["verdict"] in ("identical", "within tolerance"), record
+    assert not any(item.startswith("batched:") for item in record["environment_differences"]), record

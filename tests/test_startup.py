@@ -98,10 +98,10 @@ def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
     import wandb
     from typer.testing import CliRunner
 
-    from dropstudy import runner, tracking
+    from dropstudy import execute, tracking
 
     events: list[tuple[str, str]] = []
-    real_warm_up, real_setup, real_load = tracking._import_and_start_wandb, wandb.setup, runner.load_dataset
+    real_warm_up, real_setup, real_load = tracking._import_and_start_wandb, wandb.setup, execute.load_dataset
 
     def warm_up():
         events.append(("warm-up", threading.current_thread().name))
@@ -117,7 +117,7 @@ def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tracking, "_import_and_start_wandb", warm_up)
     monkeypatch.setattr(wandb, "setup", setup)
-    monkeypatch.setattr(runner, "load_dataset", load_dataset)
+    monkeypatch.setattr(execute, "load_dataset", load_dataset)
     monkeypatch.setattr(tracking, "_warm_up", None)
     result = CliRunner().invoke(app, ["train", *QUICK_REGRESSION, "tracker.mode=offline", "hydra.run.dir=run"],
                                 prog_name="dropstudy")

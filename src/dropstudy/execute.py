@@ -518,7 +518,7 @@ def member_provenance(rec: MemberRecord, data: Dataset, device: torch.device, ba
     if not resume:
         provenance = collect_provenance(describe_device(device), rec.member.overrides, data.describe(),
                                         data.fingerprint(), rd)
-        if len(members) > 1:
+        if len(members) > 1 or batch.sweep is not None:  # a sweep's last batch may hold one member
             provenance["batch"] = {"members": len(members), "index": index, "execution": backend.execution,
                                    "shared_stream": bool(backend.shared_state()), "group": batch.group}
             if batch.sweep is not None:
@@ -535,11 +535,6 @@ def member_provenance(rec: MemberRecord, data: Dataset, device: torch.device, ba
                                                     "from_epoch": state["epoch"]}]
         rd.update_provenance(resumed=resumes)
     return provenance
-
-
-def batch_record(provenance: dict[str, Any]) -> dict[str, Any] | None:
-    """A member's `batch` provenance block (`vectorized` in run directories of earlier versions)."""
-    return provenance.get("batch") or provenance.get("vectorized")
 
 
 def figure_workers(members: int) -> int:

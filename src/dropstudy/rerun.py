@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dropstudy.backend import why_not
-from dropstudy.execute import Batch, batch_record, train_members
+from dropstudy.batching import why_not
+from dropstudy.execute import Batch, train_members
+from dropstudy.rundir import batch_record
 from dropstudy.execute import Member as ExecMember
 
 # Wall-clock measurements differ between any two runs; they are not results.

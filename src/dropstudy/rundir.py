@@ -635,3 +635,8 @@ def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick 
             lock.release()
             raise
     return lock
+
+
+def batch_record(provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """A member's `batch` provenance block (`vectorized` in run directories of earlier versions)."""
+    return provenance.get("batch") or provenance.get("vectorized")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dropstudy.backend import why_not
+from dropstudy.batching import why_not
 from dropstudy.config import ConfigError, conf_dir, explain_composition_error, hydra_value, validate
 from dropstudy.execute import Batch, Member, train_members
 from dropstudy.rundir import RunDir, claim_run_dir

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dropstudy.execute import Batch, Member, RunResult, batch_record, train_members
-from dropstudy.rundir import RunDir
+from dropstudy.execute import Batch, Member, RunResult, train_members
+from dropstudy.rundir import RunDir, batch_record
 
 
 def sweep_batches(sweep_dir: Path) -> list[list[Path]]:
