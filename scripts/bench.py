@@ -72,7 +72,7 @@ def write_synthetic_cifar(root: Path, n_train: int, n_test: int, seed: int) -> N
     """dropstudy's synthetic CIFAR-shaped images, as torchvision's cifar-10-batches-py files."""
     import numpy as np
 
-    from dropstudy.data import CIFAR10_CLASSES, synthetic_cifar10
+    from dropstudy.data.datasets import CIFAR10_CLASSES, synthetic_cifar10
 
     tensors = synthetic_cifar10(n_train, n_test, seed)
     folder = root / "cifar-10-batches-py"
@@ -189,7 +189,7 @@ def peak_worker(spec: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dropstudy.models import CNN
+    from dropstudy.model.networks import CNN
 
     model = CNN([32, 64, 128], 512, 10, [0.25, 0.25]).eval()
     with FlopCounterMode(display=False) as counter:

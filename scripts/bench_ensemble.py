@@ -29,15 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch
 from benchlib import cpu_name
 
-from dropstudy.config import compose
-from dropstudy.data import load_dataset
-from dropstudy.backend import Backend
-from dropstudy.runtime import (
-    FastPaths,
-    describe_device,
-    seed_everything,
-    set_up_process,
-)
+from dropstudy.config.compose import compose
+from dropstudy.data.datasets import load_dataset
+from dropstudy.engine.backend import Backend
+from dropstudy.engine.runtime import FastPaths, describe_device, seed_everything, set_up_process
 
 
 class NoProgress:

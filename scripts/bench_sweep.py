@@ -153,11 +153,11 @@ def main() -> None:
 
     import torch
 
-    from dropstudy.config import compose
-    from dropstudy.data import load_dataset
-    from dropstudy.rundir import RunDir
-    from dropstudy.backend import why_not
-    from dropstudy.execute import Batch, Member, train_members, train_run
+    from dropstudy.config.compose import compose
+    from dropstudy.data.datasets import load_dataset
+    from dropstudy.store.rundir import RunDir
+    from dropstudy.engine.backend import why_not
+    from dropstudy.runs.execute import Batch, Member, train_members, train_run
 
     rates = [float(r) for r in args.rates.split(",")]
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-sweep-"))

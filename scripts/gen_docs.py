@@ -1,5 +1,5 @@
 """The docs pages that are generated, never written by hand: the configuration reference (from the
-schema's dataclasses in src/dropstudy/config.py and the composed experiments), the CLI reference
+schema's dataclasses in src/dropstudy/config/schema.py and the composed experiments), the CLI reference
 (from the Typer app's help), and the full benchmark record (BENCHMARKS.md as it is).
 
 It is an MkDocs hook (`hooks:` in mkdocs.yml): every `mkdocs build` or `mkdocs serve` renders the
@@ -26,7 +26,8 @@ import click
 import typer
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from dropstudy import config as schema
+from dropstudy.config import schema
+from dropstudy.config.compose import compose, conf_dir
 from dropstudy.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ BENCHMARKS_PAGE = "benchmarks.md"
 EXPERIMENTS = tuple(e.value for e in schema.Experiment)
 # What conf/config.yaml composes when no experiment is named.
 DEFAULT_EXPERIMENT = "regression"
-SLURM_LAUNCHER = schema.conf_dir() / "hydra" / "launcher" / "slurm.yaml"
+SLURM_LAUNCHER = conf_dir() / "hydra" / "launcher" / "slurm.yaml"
 # Help is rendered as plain text at a fixed width (what a code block shows without scrolling), so the
 # page does not depend on the terminal.
 HELP_WIDTH = 80
@@ -60,7 +61,7 @@ def sections() -> list[tuple[str, str, type, tuple[str, ...]]]:
     ]
 
 
-# What the reference says of the keys that config.py declares without a comment above them
+# What the reference says of the keys that config/schema.py declares without a comment above them
 # (a comment added there replaces the entry here; tests/test_docs.py keeps the two apart).
 FALLBACK = {
     "Config.experiment": "Which study: picks its model, data and optimiser (`conf/experiment/NAME.yaml`).",
@@ -113,7 +114,7 @@ FALLBACK = {
 CONFIG_INTRO = """\
 # Configuration reference
 
-*Generated from the schema (the dataclasses in `src/dropstudy/config.py`) by `scripts/gen_docs.py`
+*Generated from the schema (the dataclasses in `src/dropstudy/config/schema.py`) by `scripts/gen_docs.py`
 each time the docs are built: do not edit by hand.*
 
 Hydra composes `conf/config.yaml` with one group per concern (`model/`, `data/`, `optim/`,
@@ -140,7 +141,7 @@ probability of dropping a unit (PyTorch's convention). Hydra's own keys (`hydra.
 
 
 def field_comments() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the comment lines right above that field in config.py, joined."""
+    """(class name, field name) -> the comment lines right above that field in config/schema.py, joined."""
     source = Path(inspect.getsourcefile(schema)).read_text()
     lines = source.splitlines()
     comments: dict[tuple[str, str], str] = {}
@@ -207,7 +208,7 @@ def value_text(value: Any) -> str:
 
 def composed_configs() -> dict[str, DictConfig]:
     """Each experiment's composed config (read unresolved, so `${seed}` reads as written)."""
-    return {name: schema.compose([f"experiment={name}"], resolve=False) for name in EXPERIMENTS}
+    return {name: compose([f"experiment={name}"], resolve=False) for name in EXPERIMENTS}
 
 
 def unresolved(cfg: DictConfig, key: str) -> Any:

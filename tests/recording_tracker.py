@@ -89,6 +89,6 @@ def recording_trackers(monkeypatch: pytest.MonkeyPatch) -> list[RecordingTracker
         made.append(RecordingTracker(mode=tracker_cfg.mode, **created_with))
         return made[-1]
 
-    monkeypatch.setattr("dropstudy.execute.make_tracker", make_tracker)  # every run's
-    monkeypatch.setattr("dropstudy.runner.make_tracker", make_tracker)  # a study's comparison
+    monkeypatch.setattr("dropstudy.runs.execute.make_tracker", make_tracker)  # every run's
+    monkeypatch.setattr("dropstudy.runs.study.make_tracker", make_tracker)  # a study's comparison
     return made

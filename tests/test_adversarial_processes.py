@@ -285,7 +285,7 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
 def test_resuming_a_batched_sweep_says_which_members_continued_from_which_epoch(
         clean_env, tmp_path, monkeypatch, own_signal_handlers):
     """It printed '4 jobs, 4 kept' and recorded {"jobs": []}, though all four were continued."""
-    from dropstudy.backend import Backend
+    from dropstudy.engine.backend import Backend
 
     grid = ["model.dropout=0.2,0.5", "seed=0,1", "trainer.epochs=40", "trainer.eval_every=10",
             "model.hidden=[16,16]", "tracker.mode=disabled", "hydra.sweep.dir=sw"]

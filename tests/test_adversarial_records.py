@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from cifar_files import write_torchvision_layout
 from conftest import QUICK_REGRESSION, read_jsonl, run_once
 from dropstudy.cli import app
-from dropstudy.data import DataError, read_cifar10
+from dropstudy.data.datasets import DataError, read_cifar10
 
 QUIET = ["tracker.mode=disabled"]
 
@@ -156,8 +156,8 @@ def test_a_damaged_summary_is_named_by_rerun_before_anything_is_written(run, sum
 
 
 def test_a_study_or_sweep_resume_plans_around_a_half_written_line_and_refuses_a_damaged_one(run):
-    from dropstudy.resume import plan_step
-    from dropstudy.rundir import RunDir, RunDirError
+    from dropstudy.runs.resume import plan_step
+    from dropstudy.store.rundir import RunDir, RunDirError
 
     crashed_writing_its_test_row(run)
     lines = len((run / "metrics.jsonl").read_text().splitlines())

@@ -20,13 +20,14 @@ import torch
 from omegaconf import OmegaConf
 from torch.func import functional_call, vmap
 
-from dropstudy.backend import Backend, member_execution, why_not
-from dropstudy.config import ConfigError, compose
-from dropstudy.dropout import make_dropout
-from dropstudy.execute import Member, load_member_data
-from dropstudy.models import build_model
-from dropstudy.runtime import FastPaths, set_up_process
-from dropstudy.train import evaluate, make_optimizer
+from dropstudy.engine.backend import Backend, member_execution, why_not
+from dropstudy.config.checks import ConfigError
+from dropstudy.config.compose import compose
+from dropstudy.model.dropout import make_dropout
+from dropstudy.runs.execute import Member, load_member_data
+from dropstudy.model.networks import build_model
+from dropstudy.engine.runtime import FastPaths, set_up_process
+from dropstudy.engine.steps import evaluate, make_optimizer
 
 # Stacked, a member's matmuls (and the CNN's convolutions) are batched and sum in another order
 # than its single model's: float32 rounding, well under 1e-5 here.

@@ -10,8 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from dropstudy.cli import app
-from dropstudy.config import CHOICE_KEYS, GROUP_KEYS, ConfigError
-from dropstudy.runtime import select_device
+from dropstudy.config.schema import CHOICE_KEYS, GROUP_KEYS
+from dropstudy.config.checks import ConfigError
+from dropstudy.engine.runtime import select_device
 
 runner = CliRunner()
 

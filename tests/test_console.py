@@ -2,7 +2,7 @@
 
 import logging
 
-from dropstudy.console import TrainingProgress
+from dropstudy.tracking.console import TrainingProgress
 
 
 def test_a_run_without_a_terminal_prints_a_bounded_number_of_evaluation_lines(caplog):

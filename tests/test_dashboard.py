@@ -17,8 +17,8 @@ import pytest
 from matplotlib.colors import to_hex
 
 from conftest import clean_environment
-from dropstudy import dashboard
-from dropstudy.plots import COLORS
+from dropstudy.tracking import dashboard
+from dropstudy.report.plots import COLORS
 
 FAKE_KEY = "k" * 40
 STUDY = ["study", "trainer.epochs=4", "trainer.eval_every=2", "study.arms=[0.0,0.5]", "tracker.watch=all",

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from conftest import REPO, python_path
 from dropstudy.cli import app
-from dropstudy.config import compose
+from dropstudy.config.compose import compose
 
 EXPERIMENTS = ("regression", "cifar10")
 

@@ -16,19 +16,12 @@ import torch
 from torch import nn
 
 from conftest import reliability
-from dropstudy.config import DropoutKind, compose
-from dropstudy.dropout import (
-    DropoutSchedule,
-    FORMULATIONS,
-    describe_sites,
-    drops_anything,
-    make_dropout,
-    mc_dropout,
-    sites,
-)
-from dropstudy.models import CNN, MLP, build_model, weight_layers, weight_norms
-from dropstudy.train import apply_max_norm
-from dropstudy.uncertainty import Predictions, calibration, mc_forward, mc_metrics, predictive_entropy
+from dropstudy.config.schema import DropoutKind
+from dropstudy.config.compose import compose
+from dropstudy.model.dropout import DropoutSchedule, FORMULATIONS, describe_sites, drops_anything, make_dropout, mc_dropout, sites
+from dropstudy.model.networks import CNN, MLP, build_model, weight_layers, weight_norms
+from dropstudy.engine.steps import apply_max_norm
+from dropstudy.model.uncertainty import Predictions, calibration, mc_forward, mc_metrics, predictive_entropy
 
 Z = 4.5
 N = 200_000  # units per statistical check

@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from conftest import read_figure, read_jsonl, reliability
 from dropstudy.cli import app
-from dropstudy.config import compose
-from dropstudy.data import load_dataset
-from dropstudy.models import build_model
-from dropstudy.runtime import seed_everything
+from dropstudy.config.compose import compose
+from dropstudy.data.datasets import load_dataset
+from dropstudy.model.networks import build_model
+from dropstudy.engine.runtime import seed_everything
 from test_reproducibility import results, start, wait_for_rows
 from wandb_offline import load_run
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from conftest import read_jsonl
-from dropstudy import hydra_internals
+from dropstudy.config import hydra_internals
 from dropstudy.cli import app
-from dropstudy.dropout import make_dropout
+from dropstudy.model.dropout import make_dropout
 
 GRID = ["model.dropout=0.2,0.5", "seed=0,1", "trainer.epochs=60", "trainer.eval_every=20", "trainer.log_every=5",
         "model.hidden=[32,32]", "tracker.mode=disabled"]
@@ -47,7 +47,7 @@ def test_a_sigtermed_batched_sweep_resumes_as_an_ensemble_and_equals_one_never_s
     is the same on any machine); the epochs are short, so the signal is held to the end of epoch
     27: exit 143, every member interrupted with its checkpoint at epoch 27, one resume command. `dropstudy resume SWEEP_DIR` then continues all four members together,
     with the masks' generator from the checkpoints, and every row equals an uninterrupted sweep's."""
-    from dropstudy.backend import Backend
+    from dropstudy.engine.backend import Backend
 
     real_set_epoch = Backend.set_epoch
 
@@ -174,7 +174,7 @@ def test_an_unknown_optimizer_is_exit_2_and_make_optimizer_refuses_it_too(clean_
     assert result.exit_code == 2 and "optim.name" in result.output and "sgd" in result.output, result.output
     from omegaconf import OmegaConf
 
-    from dropstudy.train import make_optimizer
+    from dropstudy.engine.steps import make_optimizer
 
     with pytest.raises(ValueError, match="optim.name='adamw'"):
         make_optimizer(OmegaConf.create({"name": "adamw", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}),

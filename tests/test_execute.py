@@ -17,15 +17,15 @@ from typer.testing import CliRunner
 
 from cifar_files import write_torchvision_layout
 from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_figure, read_jsonl
-from dropstudy import execute
-from dropstudy.backend import Backend
+from dropstudy.runs import execute
+from dropstudy.engine.backend import Backend
 from dropstudy.cli import app
-from dropstudy.config import compose
-from dropstudy.data import make_regression
-from dropstudy.execute import Batch, Member, load_member_data, preflight, train_members, train_run
-from dropstudy.models import build_model
-from dropstudy.rundir import RunDir, RunDirError
-from dropstudy.train import make_optimizer
+from dropstudy.config.compose import compose
+from dropstudy.data.datasets import make_regression
+from dropstudy.runs.execute import Batch, Member, load_member_data, preflight, train_members, train_run
+from dropstudy.model.networks import build_model
+from dropstudy.store.rundir import RunDir, RunDirError
+from dropstudy.engine.steps import make_optimizer
 from wandb_offline import load_run
 
 # Stacked, a member's matmuls are batched and sum in another order than its single run's: float32
@@ -190,7 +190,7 @@ def test_members_figures_draw_on_worker_processes_and_survive_their_death(tmp_pa
     dies (killed, out of memory) must not cost a figure: it is drawn in this process instead."""
     from concurrent.futures.process import BrokenProcessPool
 
-    from dropstudy import plots
+    from dropstudy.report import plots
 
     rows = [{"epoch": e, "train/loss": 1.0 / e, **({"val/loss": 2.0 / e} if e % 5 == 0 else {})} for e in range(1, 21)]
     with plots.Drawer(2) as drawer:

@@ -218,7 +218,7 @@ def test_a_data_cache_that_cannot_be_written_is_a_warning_and_leaves_no_tmp(tmp_
     from cifar_files import write_torchvision_layout
 
     write_torchvision_layout(tmp_path, n_train=120, n_test=30)  # ~460 KB of decoded tensors to cache
-    script = ("import sys; from pathlib import Path; from dropstudy.data import read_cifar10; "
+    script = ("import sys; from pathlib import Path; from dropstudy.data.datasets import read_cifar10; "
               "tensors, source = read_cifar10(Path(sys.argv[1]), download=False, verify=False, log=print); "
               "print('decoded', len(tensors['train_labels']))")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,

@@ -23,7 +23,7 @@ from matplotlib.text import Text
 from typer.testing import CliRunner
 
 from conftest import read_jsonl
-from dropstudy import plots
+from dropstudy.report import plots
 from dropstudy.cli import app
 
 QUICK = ["trainer.epochs=30", "trainer.eval_every=5", "tracker.mode=disabled"]

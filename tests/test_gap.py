@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import read_jsonl
-from dropstudy.config import compose
-from dropstudy.data import load_cifar10, make_regression
-from dropstudy.models import build_model
+from dropstudy.config.compose import compose
+from dropstudy.data.datasets import load_cifar10, make_regression
+from dropstudy.model.networks import build_model
 
 # Long enough for p=0.5 dropout to keep the training-mode loss well above the eval-mode one.
 REGRESSION = ["model.dropout=0.5", "trainer.epochs=300", "trainer.eval_every=10", "tracker.mode=disabled"]

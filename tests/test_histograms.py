@@ -12,10 +12,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import QUICK_REGRESSION, read_jsonl
-from dropstudy.config import compose
-from dropstudy.histograms import BINS, histograms
-from dropstudy.models import build_model
-from dropstudy.execute import train_run
+from dropstudy.config.compose import compose
+from dropstudy.tracking.histograms import BINS, histograms
+from dropstudy.model.networks import build_model
+from dropstudy.runs.execute import train_run
 from recording_tracker import recording_trackers
 from wandb_offline import load_run
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import clean_environment, read_figure
 from dropstudy.cli import app
-from dropstudy.report import EFFECT, MEAN, NA, P, _format
+from dropstudy.report.tables import EFFECT, MEAN, NA, P, _format
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` on PATH (apt-get install -y chromium)")
@@ -235,7 +235,7 @@ def test_every_study_writes_report_html_with_its_comparison(study: tuple[Path, s
 
 def test_user_text_is_escaped(tmp_path: Path):
     """A path or command with markup in it shows as text: it never becomes an element."""
-    from dropstudy.html_report import render
+    from dropstudy.report.html import render
 
     root = tmp_path / "<script>alert(1)</script>"
     html = render("t", root, [], [], [], [], [(root / "a&b", "failed")], [("made the runs", "x='<b>' && y")])

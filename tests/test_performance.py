@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from dropstudy.cli import app
-from dropstudy.config import compose
-from dropstudy.data import Split, TrainBatches, augment_images
-from dropstudy.models import CNN
-from dropstudy.runtime import FastPaths
-from dropstudy.train import make_optimizer
+from dropstudy.config.compose import compose
+from dropstudy.data.datasets import Split, TrainBatches, augment_images
+from dropstudy.model.networks import CNN
+from dropstudy.engine.runtime import FastPaths
+from dropstudy.engine.steps import make_optimizer
 
 CPU = torch.device("cpu")
 

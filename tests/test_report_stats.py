@@ -23,7 +23,7 @@ from scipy import stats as sps
 from typer.testing import CliRunner
 
 from dropstudy.cli import app
-from dropstudy.config import compose
+from dropstudy.config.compose import compose
 
 
 def invoke(*args: str):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import PACKAGE_ROOT, QUICK_REGRESSION, assert_provenance_matches_checkout, git_checkout_state, read_jsonl, run_once
-from dropstudy.config import compose, conf_dir
-from dropstudy.rundir import RunDir
+from dropstudy.config.compose import compose, conf_dir
+from dropstudy.store.rundir import RunDir
 
 SYNTHETIC_CIFAR = ["experiment=cifar10", "data.synthetic=true", "data.subset=320", "data.val_size=64",
                    "trainer.batch_size=64", "tracker.log_freq=5"]
@@ -284,7 +284,7 @@ def test_on_nan_raise_stops_with_diverged_summary(dropstudy, tmp_path):
 
 
 def test_on_nan_skip_skips_bad_steps_and_goes_on(clean_env, tmp_path):
-    from dropstudy.execute import train_run
+    from dropstudy.runs.execute import train_run
 
     cfg = compose(["experiment=cifar10", "data.synthetic=true", "data.subset=256", "data.val_size=64",
                    "trainer.epochs=2", "trainer.batch_size=64", "trainer.on_nan=skip", "tracker.mode=disabled"])

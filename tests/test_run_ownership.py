@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from conftest import QUICK_REGRESSION, SWEEP_GRID, clean_environment, read_jsonl
 from dropstudy.cli import app
-from dropstudy.rundir import RunDirClaimError, claim_run_dir
+from dropstudy.store.rundir import RunDirClaimError, claim_run_dir
 
 SPACED = "my runs/a b"  # a run directory a shell splits unless the command quotes it
 QUIET = ["tracker.mode=disabled"]
@@ -159,7 +159,7 @@ def test_of_two_writers_of_one_dir_one_exits_2_naming_the_other(clean_env, tmp_p
 
 def test_the_os_releases_the_lock_of_a_killed_writer(clean_env, tmp_path):
     run = tmp_path / "r"
-    hold = ("import sys, time; from dropstudy.rundir import claim_run_dir; "
+    hold = ("import sys, time; from dropstudy.store.rundir import claim_run_dir; "
             "lock = claim_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], env=clean_env, stdout=subprocess.PIPE, text=True)
     try:
@@ -178,7 +178,7 @@ def test_the_os_releases_the_lock_of_a_killed_writer(clean_env, tmp_path):
 
 
 def test_default_dirs_of_processes_started_in_one_second_differ(clean_env, tmp_path):
-    code = ("from dropstudy.config import compose; from dropstudy.sweep import plan_sweep; "
+    code = ("from dropstudy.config.compose import compose; from dropstudy.sweeps.plan import plan_sweep; "
             "print(compose([], return_hydra_config=True).hydra.run.dir); print(plan_sweep(['model.dropout=0,0.5']).sweep_dir)")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]

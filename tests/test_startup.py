@@ -98,7 +98,8 @@ def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
     import wandb
     from typer.testing import CliRunner
 
-    from dropstudy import execute, tracking
+    from dropstudy.runs import execute
+    from dropstudy.tracking import wandb_run as tracking
 
     events: list[tuple[str, str]] = []
     real_warm_up, real_setup, real_load = tracking._import_and_start_wandb, wandb.setup, execute.load_dataset
@@ -132,7 +133,7 @@ def test_calls_made_while_wandb_starts_reach_it_in_order_once_it_is_up():
     is lost: rows, histograms (as they were when logged) and the summary arrive in order."""
     import torch
 
-    from dropstudy.tracking import BackgroundTracker
+    from dropstudy.tracking.wandb_run import BackgroundTracker
 
     release = threading.Event()
     recorder = RecordingTracker()
@@ -158,7 +159,7 @@ def test_calls_made_while_wandb_starts_reach_it_in_order_once_it_is_up():
 
 
 def test_a_background_start_that_fails_leaves_training_without_wandb(caplog):
-    from dropstudy.tracking import BackgroundTracker
+    from dropstudy.tracking.wandb_run import BackgroundTracker
 
     def start():
         raise RuntimeError("no W&B here")
@@ -173,7 +174,7 @@ def test_a_background_start_that_fails_leaves_training_without_wandb(caplog):
 DETERMINISM_PROBE = """
 import json, sys
 from omegaconf import OmegaConf
-from dropstudy.runtime import set_up_process
+from dropstudy.engine.runtime import set_up_process
 import torch
 compiled = sys.argv[1] == "compile"
 set_up_process(OmegaConf.create({"device": "cpu", "deterministic": True,

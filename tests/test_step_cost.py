@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dropstudy.backend import Backend
-from dropstudy.config import compose
-from dropstudy.console import TrainingProgress
-from dropstudy.data import load_dataset
-from dropstudy.runtime import FastPaths, set_up_process
-from dropstudy.train import evaluate
+from dropstudy.engine.backend import Backend
+from dropstudy.config.compose import compose
+from dropstudy.tracking.console import TrainingProgress
+from dropstudy.data.datasets import load_dataset
+from dropstudy.engine.runtime import FastPaths, set_up_process
+from dropstudy.engine.steps import evaluate
 
 # One batch of 64 images is the whole training split, so an epoch is exactly one step.
 CNN_STEP = ["experiment=cifar10", "data.synthetic=true", "data.subset=64", "data.val_size=16",
@@ -179,12 +179,12 @@ def test_the_progress_bar_moves_in_strides_and_ends_on_the_total():
 FAULTS_PROBE = """
 import json, resource, sys
 import torch
-from dropstudy.backend import Backend
-from dropstudy.config import compose
-from dropstudy.data import load_dataset
-from dropstudy.models import build_model
-from dropstudy.runtime import FastPaths, retain_freed_memory, seed_everything, set_up_process
-from dropstudy.train import make_optimizer
+from dropstudy.engine.backend import Backend
+from dropstudy.config.compose import compose
+from dropstudy.data.datasets import load_dataset
+from dropstudy.model.networks import build_model
+from dropstudy.engine.runtime import FastPaths, retain_freed_memory, seed_everything, set_up_process
+from dropstudy.engine.steps import make_optimizer
 
 class NoProgress:
     def advance(self, steps=1):

@@ -106,7 +106,7 @@ def test_every_grid_point_is_checked_before_anything_runs(clean_env, tmp_path):
 ], ids=["launcher", "sweeper"])
 def test_a_launcher_or_sweeper_whose_plugin_is_missing_says_what_to_install(clean_env, monkeypatch, plugin, args,
                                                                             package):
-    from dropstudy import sweep
+    from dropstudy.sweeps import plan as sweep
 
     real = sweep.importlib.util.find_spec
     monkeypatch.setattr(sweep.importlib.util, "find_spec",
@@ -122,7 +122,7 @@ SLURM_DEFAULTS = {"partition": None, "timeout_min": 60, "gpus_per_node": 1, "cpu
 
 
 def test_dry_run_lists_jobs_and_the_slurm_launcher_config(clean_env, tmp_path):
-    from dropstudy.sweep import plan_sweep
+    from dropstudy.sweeps.plan import plan_sweep
 
     args = ["model.dropout=0,0.5", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
             "hydra.launcher.mem_gb=64", "hydra.sweep.dir=sw"]
@@ -254,8 +254,8 @@ def test_wandb_sweep_rejects_what_an_agent_cannot_run(clean_env):
 def fake_batches(monkeypatch, reason):
     """Stand-ins for the batching rule and the orchestrator, recording calls: how the sweep hands a
     grid over, apart from what the batched training does (test_execute.py covers that)."""
-    from dropstudy import sweep
-    from dropstudy.rundir import RunDir
+    from dropstudy.sweeps import run as sweep
+    from dropstudy.store.rundir import RunDir
 
     calls = []
 

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
 from dropstudy.cli import app
-from dropstudy.config import compose
-from dropstudy.models import build_model
-from dropstudy.execute import train_run
-from dropstudy.tracking import flatten, has_wandb_credentials, resolve_mode
+from dropstudy.config.compose import compose
+from dropstudy.model.networks import build_model
+from dropstudy.runs.execute import train_run
+from dropstudy.tracking.tracker import flatten
+from dropstudy.tracking.wandb_run import has_wandb_credentials, resolve_mode
 from recording_tracker import recording_trackers
 
 runner = CliRunner()
@@ -103,7 +104,7 @@ def test_wandb_lists_the_installed_packages_once_per_process(clean_env, tmp_path
     wandb lists at every run start, are listed once."""
     import wandb.util
 
-    from dropstudy.tracking import WandbTracker, make_tracker
+    from dropstudy.tracking.wandb_run import WandbTracker, make_tracker
 
     listings = []
     listed_by_wandb = wandb.util.working_set
@@ -244,7 +245,7 @@ LAUNCH_PROBE = """
 import json, sys
 from pathlib import Path
 from omegaconf import OmegaConf
-from dropstudy.tracking import LAUNCH_INPUTS_MODULE, make_tracker
+from dropstudy.tracking.wandb_run import LAUNCH_INPUTS_MODULE, make_tracker
 
 cfg = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "init_timeout": 30})
 out = Path(sys.argv[1])
@@ -282,7 +283,7 @@ def test_private_patches_pass_arguments_through_and_step_aside_when_the_library_
     import logging
     import types
 
-    from dropstudy.tracking import patch_private
+    from dropstudy.tracking.wandb_run import patch_private
 
     calls = []
 
@@ -312,7 +313,7 @@ def test_the_wandb_patches_fit_the_installed_wandb():
     the cue to revisit them before lifting wandb's upper bound)."""
     import wandb
 
-    from dropstudy.tracking import cache_installed_packages, skip_unstaged_launch_inputs
+    from dropstudy.tracking.wandb_run import cache_installed_packages, skip_unstaged_launch_inputs
 
     assert cache_installed_packages(wandb)
     assert skip_unstaged_launch_inputs(wandb)

@@ -17,7 +17,7 @@ from conftest import QUICK_REGRESSION, read_jsonl
 from omegaconf import OmegaConf
 from wandb_offline import load_run
 
-from dropstudy import tracking
+from dropstudy.tracking import wandb_run as tracking
 
 INIT_TIMEOUT = 5
 # Nothing listens on port 9 (discard) here: wandb's client retries the refused connection

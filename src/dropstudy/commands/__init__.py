@@ -1,0 +1,1 @@
+"""One module per CLI command; `dropstudy.cli` builds the Typer app from them."""

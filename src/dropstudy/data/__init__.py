@@ -1,0 +1,1 @@
+"""The datasets: regression points and CIFAR-10 (files, cache, splits), on one device."""

@@ -1,0 +1,1 @@
+"""Training: the loop (`loop.Engine`), the one backend (`backend.Backend`), the batching rules."""

@@ -1,0 +1,1 @@
+"""The networks, their dropout sites, and MC-dropout evaluation."""

@@ -1,0 +1,1 @@
+"""Sweeps: planning, searching, running (any launcher, or batches in this process), resuming, SLURM."""
