@@ -156,7 +156,7 @@ def main() -> None:
     from dropstudy.config.compose import compose
     from dropstudy.data.datasets import load_dataset
     from dropstudy.store.rundir import RunDir
-    from dropstudy.engine.backend import why_not
+    from dropstudy.engine.batching import why_not
     from dropstudy.runs.execute import Batch, Member, train_members, train_run
 
     rates = [float(r) for r in args.rates.split(",")]

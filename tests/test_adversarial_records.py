@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from cifar_files import write_torchvision_layout
 from conftest import QUICK_REGRESSION, read_jsonl, run_once
 from dropstudy.cli import app
-from dropstudy.data.datasets import DataError, read_cifar10
+from dropstudy.data.files import DataError
+from dropstudy.data.datasets import read_cifar10
 
 QUIET = ["tracker.mode=disabled"]
 

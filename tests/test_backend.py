@@ -20,7 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.func import functional_call, vmap
 
-from dropstudy.engine.backend import Backend, member_execution, why_not
+from dropstudy.engine.backend import Backend
+from dropstudy.engine.batching import member_execution, why_not
 from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import compose
 from dropstudy.model.dropout import make_dropout

@@ -17,7 +17,7 @@ import pytest
 from matplotlib.colors import to_hex
 
 from conftest import clean_environment
-from dropstudy.tracking import dashboard
+from dropstudy.report import dashboard
 from dropstudy.report.plots import COLORS
 
 FAKE_KEY = "k" * 40

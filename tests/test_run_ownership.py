@@ -178,7 +178,7 @@ def test_the_os_releases_the_lock_of_a_killed_writer(clean_env, tmp_path):
 
 
 def test_default_dirs_of_processes_started_in_one_second_differ(clean_env, tmp_path):
-    code = ("from dropstudy.config.compose import compose; from dropstudy.sweeps.plan import plan_sweep; "
+    code = ("from dropstudy.config.compose import compose; from dropstudy.sweeps.search import plan_sweep; "
             "print(compose([], return_hydra_config=True).hydra.run.dir); print(plan_sweep(['model.dropout=0,0.5']).sweep_dir)")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]

@@ -88,7 +88,7 @@ def test_a_search_is_checked_before_anything_runs(clean_env, tmp_path):
 
 
 def test_the_objective_sets_the_direction_optuna_is_told(clean_env):
-    from dropstudy.sweeps.plan import plan_sweep
+    from dropstudy.sweeps.search import plan_sweep
 
     cifar = ["experiment=cifar10", "data.synthetic=true", "hydra/sweeper=optuna", "model.dropout=interval(0,0.5)"]
     for objective, direction in (("val/acc", "maximize"), ("val/loss", "minimize"), ("test/acc", "maximize")):

@@ -122,7 +122,7 @@ SLURM_DEFAULTS = {"partition": None, "timeout_min": 60, "gpus_per_node": 1, "cpu
 
 
 def test_dry_run_lists_jobs_and_the_slurm_launcher_config(clean_env, tmp_path):
-    from dropstudy.sweeps.plan import plan_sweep
+    from dropstudy.sweeps.search import plan_sweep
 
     args = ["model.dropout=0,0.5", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
             "hydra.launcher.mem_gb=64", "hydra.sweep.dir=sw"]
@@ -350,9 +350,9 @@ def test_planned_jobs_equal_what_composing_each_from_scratch_gives(clean_env, tm
         return changed
 
     monkeypatch.setattr(sweep, "value_changes", counted)
-    fast = sweep.plan_sweep(args)
+    fast = sweep.plan_grid(args)
     monkeypatch.setattr(sweep, "jobs_differ_in_values_only", lambda *a: False)
-    slow = sweep.plan_sweep(args)
+    slow = sweep.plan_grid(args)
     assert calls["n"] == copied
     assert len(fast.jobs) == len(slow.jobs) > 1
     for ours, theirs in zip(fast.jobs, slow.jobs):

@@ -20,13 +20,14 @@ import sys
 import threading
 from pathlib import Path
 from typing import NoReturn
+
 import typer
+
 from dropstudy import __version__
 from dropstudy.commands import dashboard, demo, report, rerun, resume, study, sweep, train
 from dropstudy.commands.common import EXTRA_ARGS, fail
-from dropstudy.tracking.console import stderr
 from dropstudy.store.failures import EXIT_IO_ERROR, describe, os_error_in
-
+from dropstudy.tracking.console import stderr
 
 app = typer.Typer(
     name="dropstudy",

@@ -10,15 +10,16 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
 import typer
 from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+
 from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import compose, conf_dir, hydra_value
-from rich.console import Console
-from dropstudy.tracking.console import shell_command, stderr
 from dropstudy.data.files import DataError, check_cifar10_available
 from dropstudy.store.failures import EXIT_IO_ERROR, describe, os_error_in
-
+from dropstudy.tracking.console import shell_command, stderr
 
 EXIT_BAD_INPUT = 2
 
@@ -289,6 +290,6 @@ def check_runnable(cfg: DictConfig) -> None:
 def save_wandb_view(directory: Path, report: bool = False) -> None:
     """The W&B view (or `report`) of what a command just made (dropstudy.dashboard); one line,
     whatever happens."""
-    from dropstudy.tracking.dashboard import after_command
+    from dropstudy.report.dashboard import after_command
 
     after_command(directory, say=typer.echo, report=report)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
+
 from dropstudy.commands.common import fail, handle_run_errors
 
 
@@ -32,7 +34,8 @@ def dashboard(
     """
     if not directory.is_dir():
         raise fail(f"{directory}: no such directory; give a study, sweep or reported directory.")
-    from dropstudy.tracking.dashboard import DashboardError, first_line, publish, view_spec, write_spec
+    from dropstudy.report.dashboard import DashboardError, publish, view_spec, write_spec
+    from dropstudy.tracking.tracker import first_line
     from dropstudy.tracking.wandb_run import has_wandb_credentials
 
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
 import typer
+
 from dropstudy.commands.common import fail
 
 

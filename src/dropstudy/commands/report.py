@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import List
+
 import typer
 from rich.console import Console
-from dropstudy.tracking.console import stderr
+
 from dropstudy.commands.common import fail, save_wandb_view
+from dropstudy.tracking.console import stderr
 
 
 def report(
@@ -41,8 +43,9 @@ def report(
         raise fail(f"{directory}: no such directory; give a directory of runs (a sweep, a study, runs/).")
     from rich.markup import escape
 
+    from dropstudy.report.tables import ReportError, caption, cells, header, skip_reason, table_rows
+    from dropstudy.report.write import plan_report, write_report
     from dropstudy.tracking.console import setup_logging
-    from dropstudy.report.tables import ReportError, caption, cells, header, plan_report, skip_reason, table_rows, write_report
 
     try:  # everything is read and checked before report/ (and its log) is written
         planned = plan_report(directory, baseline)

@@ -5,12 +5,23 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 from typing import List, Optional
+
 import typer
-from dropstudy.config.schema import process_uid
 from rich.console import Console
-from dropstudy.tracking.console import stderr
-from dropstudy.commands.common import ELSEWHERE_OUT, check_runnable, claimed, fail, handle_run_errors, load_saved_run, overridden, print_run
+
+from dropstudy.commands.common import (
+    ELSEWHERE_OUT,
+    check_runnable,
+    claimed,
+    fail,
+    handle_run_errors,
+    load_saved_run,
+    overridden,
+    print_run,
+)
 from dropstudy.commands.resume import read_status_of
+from dropstudy.config.schema import process_uid
+from dropstudy.tracking.console import stderr
 
 
 def rerun(
@@ -41,10 +52,9 @@ def rerun(
 
     from rich.table import Table
 
-    from dropstudy.tracking.console import setup_logging
-    from dropstudy.runs.compare import compare_metrics, environment_differences, likely_cause
-    from dropstudy.runs.compare import MembersError, members_of
+    from dropstudy.runs.compare import MembersError, compare_metrics, environment_differences, likely_cause, members_of
     from dropstudy.store.rundir import RunDir, write_json_atomic
+    from dropstudy.tracking.console import setup_logging
 
     overrides = list(overrides or [])
     try:
@@ -134,8 +144,8 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
     written, then `rerun.rerun_members` trains and compares them."""
     from datetime import datetime
 
-    from dropstudy.tracking.console import setup_logging
     from dropstudy.runs.rerun import Member, MemberRerun, rerun_members
+    from dropstudy.tracking.console import setup_logging
 
     members = []
     for name, original in runs:

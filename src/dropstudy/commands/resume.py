@@ -8,10 +8,23 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
 import typer
 from omegaconf import OmegaConf
+
+from dropstudy.commands.common import (
+    ELSEWHERE_RUN,
+    ELSEWHERE_SWEEP,
+    EXIT_INTERRUPTED,
+    check_runnable,
+    claimed,
+    fail,
+    handle_run_errors,
+    load_saved_run,
+    print_run,
+    print_sweep_table,
+)
 from dropstudy.tracking.console import shell_command, stderr
-from dropstudy.commands.common import ELSEWHERE_RUN, ELSEWHERE_SWEEP, EXIT_INTERRUPTED, check_runnable, claimed, fail, handle_run_errors, load_saved_run, print_run, print_sweep_table
 
 
 def resume(
@@ -70,8 +83,8 @@ class ResumeLog:
 
 
 def resume_run_dir(run_dir: Path) -> None:
-    from dropstudy.store.rundir import RunDir, RunDirError
     from dropstudy.runs.execute import train_run
+    from dropstudy.store.rundir import RunDir, RunDirError
     from dropstudy.sweeps.batches import sweep_of_member
 
     try:
@@ -129,8 +142,8 @@ def update_study_of_arm(result: Any) -> None:
 
 
 def resume_study_dir(study_dir: Path) -> None:
-    from dropstudy.store.rundir import RunDirError
     from dropstudy.runs.resume import ResumeError, plan_study_resume, resume_study
+    from dropstudy.store.rundir import RunDirError
 
     try:
         plan = plan_study_resume(study_dir)
@@ -242,8 +255,7 @@ def resume_batched_chunks(sweep_dir: Path) -> dict[Path, int]:
     """The batched part of `dropstudy resume SWEEP_DIR`: batches of a sweep that were interrupted
     continue as the batches they were. Exits when they are interrupted again; returns the epoch
     each member continued from, by its resolved run dir."""
-    from dropstudy.store.rundir import RunDirError
-    from dropstudy.store.rundir import read_status
+    from dropstudy.store.rundir import RunDirError, read_status
     from dropstudy.sweeps.batches import resume_sweep, sweep_batches
 
     chunks = sweep_batches(sweep_dir)

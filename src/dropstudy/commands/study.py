@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from typing import List, Optional
+
 import typer
+
+from dropstudy.commands.common import (
+    ELSEWHERE_RUN,
+    OVERRIDES_HELP,
+    checked_config,
+    claimed,
+    handle_run_errors,
+    print_run,
+    run_hydra_task,
+    save_wandb_view,
+    show_config,
+    time_line,
+    warm_up_wandb,
+)
 from dropstudy.config.checks import validate_study
-from dropstudy.commands.common import ELSEWHERE_RUN, OVERRIDES_HELP, checked_config, claimed, handle_run_errors, print_run, run_hydra_task, save_wandb_view, show_config, time_line, warm_up_wandb
 
 
 def study(

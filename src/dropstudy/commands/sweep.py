@@ -6,17 +6,29 @@ import json
 import logging
 import shlex
 from typing import List, Optional
+
 import typer
 from omegaconf import OmegaConf
+
+from dropstudy.commands.common import (
+    ELSEWHERE_SWEEP,
+    EXIT_INTERRUPTED,
+    OVERRIDES_HELP,
+    check_override_syntax,
+    check_runnable,
+    claimed,
+    fail,
+    print_sweep_table,
+    save_wandb_view,
+)
 from dropstudy.config.checks import ConfigError
-from dropstudy.tracking.console import shell_command, stderr
 from dropstudy.store.failures import EXIT_IO_ERROR, describe, os_error_in
-from dropstudy.commands.common import ELSEWHERE_SWEEP, EXIT_INTERRUPTED, OVERRIDES_HELP, check_override_syntax, check_runnable, claimed, fail, print_sweep_table, save_wandb_view
+from dropstudy.tracking.console import shell_command, stderr
 
 
 def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal: str) -> None:
     """`sweep --wandb`: check the grid, write the W&B sweep YAML, print how to start it."""
-    from dropstudy.sweeps.plan import plan_sweep
+    from dropstudy.sweeps.search import plan_sweep
     from dropstudy.sweeps.wandb_sweep import wandb_sweep_config, write_wandb_sweep
 
     try:
@@ -79,8 +91,15 @@ def sweep(
 
         dropstudy sweep hydra/sweeper=optuna 'model.dropout=interval(0,0.8)' hydra.sweeper.n_trials=20
     """
-    from dropstudy.sweeps.run import SweepJob, batch_reason, collect_outcomes, launch_multirun, train_batches, write_sweep_json
-    from dropstudy.sweeps.plan import plan_sweep
+    from dropstudy.sweeps.run import (
+        SweepJob,
+        batch_reason,
+        collect_outcomes,
+        launch_multirun,
+        train_batches,
+        write_sweep_json,
+    )
+    from dropstudy.sweeps.search import plan_sweep
 
     overrides = list(overrides or [])
     check_override_syntax(overrides, "sweep")

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from typing import List, Optional
+
 import typer
-from dropstudy.commands.common import ELSEWHERE_RUN, OVERRIDES_HELP, checked_config, claimed, handle_run_errors, print_run, run_hydra_task, show_config, warm_up_wandb
+
+from dropstudy.commands.common import (
+    ELSEWHERE_RUN,
+    OVERRIDES_HELP,
+    checked_config,
+    claimed,
+    handle_run_errors,
+    print_run,
+    run_hydra_task,
+    show_config,
+    warm_up_wandb,
+)
 
 
 def train(

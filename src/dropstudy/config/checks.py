@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import re
 from typing import Any, Iterable
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from dropstudy.config.schema import CHOICE_KEYS, DropoutKind, TrackerConfig
 
 

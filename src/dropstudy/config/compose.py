@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
+
 from dropstudy.config.checks import ConfigError, choice_text, validate
 from dropstudy.config.schema import CHOICE_KEYS, GROUP_KEYS
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import secrets
-
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from typing import Any, List, Optional
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 

@@ -22,7 +22,14 @@ from typing import Any, Callable, Iterator
 import torch
 from omegaconf import DictConfig
 
-from dropstudy.data.files import CIFAR10_CLASSES, DataError, cifar10_layout, image_folder_files, missing_cifar10_message, torchvision_files
+from dropstudy.data.files import (
+    CIFAR10_CLASSES,
+    DataError,
+    cifar10_layout,
+    image_folder_files,
+    missing_cifar10_message,
+    torchvision_files,
+)
 from dropstudy.store.failures import describe, writing
 
 # Per-channel statistics of the CIFAR-10 training set, the values the tutorials normalise with.

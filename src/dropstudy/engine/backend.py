@@ -35,21 +35,22 @@ import random
 import types
 from dataclasses import dataclass
 from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from dropstudy.engine.batching import member_execution, why_not
+
 from dropstudy.data.datasets import Dataset, batches
-from dropstudy.model.dropout import DropoutSchedule, apply_dropout, apply_noise, noise_is_normal, sites
-from dropstudy.model.networks import build_model, weight_layers, weight_norms
-from dropstudy.store.rundir import RunDirError
+from dropstudy.engine.batching import member_execution, why_not
 from dropstudy.engine.runtime import FastPaths, seed_everything
 from dropstudy.engine.steps import apply_max_norm, clone_tensors, evaluate, loss_function, make_optimizer
+from dropstudy.model.dropout import DropoutSchedule, apply_dropout, apply_noise, noise_is_normal, sites
+from dropstudy.model.networks import build_model, weight_layers, weight_norms
 from dropstudy.model.uncertainty import Predictions, mc_metrics, predictions
-
+from dropstudy.store.rundir import RunDirError
 
 # The splits MC-dropout evaluation (eval.mc_samples) runs on.
 MC_SPLITS = ("val", "test")

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dropstudy.engine.backend import Backend
-from dropstudy.tracking.console import TrainingProgress
-from dropstudy.store.rundir import RunDir
-from dropstudy.engine.runtime import InterruptGate, Interrupted, signals_interrupt_training
-from dropstudy.tracking.tracker import Tracker
 from dropstudy.engine.outcome import NonFiniteLoss, Outcome, conclude, logs_row
+from dropstudy.engine.runtime import Interrupted, InterruptGate, signals_interrupt_training
+from dropstudy.store.rundir import RunDir
+from dropstudy.tracking.console import TrainingProgress
+from dropstudy.tracking.tracker import Tracker
 
 # A run with fewer evaluations than this says so when it starts: its best epoch is coarse.
 MIN_EVALUATIONS = 10

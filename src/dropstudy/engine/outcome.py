@@ -6,8 +6,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
-from dropstudy.model.uncertainty import Predictions
 
+from dropstudy.model.uncertainty import Predictions
 
 log = logging.getLogger("dropstudy")
 

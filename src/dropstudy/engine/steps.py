@@ -9,14 +9,15 @@ import random
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from dropstudy.data.datasets import Dataset, Split, TrainBatches, batches
-from dropstudy.model.networks import weight_layers
-from dropstudy.engine.runtime import FastPaths
 
+from dropstudy.data.datasets import Dataset, Split, TrainBatches, batches
+from dropstudy.engine.runtime import FastPaths
+from dropstudy.model.networks import weight_layers
 
 log = logging.getLogger("dropstudy")
 

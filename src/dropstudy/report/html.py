@@ -24,7 +24,19 @@ import jinja2
 from markupsafe import Markup
 
 from dropstudy.report import plots
-from dropstudy.report.tables import ExperimentTable, Report, Run, add_comparisons, build_tables, caption, cells, find_runs, header, seed_values, table_rows
+from dropstudy.report.tables import (
+    ExperimentTable,
+    Report,
+    Run,
+    add_comparisons,
+    build_tables,
+    caption,
+    cells,
+    find_runs,
+    header,
+    seed_values,
+    table_rows,
+)
 from dropstudy.store.rundir import RunDir, RunDirError
 
 PAGE = "report.html"

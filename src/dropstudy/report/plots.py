@@ -31,6 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from dropstudy.report.stats import describe
+
 # Embedding fonts in a PDF runs fontTools, which logs every glyph it subsets at INFO level.
 logging.getLogger("fontTools").setLevel(logging.WARNING)
 
@@ -543,7 +545,6 @@ def seed_interval(values: Sequence[float], log: bool) -> tuple[float, float, flo
     interval of the mean; for a log axis, the geometric mean and the t interval of the log
     values, taken back (it stays above 0, where a log axis can draw it). The bounds are nan
     where fewer than two seeds have a value."""
-    from dropstudy.report.stats import describe
 
     finite = _finite(values)
     if log:

@@ -17,13 +17,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dropstudy.report import plots
 from dropstudy.data.datasets import Dataset, load_dataset
 from dropstudy.model.dropout import arm_label
-from dropstudy.runs.execute import RunResult, split_points, train_run
+from dropstudy.runs.execute import RunResult, train_run
+from dropstudy.report.curves import split_points
 from dropstudy.store.failures import describe
 from dropstudy.report.html import write_study_page
 from dropstudy.store.rundir import RunDir, write_json_atomic
 from dropstudy.engine.runtime import seed_everything
 from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker
 from dropstudy.tracking.tracker import flatten
+from dropstudy.store.rundir import read_status
 
 log = logging.getLogger("dropstudy")
 
@@ -208,7 +210,6 @@ def record_stopped_study(study_dir: Path, cfg: DictConfig, group: str, arms: lis
     """study.json when the study stops on an exception (a full disk, a second Ctrl-C's
     KeyboardInterrupt outside training): failed or interrupted, why, and each arm as its own
     summary.json says; if the disk refuses this write too, the error says so."""
-    from dropstudy.store.rundir import read_status
 
     reason = describe(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     records = []

@@ -22,10 +22,10 @@ holds a run, and holds an exclusive lock (`.lock`) on it while this process writ
 
 from __future__ import annotations
 
-import io
 import errno
 import fcntl
 import functools
+import io
 import json
 import math
 import os
@@ -43,8 +43,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from omegaconf import DictConfig, OmegaConf
 
-from dropstudy.tracking.console import shell_command
+from dropstudy.config.checks import ConfigError, validate
 from dropstudy.store.failures import WriteError, writing
+from dropstudy.tracking.console import shell_command
+from dropstudy.tracking.tracker import flatten
 
 if TYPE_CHECKING:  # torch is imported where a tensor is read or written: claiming a directory needs none
     import torch
@@ -157,7 +159,6 @@ class RunDir:
 
     def read_config(self) -> DictConfig:
         """The resolved config the run was made with, checked as new input is."""
-        from dropstudy.config.checks import ConfigError, validate
 
         if not self.path.is_dir():
             raise RunDirError(f"{self.path}: no such directory.")
@@ -346,7 +347,6 @@ def read_status(run_dir: Path) -> tuple[str, dict]:
 
 def computation_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """`key: a -> b` for every config value that changes what a run computes."""
-    from dropstudy.tracking.tracker import flatten
 
     fa, fb = flatten(a), flatten(b)
     keys = sorted(set(fa) | set(fb))

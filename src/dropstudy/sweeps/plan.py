@@ -9,13 +9,16 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
 from omegaconf import DictConfig, OmegaConf, open_dict
+
 from dropstudy.config.checks import ConfigError, validate
 from dropstudy.config.compose import explain_composition_error, hydra_value
+
 if TYPE_CHECKING:
     from dropstudy.sweeps.search import SearchSpec
-from dropstudy.config.hydra_internals import hydra_instance, is_hydra_override
-
+from dropstudy.config.hydra_internals import apply_overrides, hydra_instance, is_hydra_override, split_sweep_arguments
+from dropstudy.store.rundir import RunDirClaimError, refuse_used
 
 log = logging.getLogger("dropstudy")
 
@@ -109,8 +112,9 @@ def sweep_dir_override(sweep_dir: str) -> str:
     return f"hydra.sweep.dir={hydra_value(sweep_dir)}"
 
 
-def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
-    """Every job of the multirun `overrides` describe, composed and validated, with its run dir."""
+def plan_grid(overrides: list[str], new: bool = True) -> SweepPlan:
+    """Every job of the grid (Hydra's basic sweeper) that `overrides` describe, composed and
+    validated, with its run dir."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -119,16 +123,13 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
-    from dropstudy.config.hydra_internals import apply_overrides, split_sweep_arguments
 
     launcher = hydra_choice("hydra/launcher", overrides)
     check_launcher(launcher)
     sweeper = hydra_choice("hydra/sweeper", overrides)
     check_sweeper(sweeper)
     if sweeper != "basic":
-        from dropstudy.sweeps.search import plan_search
-
-        return plan_search(overrides, sweeper, new)
+        raise ConfigError(f"hydra/sweeper={sweeper}: plan it with sweeps.search.plan_sweep")
     setup_globals()
     args = [*overrides, "hydra.job.name=sweep"]
     try:
@@ -197,7 +198,6 @@ def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
 def refuse_used_sweep_dir(sweep_dir: Path) -> None:
     """A sweep never writes into a directory that already holds a sweep, a study or a run (the
     command checks again once it holds the directory's lock)."""
-    from dropstudy.store.rundir import RunDirClaimError, refuse_used
 
     try:
         refuse_used(sweep_dir, "pick another hydra.sweep.dir, or leave it out for a new directory")

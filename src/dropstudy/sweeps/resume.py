@@ -6,12 +6,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from omegaconf import OmegaConf
-from dropstudy.config.checks import ConfigError
-from dropstudy.runs.study import json_or_empty
-from dropstudy.sweeps.plan import SweepPlan, plan_sweep, sweep_dir_override
-from dropstudy.runs.resume import ResumeError, Step, plan_step, run_step, run_steps, saved_overrides
 
+from omegaconf import OmegaConf
+
+from dropstudy.config.checks import ConfigError
+from dropstudy.runs.resume import ResumeError, Step, plan_step, run_step, run_steps, saved_overrides
+from dropstudy.runs.study import json_or_empty
+from dropstudy.sweeps.plan import SweepPlan, sweep_dir_override
+from dropstudy.sweeps.search import plan_sweep
 
 log = logging.getLogger("dropstudy")
 

@@ -25,15 +25,29 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
 from omegaconf import DictConfig, OmegaConf
-from dropstudy.engine.batching import why_not
+
 from dropstudy.config.compose import conf_dir
+from dropstudy.engine.batching import why_not
 from dropstudy.runs.execute import Batch, Member, train_members
 from dropstudy.store.rundir import RunDir, claim_run_dir
+
 if TYPE_CHECKING:
     pass
+from dropstudy.engine.runtime import Interrupted
+from dropstudy.runs.execute import train_run
+from dropstudy.runs.resume import plan_step, run_step
+from dropstudy.store.rundir import read_status, write_json_atomic
 from dropstudy.sweeps.plan import JobOutcome, SweepPlan
-
+from dropstudy.sweeps.search import TrialFailed, best_trial, objective_value, trial_jobs
+from dropstudy.sweeps.slurm import (
+    SLURM_LAUNCHERS,
+    explain_slurm_failure,
+    hand_back_to_slurm,
+    slurm_jobs,
+    wait_for_slurm_jobs,
+)
 
 log = logging.getLogger("dropstudy")
 
@@ -53,8 +67,6 @@ class SweepJob:
         record = self.train(cfg, run_dir, overrides)
         if self.objective is None:
             return record
-        from dropstudy.store.rundir import read_status
-        from dropstudy.sweeps.search import TrialFailed, objective_value
 
         value = objective_value(read_status(run_dir)[1], self.objective, record["status"])
         if value != value:
@@ -63,12 +75,8 @@ class SweepJob:
         return value
 
     def train(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-        from dropstudy.store.rundir import claim_run_dir, read_status
-        from dropstudy.runs.execute import train_run
 
         if SweepJob.stopped_by is not None:
-            from dropstudy.store.rundir import RunDir
-            from dropstudy.engine.runtime import Interrupted
 
             # A worker process that was interrupted starts none of the jobs queued behind; each
             # says so (Hydra made its directory already), and `dropstudy resume` starts it.
@@ -93,10 +101,8 @@ class SweepJob:
         finally:
             self._release_wandb()
         if result.status == "interrupted":
-            from dropstudy.engine.runtime import Interrupted
 
             if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-                from dropstudy.sweeps.slurm import hand_back_to_slurm
 
                 hand_back_to_slurm(result.exit_code - 128)
             # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
@@ -110,7 +116,6 @@ class SweepJob:
         it (`scontrol requeue`, a preemption, a time limit). Continues that attempt with the
         single-run resume path, from its last checkpoint (or from scratch without one); None when
         the earlier attempt had concluded."""
-        from dropstudy.runs.resume import plan_step, run_step
 
         step = plan_step(f"sweep job {run_dir}", run_dir, cfg, overrides, "it stopped before its first checkpoint")
         restarts = os.environ.get("SLURM_RESTART_COUNT")
@@ -135,7 +140,6 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from dropstudy.sweeps.slurm import SLURM_LAUNCHERS, wait_for_slurm_jobs
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def sweep_job(cfg: DictConfig) -> dict[str, Any]:
@@ -156,7 +160,6 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
                 if stop and stop.signum is not None:
                     # The workers checkpointed and stopped (or died before training began);
                     # either way the sweep was interrupted, and says so with the signal's code.
-                    from dropstudy.engine.runtime import Interrupted
 
                     raise Interrupted(stop.signum)
     except Exception as exc:
@@ -272,9 +275,6 @@ def train_batches(plan: SweepPlan) -> list[Any]:
 def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
     """Every job's outcome from its run dir (and SLURM's record); a search's trials ranked by
     their objective, best first, the unfinished after them."""
-    from dropstudy.store.rundir import read_status
-    from dropstudy.sweeps.search import objective_value, trial_jobs
-    from dropstudy.sweeps.slurm import SLURM_LAUNCHERS, explain_slurm_failure, slurm_jobs
 
     if plan.search is None:
         jobs = [(job.num, job.overrides, job.run_dir) for job in plan.jobs]
@@ -308,8 +308,6 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
                      extra: dict[str, Any] | None = None) -> Path:
     """The sweep's table as sweep.json (a search's best trial also as best.json); `extra` adds
     keys (`resume` records its resumes)."""
-    from dropstudy.store.rundir import write_json_atomic
-    from dropstudy.sweeps.search import best_trial
 
     best = best_trial(plan, outcomes) if plan.search is not None else None
     if best is not None:

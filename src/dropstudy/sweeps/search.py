@@ -16,10 +16,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dropstudy.config.checks import ConfigError
+from dropstudy.config.checks import ConfigError, objective_direction
 from dropstudy.config.compose import explain_composition_error
-from dropstudy.sweeps.plan import JobOutcome, SweepPlan, plan_sweep, sweep_dir_override
-from dropstudy.config.hydra_internals import hydra_instance as hydra_instance, is_hydra_override as is_hydra_override
+from dropstudy.config.hydra_internals import hydra_instance, is_hydra_override
+from dropstudy.sweeps.plan import (
+    JobOutcome,
+    SweepPlan,
+    check_launcher,
+    check_sweeper,
+    hydra_choice,
+    plan_grid,
+    sweep_dir_override,
+)
 
 
 @dataclass
@@ -29,6 +37,15 @@ class SearchSpec:
     direction: str  # minimize | maximize, from the objective's name
     n_trials: int
     space: dict[str, str]  # key -> the search override's value as given, e.g. interval(0,0.8)
+
+
+def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
+    """The plan of any sweep `overrides` describe: a grid (Hydra's basic sweeper), or an Optuna
+    search (hydra/sweeper=optuna) whose ends are checked like a grid's points."""
+    check_launcher(hydra_choice("hydra/launcher", overrides))
+    sweeper = hydra_choice("hydra/sweeper", overrides)
+    check_sweeper(sweeper)
+    return plan_grid(overrides, new) if sweeper == "basic" else plan_search(overrides, sweeper, new)
 
 
 def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPlan:
@@ -43,7 +60,6 @@ def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPl
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
-    from dropstudy.config.checks import objective_direction
 
     parser = OverridesParser.create()
     space: dict[str, str] = {}
@@ -71,7 +87,7 @@ def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPl
         raise ConfigError(f"hydra/sweeper={sweeper}: nothing to search; give at least one key a range or choices, "
                           "e.g. 'model.dropout=interval(0,0.8)' or 'optim.lr=tag(log,interval(1e-4,1e-1))' or "
                           "trainer.batch_size=choice(32,64).")
-    checked = plan_sweep(checks, new=new)
+    checked = plan_grid(checks, new=new)
     argv = [*overrides, "hydra.job.name=sweep", sweep_dir_override(str(checked.sweep_dir))]
     objective = str(checked.jobs[0].cfg.sweep.objective)
     direction = objective_direction(objective)

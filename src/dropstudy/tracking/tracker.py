@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
 if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
     from torch import Tensor
 

@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
+
 from dropstudy.tracking.console import shell_path
+
 if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
     from torch import Tensor
-from dropstudy.tracking.tracker import NullTracker, Tracker, json_safe
-from dropstudy.tracking.tracker import first_line
-
+from dropstudy.config.schema import TrackerConfig
+from dropstudy.tracking.histograms import histograms
+from dropstudy.tracking.tracker import NullTracker, Tracker, first_line, json_safe
 
 log = logging.getLogger("dropstudy")
 
@@ -215,7 +217,6 @@ class WandbTracker:
     def log_histograms(self, tensors: dict[str, Tensor], step: int) -> None:
         """Histograms (64 bins, as `watch` draws them, computed on the device in one pass),
         joined to the row logged next at `step`."""
-        from dropstudy.tracking.histograms import histograms
 
         drawn = {key: self._wandb.Histogram(np_histogram=counts_edges)
                  for key, counts_edges in histograms(tensors).items()}
@@ -408,7 +409,6 @@ def make_tracker(
     shared_process: bool = False,
 ) -> GuardedTracker:
     global _online_failed
-    from dropstudy.config.schema import TrackerConfig
 
     mode = resolve_mode(tracker_cfg.mode)
     if mode == "disabled":

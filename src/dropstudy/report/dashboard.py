@@ -19,8 +19,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dropstudy.report.plots import COLORS
+from dropstudy.report.tables import Run, value_text
+from dropstudy.store.rundir import RunDir, write_json_atomic
 from dropstudy.tracking.console import shell_command
-from dropstudy.tracking.tracker import first_line
+from dropstudy.tracking.tracker import first_line, flatten
 
 log = logging.getLogger("dropstudy")
 
@@ -45,8 +48,6 @@ def rate_colors(rates: list[Any]) -> dict[str, str]:
     the same arm in (plots.COLORS, taken in arm order)."""
     from matplotlib.colors import to_hex
 
-    from dropstudy.report.plots import COLORS
-    from dropstudy.report.tables import value_text
 
     return {value_text(rate): to_hex(COLORS[i % len(COLORS)]) for i, rate in enumerate(rates)}
 
@@ -67,9 +68,6 @@ def _kind_of(directory: Path) -> str:
 
 def _runs(directory: Path) -> list[Any]:
     """Every run under directory that reached W&B (a run id in its summary.json), any status."""
-    from dropstudy.report.tables import Run
-    from dropstudy.store.rundir import RunDir
-    from dropstudy.tracking.tracker import flatten
 
     runs = []
     for summary_path in sorted(directory.rglob("summary.json")):
@@ -109,7 +107,6 @@ def _sections(classification: bool, figure_keys: list[str]) -> list[dict[str, An
 
 def view_spec(directory: Path) -> dict[str, Any]:
     """What the view (and, for a reported directory, the report) shows, from the directory alone."""
-    from dropstudy.report.tables import value_text
 
     directory = Path(directory)
     kind = _kind_of(directory)
@@ -180,7 +177,6 @@ def report_spec(directory: Path, runs: list[Any], group: str | None) -> dict[str
 
 
 def write_spec(directory: Path, spec: dict[str, Any]) -> Path:
-    from dropstudy.store.rundir import write_json_atomic
 
     path = Path(directory) / VIEW_FILE
     write_json_atomic(path, spec)
