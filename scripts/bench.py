@@ -72,8 +72,8 @@ def write_synthetic_cifar(root: Path, n_train: int, n_test: int, seed: int) -> N
     """dropstudy's synthetic CIFAR-shaped images, as torchvision's cifar-10-batches-py files."""
     import numpy as np
 
-    from dropstudy.data.files import CIFAR10_CLASSES
     from dropstudy.data.datasets import synthetic_cifar10
+    from dropstudy.data.files import CIFAR10_CLASSES
 
     tensors = synthetic_cifar10(n_train, n_test, seed)
     folder = root / "cifar-10-batches-py"

@@ -33,8 +33,8 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from dropstudy.model.networks import CNN
     from dropstudy.engine.runtime import FastPaths, retain_freed_memory, set_deterministic
+    from dropstudy.model.networks import CNN
 
     if args.threads:
         torch.set_num_threads(args.threads)

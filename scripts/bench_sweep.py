@@ -155,9 +155,9 @@ def main() -> None:
 
     from dropstudy.config.compose import compose
     from dropstudy.data.datasets import load_dataset
-    from dropstudy.store.rundir import RunDir
     from dropstudy.engine.batching import why_not
     from dropstudy.runs.execute import Batch, Member, train_members, train_run
+    from dropstudy.store.rundir import RunDir
 
     rates = [float(r) for r in args.rates.split(",")]
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-sweep-"))

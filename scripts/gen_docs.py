@@ -26,9 +26,9 @@ import click
 import typer
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from dropstudy.cli import app
 from dropstudy.config import schema
 from dropstudy.config.compose import compose, conf_dir
-from dropstudy.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PAGE = "reference/config.md"

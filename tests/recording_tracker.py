@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from torch import Tensor
 
-
 _run_ids = itertools.count()
 
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import QUICK_REGRESSION
 
 EXIT_IO_ERROR = 74

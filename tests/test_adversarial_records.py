@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from cifar_files import write_torchvision_layout
 from conftest import QUICK_REGRESSION, read_jsonl, run_once
+from typer.testing import CliRunner
+
 from dropstudy.cli import app
-from dropstudy.data.files import DataError
 from dropstudy.data.datasets import read_cifar10
+from dropstudy.data.files import DataError
 
 QUIET = ["tracker.mode=disabled"]
 

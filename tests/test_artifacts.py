@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-
 from conftest import QUICK_CIFAR, read_jsonl
+from wandb_offline import find_run_files, load_run, read_records
+
 from dropstudy.config.compose import compose
 from dropstudy.data.datasets import load_dataset
 from dropstudy.runs.execute import train_run
-from wandb_offline import find_run_files, load_run, read_records
 
 QUICK = ["trainer.epochs=4", "trainer.eval_every=2"]
 

@@ -20,15 +20,15 @@ import torch
 from omegaconf import OmegaConf
 from torch.func import functional_call, vmap
 
-from dropstudy.engine.backend import Backend
-from dropstudy.engine.batching import member_execution, why_not
 from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import compose
-from dropstudy.model.dropout import make_dropout
-from dropstudy.runs.execute import Member, load_member_data
-from dropstudy.model.networks import build_model
+from dropstudy.engine.backend import Backend
+from dropstudy.engine.batching import member_execution, why_not
 from dropstudy.engine.runtime import FastPaths, set_up_process
 from dropstudy.engine.steps import evaluate, make_optimizer
+from dropstudy.model.dropout import make_dropout
+from dropstudy.model.networks import build_model
+from dropstudy.runs.execute import Member, load_member_data
 
 # Stacked, a member's matmuls (and the CNN's convolutions) are batched and sum in another order
 # than its single model's: float32 rounding, well under 1e-5 here.

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cifar_files import write_image_folder, write_torchvision_layout
+from conftest import QUICK_CIFAR, read_figure, read_jsonl
 from omegaconf import OmegaConf
 
-from conftest import QUICK_CIFAR, read_figure, read_jsonl
-from cifar_files import write_image_folder, write_torchvision_layout
-from dropstudy.data.files import DataError
 from dropstudy.data.datasets import load_cifar10, read_cifar10
+from dropstudy.data.files import DataError
 
 
 def data_cfg(root: Path, **overrides) -> OmegaConf:

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from dropstudy.cli import app
-from dropstudy.config.schema import CHOICE_KEYS, GROUP_KEYS
 from dropstudy.config.checks import ConfigError
+from dropstudy.config.schema import CHOICE_KEYS, GROUP_KEYS
 from dropstudy.engine.runtime import select_device
 
 runner = CliRunner()

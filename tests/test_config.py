@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from dropstudy.cli import app
-from dropstudy.config.schema import CHOICE_KEYS, GROUP_KEYS
 from dropstudy.config.checks import ConfigError, validate
 from dropstudy.config.compose import compose, conf_dir
+from dropstudy.config.schema import CHOICE_KEYS, GROUP_KEYS
 
 
 def test_choice_keys_are_found_in_the_schema_nested_ones_included():

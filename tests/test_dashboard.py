@@ -14,9 +14,9 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from conftest import clean_environment
 from matplotlib.colors import to_hex
 
-from conftest import clean_environment
 from dropstudy.report import dashboard
 from dropstudy.report.plots import COLORS
 

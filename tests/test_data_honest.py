@@ -20,9 +20,8 @@ from typer.testing import CliRunner
 from wandb_offline import load_run
 
 from dropstudy.cli import app
-from dropstudy.data.files import check_cifar10_available
-from dropstudy.data.files import DataError
 from dropstudy.data.datasets import load_cifar10, load_dataset, read_cifar10
+from dropstudy.data.files import DataError, check_cifar10_available
 
 
 def data_cfg(root: Path, **overrides) -> OmegaConf:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import REPO, python_path
 from omegaconf import DictConfig
 
-from conftest import REPO, python_path
 from dropstudy.cli import app
 from dropstudy.config.compose import compose
 

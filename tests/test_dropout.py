@@ -13,14 +13,22 @@ import math
 
 import pytest
 import torch
+from conftest import reliability
 from torch import nn
 
-from conftest import reliability
-from dropstudy.config.schema import DropoutKind
 from dropstudy.config.compose import compose
-from dropstudy.model.dropout import DropoutSchedule, FORMULATIONS, describe_sites, drops_anything, make_dropout, mc_dropout, sites
-from dropstudy.model.networks import CNN, MLP, build_model, weight_layers, weight_norms
+from dropstudy.config.schema import DropoutKind
 from dropstudy.engine.steps import apply_max_norm
+from dropstudy.model.dropout import (
+    FORMULATIONS,
+    DropoutSchedule,
+    describe_sites,
+    drops_anything,
+    make_dropout,
+    mc_dropout,
+    sites,
+)
+from dropstudy.model.networks import CNN, MLP, build_model, weight_layers, weight_norms
 from dropstudy.model.uncertainty import Predictions, calibration, mc_forward, mc_metrics, predictive_entropy
 
 Z = 4.5

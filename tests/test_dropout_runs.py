@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from typer.testing import CliRunner
-
 from conftest import read_figure, read_jsonl, reliability
+from test_reproducibility import results, start, wait_for_rows
+from typer.testing import CliRunner
+from wandb_offline import load_run
+
 from dropstudy.cli import app
 from dropstudy.config.compose import compose
 from dropstudy.data.datasets import load_dataset
-from dropstudy.model.networks import build_model
 from dropstudy.engine.runtime import seed_everything
-from test_reproducibility import results, start, wait_for_rows
-from wandb_offline import load_run
+from dropstudy.model.networks import build_model
 
 runner = CliRunner()
 QUICK = ["trainer.epochs=20", "trainer.eval_every=10", "trainer.log_every=1"]  # a row every epoch: the schedules are read per epoch

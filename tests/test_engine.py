@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_jsonl
 from typer.testing import CliRunner
 
-from conftest import read_jsonl
-from dropstudy.config import hydra_internals
 from dropstudy.cli import app
+from dropstudy.config import hydra_internals
 from dropstudy.model.dropout import make_dropout
 
 GRID = ["model.dropout=0.2,0.5", "seed=0,1", "trainer.epochs=60", "trainer.eval_every=20", "trainer.log_every=5",

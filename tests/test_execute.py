@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
-
 from cifar_files import write_torchvision_layout
 from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_figure, read_jsonl
-from dropstudy.runs import execute
-from dropstudy.engine.backend import Backend
+from typer.testing import CliRunner
+from wandb_offline import load_run
+
 from dropstudy.cli import app
 from dropstudy.config.compose import compose
 from dropstudy.data.datasets import make_regression
-from dropstudy.runs.execute import Batch, Member, load_member_data, preflight, train_members, train_run
-from dropstudy.model.networks import build_model
-from dropstudy.store.rundir import RunDir, RunDirError
+from dropstudy.engine.backend import Backend
 from dropstudy.engine.steps import make_optimizer
-from wandb_offline import load_run
+from dropstudy.model.networks import build_model
+from dropstudy.runs import execute
+from dropstudy.runs.execute import Batch, Member, load_member_data, preflight, train_members, train_run
+from dropstudy.store.rundir import RunDir, RunDirError
 
 # Stacked, a member's matmuls are batched and sum in another order than its single run's: float32
 # rounding, measured at ~2e-6 relative after 40 SGD steps.

@@ -13,6 +13,7 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
+from conftest import read_jsonl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import Collection, PathCollection
 from matplotlib.container import Container
@@ -22,9 +23,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 from typer.testing import CliRunner
 
-from conftest import read_jsonl
-from dropstudy.report import plots
 from dropstudy.cli import app
+from dropstudy.report import plots
 
 QUICK = ["trainer.epochs=30", "trainer.eval_every=5", "tracker.mode=disabled"]
 # Validated only at the end, as a long regression run may be: one validation point a run.

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_jsonl
 from omegaconf import OmegaConf
 
-from conftest import read_jsonl
 from dropstudy.config.compose import compose
 from dropstudy.data.datasets import load_cifar10, make_regression
 from dropstudy.model.networks import build_model

@@ -9,15 +9,15 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from conftest import QUICK_REGRESSION, read_jsonl
+from recording_tracker import recording_trackers
+from torch.profiler import ProfilerActivity, profile
+from wandb_offline import load_run
+
 from dropstudy.config.compose import compose
-from dropstudy.tracking.histograms import BINS, histograms
 from dropstudy.model.networks import build_model
 from dropstudy.runs.execute import train_run
-from recording_tracker import recording_trackers
-from wandb_offline import load_run
+from dropstudy.tracking.histograms import BINS, histograms
 
 
 def some_tensors() -> dict[str, torch.Tensor]:

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import clean_environment, read_figure
 from typer.testing import CliRunner
 
-from conftest import clean_environment, read_figure
 from dropstudy.cli import app
 from dropstudy.report.tables import EFFECT, MEAN, NA, P, _format
 

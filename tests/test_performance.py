@@ -11,16 +11,16 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from conftest import REPO
 from dropstudy.cli import app
 from dropstudy.config.compose import compose
 from dropstudy.data.datasets import Split, TrainBatches, augment_images
-from dropstudy.model.networks import CNN
 from dropstudy.engine.runtime import FastPaths
 from dropstudy.engine.steps import make_optimizer
+from dropstudy.model.networks import CNN
 
 CPU = torch.device("cpu")
 

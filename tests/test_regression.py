@@ -13,9 +13,14 @@ from importlib import metadata
 import pytest
 import torch
 import yaml
-
-from conftest import (PACKAGE_ROOT, QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, assert_provenance_matches_checkout,
-                      read_figure, read_jsonl)
+from conftest import (
+    PACKAGE_ROOT,
+    QUICK_REGRESSION,
+    QUICK_REGRESSION_LOGGED,
+    assert_provenance_matches_checkout,
+    read_figure,
+    read_jsonl,
+)
 from wandb_offline import load_run
 
 METRICS = ("train/loss", "val/loss", "gap/loss", "lr", "perf/samples_per_s")

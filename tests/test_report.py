@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from conftest import read_figure, read_jsonl
-from dropstudy.cli import app
+from typer.testing import CliRunner
 from wandb_offline import load_run
+
+from dropstudy.cli import app
 
 
 def invoke(*args: str):

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    PACKAGE_ROOT,
+    QUICK_REGRESSION,
+    assert_provenance_matches_checkout,
+    git_checkout_state,
+    read_jsonl,
+    run_once,
+)
 
-from conftest import PACKAGE_ROOT, QUICK_REGRESSION, assert_provenance_matches_checkout, git_checkout_state, read_jsonl, run_once
 from dropstudy.config.compose import compose, conf_dir
 from dropstudy.store.rundir import RunDir
 

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import read_jsonl, run_once
 
 SHORT_STUDY = ["trainer.epochs=40", "trainer.eval_every=10", "trainer.log_every=4", "tracker.mode=disabled"]

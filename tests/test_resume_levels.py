@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import clean_environment, read_jsonl
 from typer.testing import CliRunner
 
-from conftest import clean_environment, read_jsonl
 from dropstudy.cli import app
 
 # Long enough to stop each run mid-way, short enough for the fast suite; one torch thread, since

@@ -18,9 +18,9 @@ from glob import glob
 from pathlib import Path
 
 import pytest
+from conftest import QUICK_REGRESSION, SWEEP_GRID, clean_environment, read_jsonl
 from typer.testing import CliRunner
 
-from conftest import QUICK_REGRESSION, SWEEP_GRID, clean_environment, read_jsonl
 from dropstudy.cli import app
 from dropstudy.store.rundir import RunDirClaimError, claim_run_dir
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import read_jsonl
 from test_sweep import invoke
 from wandb_offline import load_run

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import read_jsonl
 from test_sweep import assert_complete_sweep
 from wandb_offline import load_run

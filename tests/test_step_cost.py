@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dropstudy.engine.backend import Backend
 from dropstudy.config.compose import compose
-from dropstudy.tracking.console import TrainingProgress
 from dropstudy.data.datasets import load_dataset
+from dropstudy.engine.backend import Backend
 from dropstudy.engine.runtime import FastPaths, set_up_process
 from dropstudy.engine.steps import evaluate
+from dropstudy.tracking.console import TrainingProgress
 
 # One batch of 64 images is the whole training split, so an epoch is exactly one step.
 CNN_STEP = ["experiment=cifar10", "data.synthetic=true", "data.subset=64", "data.val_size=16",

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from conftest import SWEEP_GRID, read_figure, read_jsonl
-from dropstudy.cli import app
+from typer.testing import CliRunner
 from wandb_offline import load_run
+
+from dropstudy.cli import app
 
 RUN_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", "provenance.json", "metrics.jsonl", "summary.json",
              "checkpoints/last.pt", "plots/learning_curves.png", "plots/regression_fit.png")
@@ -254,8 +254,8 @@ def test_wandb_sweep_rejects_what_an_agent_cannot_run(clean_env):
 def fake_batches(monkeypatch, reason):
     """Stand-ins for the batching rule and the orchestrator, recording calls: how the sweep hands a
     grid over, apart from what the batched training does (test_execute.py covers that)."""
-    from dropstudy.sweeps import run as sweep
     from dropstudy.store.rundir import RunDir
+    from dropstudy.sweeps import run as sweep
 
     calls = []
 
@@ -337,8 +337,9 @@ def test_a_grid_the_real_batching_rule_cannot_batch_falls_back(clean_env):
 def test_planned_jobs_equal_what_composing_each_from_scratch_gives(clean_env, tmp_path, monkeypatch, grid, copied):
     """plan_sweep sets the values that differ on job 0's config instead of composing every grid
     point again; the jobs must be exactly those Hydra's own per-job composition gives."""
-    from dropstudy import sweep
     from omegaconf import OmegaConf
+
+    from dropstudy import sweep
 
     args = [*grid, f"hydra.sweep.dir={tmp_path / 'sw'}"]
     calls = {"n": 0}

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
+from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
+from recording_tracker import recording_trackers
 from typer.testing import CliRunner
 
-from conftest import QUICK_REGRESSION, QUICK_REGRESSION_LOGGED, read_jsonl
 from dropstudy.cli import app
 from dropstudy.config.compose import compose
 from dropstudy.model.networks import build_model
 from dropstudy.runs.execute import train_run
-from dropstudy.tracking.tracker import flatten
+from dropstudy.store.text import flatten
 from dropstudy.tracking.wandb_run import has_wandb_credentials, resolve_mode
-from recording_tracker import recording_trackers
 
 runner = CliRunner()
 

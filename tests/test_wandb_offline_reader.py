@@ -14,9 +14,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from wandb_offline import find_run_file, find_run_files, iter_payloads, load_run, read_records
 from wandb.proto import wandb_internal_pb2 as pb
+from wandb_offline import find_run_file, find_run_files, iter_payloads, load_run, read_records
 
 BLOCK = 32768
 FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)

@@ -19,7 +19,8 @@ from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import compose, conf_dir, hydra_value
 from dropstudy.data.files import DataError, check_cifar10_available
 from dropstudy.store.failures import EXIT_IO_ERROR, describe, os_error_in
-from dropstudy.tracking.console import shell_command, stderr
+from dropstudy.store.text import shell_command
+from dropstudy.tracking.console import stderr
 
 EXIT_BAD_INPUT = 2
 

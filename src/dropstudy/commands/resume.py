@@ -24,7 +24,8 @@ from dropstudy.commands.common import (
     print_run,
     print_sweep_table,
 )
-from dropstudy.tracking.console import shell_command, stderr
+from dropstudy.store.text import shell_command
+from dropstudy.tracking.console import stderr
 
 
 def resume(

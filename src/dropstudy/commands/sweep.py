@@ -23,7 +23,8 @@ from dropstudy.commands.common import (
 )
 from dropstudy.config.checks import ConfigError
 from dropstudy.store.failures import EXIT_IO_ERROR, describe, os_error_in
-from dropstudy.tracking.console import shell_command, stderr
+from dropstudy.store.text import shell_command
+from dropstudy.tracking.console import stderr
 
 
 def write_wandb_sweep_file(overrides: list[str], method: str, metric: str, goal: str) -> None:

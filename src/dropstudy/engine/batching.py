@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from dropstudy.tracking.tracker import flatten
+from dropstudy.store.text import flatten
 
 if TYPE_CHECKING:
     import torch

@@ -22,8 +22,8 @@ from typing import Any
 from dropstudy.report.plots import COLORS
 from dropstudy.report.tables import Run, value_text
 from dropstudy.store.rundir import RunDir, write_json_atomic
-from dropstudy.tracking.console import shell_command
-from dropstudy.tracking.tracker import first_line, flatten
+from dropstudy.store.text import flatten, shell_command
+from dropstudy.tracking.tracker import first_line
 
 log = logging.getLogger("dropstudy")
 

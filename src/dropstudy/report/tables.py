@@ -31,7 +31,7 @@ import yaml
 
 from dropstudy.report.stats import PAIRED, WELCH, Comparison, Stat, describe, holm, paired, welch
 from dropstudy.store.rundir import STATUSES, RunDir, RunDirError
-from dropstudy.tracking.tracker import flatten
+from dropstudy.store.text import flatten
 
 log = logging.getLogger("dropstudy")
 

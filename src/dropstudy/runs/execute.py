@@ -36,7 +36,8 @@ from dropstudy.model.networks import build_model
 from dropstudy.store.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
 from dropstudy.engine.runtime import FastPaths, describe_device, set_up_process, usable_cpus
 from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker, resolve_mode
-from dropstudy.tracking.tracker import NullTracker, flatten
+from dropstudy.tracking.tracker import NullTracker
+from dropstudy.store.text import flatten
 from dropstudy.engine.outcome import NonFiniteLoss, Outcome, conclude
 from dropstudy.model.uncertainty import calibration, mc_forward, predictions, predictive_entropy
 

@@ -24,7 +24,7 @@ from dropstudy.report.html import write_study_page
 from dropstudy.store.rundir import RunDir, write_json_atomic
 from dropstudy.engine.runtime import seed_everything
 from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker
-from dropstudy.tracking.tracker import flatten
+from dropstudy.store.text import flatten
 from dropstudy.store.rundir import read_status
 
 log = logging.getLogger("dropstudy")

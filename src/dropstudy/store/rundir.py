@@ -45,8 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dropstudy.config.checks import ConfigError, validate
 from dropstudy.store.failures import WriteError, writing
-from dropstudy.tracking.console import shell_command
-from dropstudy.tracking.tracker import flatten
+from dropstudy.store.text import flatten, shell_command
 
 if TYPE_CHECKING:  # torch is imported where a tensor is read or written: claiming a directory needs none
     import torch

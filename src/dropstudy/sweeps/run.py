@@ -24,7 +24,7 @@ import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,8 +33,6 @@ from dropstudy.engine.batching import why_not
 from dropstudy.runs.execute import Batch, Member, train_members
 from dropstudy.store.rundir import RunDir, claim_run_dir
 
-if TYPE_CHECKING:
-    pass
 from dropstudy.engine.runtime import Interrupted
 from dropstudy.runs.execute import train_run
 from dropstudy.runs.resume import plan_step, run_step

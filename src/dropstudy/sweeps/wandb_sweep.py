@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import explain_composition_error
 
-if TYPE_CHECKING:
-    pass
 from dropstudy.config.hydra_internals import is_hydra_override
 
 log = logging.getLogger("dropstudy")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,17 +31,8 @@ def setup_logging(log_file: Path) -> None:
     logging.getLogger("wandb").setLevel(logging.WARNING)
 
 
-def shell_path(path: str | Path) -> str:
-    """`path` as a command's argument: a relative path that starts with '-' as ./-..., which no
-    command reads as an option."""
-    text = str(path)
-    return f"./{text}" if text.startswith("-") else text
 
 
-def shell_command(*words: str | Path) -> str:
-    """A command line to print, one that pastes into a shell as it is: every word quoted as the
-    shell needs, and every path (a Path) made safe by `shell_path`."""
-    return shlex.join(shell_path(w) if isinstance(w, Path) else w for w in words)
 
 
 def format_row(row: dict[str, Any], keys: tuple[str, ...]) -> str:

@@ -64,17 +64,6 @@ class NullTracker:
         pass
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'model': {'dropout': 0.5}} -> {'model.dropout': 0.5}: what W&B's grouping and
-    parallel-coordinates panels want. Lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def json_safe(value: Any) -> Any:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
-from dropstudy.tracking.console import shell_path
+from dropstudy.store.text import shell_path
 
 if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and --help need none of it
     from torch import Tensor
