@@ -16,12 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import QUICK_REGRESSION
+from conftest import QUICK_REGRESSION, Child, wait_for
 
 EXIT_IO_ERROR = 74
 LONG_RUN = ["trainer.epochs=100000", "trainer.eval_every=1000", "trainer.log_every=1000",
@@ -30,18 +29,6 @@ LONG_RUN = ["trainer.epochs=100000", "trainer.eval_every=1000", "trainer.log_eve
 
 def dropstudy_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dropstudy", *args]
-
-
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
-    """Poll `condition` until it holds; fail (with the process's output) when the process ends first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the process ended ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def session_processes(sid: int) -> list[str]:
@@ -60,24 +47,13 @@ def session_processes(sid: int) -> list[str]:
 
 
 def assert_no_process_left(sid: int) -> None:
-    """Nothing of the session is left once the CLI has exited (given a moment to go)."""
-    deadline = time.monotonic() + 60
-    while session_processes(sid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert session_processes(sid) == [], "processes left behind"
+    """Nothing of the session is left once the CLI has exited (each given time to go)."""
+    wait_for(lambda: not session_processes(sid), lambda: f"these processes to end: {session_processes(sid)}")
 
 
-def start_session(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(dropstudy_cmd(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """The test's own session, killed whatever happened (a hang must not outlive the test)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def start_session(args: list[str], cwd: Path, env: dict[str, str]) -> Child:
+    """The CLI as the leader of its own session, which leaving a `with` block kills."""
+    return Child(args, cwd, env, start_new_session=True)
 
 
 def statuses(sweep_dir: Path) -> list[str]:
@@ -91,15 +67,12 @@ def statuses(sweep_dir: Path) -> list[str]:
 def test_a_sweep_on_a_process_launcher_exits_and_leaves_no_process(clean_env, tmp_path, launcher):
     """loky's executor thread ends only in an exit handler: exiting must not wait for it first."""
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    proc = start_session(["sweep", "model.dropout=0,0.5", "trainer.epochs=3", "tracker.mode=disabled",
-                          f"hydra/launcher={launcher}", *extra, "hydra.sweep.dir=sw"], tmp_path, clean_env)
-    try:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out + err
+    with start_session(["sweep", "model.dropout=0,0.5", "trainer.epochs=3", "tracker.mode=disabled",
+                        f"hydra/launcher={launcher}", *extra, "hydra.sweep.dir=sw"], tmp_path, clean_env) as proc:
+        result = proc.finish(timeout=300)
+        assert result.code == 0, result.output
         assert statuses(tmp_path / "sw") == ["finished", "finished"]
         assert_no_process_left(proc.pid)
-    finally:
-        kill_session(proc)
 
 
 @pytest.mark.slow
@@ -110,25 +83,22 @@ def test_a_signal_to_a_joblib_sweep_stops_its_workers_with_checkpoints(clean_env
     queued jobs do not start, and no worker or resource tracker is left. After `kill PID` the
     workers trained on, orphaned."""
     sweep = tmp_path / "sw"
-    proc = start_session(["sweep", "model.dropout=0,0.5", "seed=0,1", *LONG_RUN, "hydra/launcher=joblib",
-                          "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sw"], tmp_path, clean_env)
-    try:
-        wait_for(lambda: all((sweep / str(i) / "checkpoints" / "last.pt").is_file() for i in (0, 1)),
-                 "both workers' first checkpoint", proc)
+    with start_session(["sweep", "model.dropout=0,0.5", "seed=0,1", *LONG_RUN, "hydra/launcher=joblib",
+                        "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sw"], tmp_path, clean_env) as proc:
+        proc.wait_for(lambda: all((sweep / str(i) / "checkpoints" / "last.pt").is_file() for i in (0, 1)),
+                      "both workers' first checkpoint", timeout=300)
         if to_group:
             os.killpg(proc.pid, signal.SIGINT)
         else:
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == (130 if to_group else 143), out + err
-        assert statuses(sweep) == ["interrupted"] * 4, out + err
+        result = proc.finish(timeout=300)
+        assert result.code == (130 if to_group else 143), result.output
+        assert statuses(sweep) == ["interrupted"] * 4, result.output
         for i in (2, 3):  # queued behind the interrupted ones: never started, and resume starts them
             summary = json.loads((sweep / str(i) / "summary.json").read_text())
             assert summary["epoch"] == 0 and "before this job started" in summary["reason"]
-        assert "Traceback" not in err, err
+        assert "Traceback" not in result.stderr, result.stderr
         assert_no_process_left(proc.pid)
-    finally:
-        kill_session(proc)
 
 
 # --------------------------------------------------------------------------- 8: nan and inf
@@ -258,21 +228,15 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
     """The second signal's immediate exit left summary.json saying running (the run was resumable)."""
     import torch
 
-    run, err_path = tmp_path / "run", tmp_path / "stderr.txt"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(dropstudy_cmd("train", *LONG_RUN, "hydra.run.dir=run"), cwd=tmp_path, env=clean_env,
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)
-        try:
-            wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), "the first checkpoint", proc)
-            proc.send_signal(signal.SIGINT)
-            wait_for(lambda: "SIGINT again exits at once" in err_path.read_text(), "the first SIGINT's answer", proc)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    output = err_path.read_text()
-    assert proc.returncode == 130, output
+    run = tmp_path / "run"
+    with Child(["train", *LONG_RUN, "hydra.run.dir=run"], tmp_path, clean_env) as proc:
+        proc.wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), "the first checkpoint", timeout=300)
+        proc.send_signal(signal.SIGINT)
+        proc.wait_for_line("SIGINT again exits at once")
+        proc.send_signal(signal.SIGINT)
+        result = proc.finish()
+    output = result.output
+    assert result.code == 130, output
     summary = json.loads((run / "summary.json").read_text())
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert summary["status"] == "interrupted" and summary["epoch"] == checkpoint["epoch"], (summary, output)

@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PACKAGE_ROOT, QUICK_REGRESSION, assert_provenance_matches_checkout, git_checkout_state, read_jsonl, run_once
+from conftest import (PACKAGE_ROOT, QUICK_REGRESSION, Child, assert_provenance_matches_checkout, git_checkout_state,
+                      read_jsonl, run_once, wait_for)
 from dropstudy.config import compose, conf_dir
 from dropstudy.rundir import RunDir
 
@@ -112,14 +112,10 @@ def start(clean_env, cwd: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_rows(run: Path, rows: int, proc: subprocess.Popen | Child) -> None:
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{metrics} did not reach {rows} rows")
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= rows, f"{rows} rows in {metrics}",
+             proc)
 
 
 @pytest.mark.parametrize(
@@ -156,14 +152,16 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(dropstudy, clean_env, t
 def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, clean_env, tmp_path):
     every = 25  # trainer.checkpoint_every
     args = ["trainer.eval_every=1000", f"trainer.checkpoint_every={every}", "trainer.log_every=1", *QUIET]
-    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", *args, "hydra.run.dir=run")
-    wait_for_rows(tmp_path / "run", 3 * every, proc)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    rows_at_second_signal = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT, stdout + stderr
+    with Child(["train", "trainer.epochs=100000", *args, "hydra.run.dir=run"], tmp_path, clean_env) as proc:
+        wait_for_rows(tmp_path / "run", 3 * every, proc)
+        proc.send_signal(signal.SIGINT)
+        # The second one once the first is answered: the run is then in its clean-up, not training.
+        proc.wait_for_line("SIGINT again exits at once")
+        proc.send_signal(signal.SIGINT)
+        rows_at_second_signal = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+        result = proc.finish()
+    stdout, stderr = result.stdout, result.stderr
+    assert result.code == 128 + signal.SIGINT, stdout + stderr
     # The second Ctrl-C ended the process itself, from the interrupt's clean-up (figures, summary),
     # without going back to training.
     assert "SIGINT again: exiting now" in stderr, stderr
