@@ -194,7 +194,8 @@ def test_a_signal_after_a_slow_epoch_checkpoints_the_epoch_before_it(clean_env, 
     """A loaded machine can make one of the regression's sub-millisecond epochs slower than
     DEFER_SIGNALS_BELOW_S; the next epoch then takes a signal at once, mid-epoch, and must
     checkpoint the epoch before it. It checkpointed the last boundary an earlier slow epoch had
-    marked (a CI run of the double Ctrl-C test: checkpoint 65, rows to 75)."""
+    marked (a CI run of the double Ctrl-C test: checkpoint 65, rows to 75). The engine reads a
+    clock of the test's own, so which epochs are slow does not depend on the machine."""
     import os
     import time
 
@@ -204,8 +205,20 @@ def test_a_signal_after_a_slow_epoch_checkpoints_the_epoch_before_it(clean_env, 
     from dropstudy.backends import Single
     from dropstudy.cli import app
 
+    class Clock:
+        """The engine's `time`: each reading a microsecond after the last, a second more across a slow epoch."""
+
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1e-6
+            return self.now
+
+        def __getattr__(self, name: str):
+            return getattr(time, name)
+
+    clock, current = Clock(), {}
     real_set_epoch, real_train_epoch = Single.set_epoch, Single.train_epoch
-    current = {}
 
     def set_epoch(self, epoch):
         current["epoch"] = epoch
@@ -214,10 +227,11 @@ def test_a_signal_after_a_slow_epoch_checkpoints_the_epoch_before_it(clean_env, 
         return real_set_epoch(self, epoch)
 
     def train_epoch(self, progress):
-        if current["epoch"] in (5, 13):  # slower than the threshold, whatever the machine
-            time.sleep(2 * engine.DEFER_SIGNALS_BELOW_S)
+        if current["epoch"] in (5, 13):
+            clock.now += 1.0
         return real_train_epoch(self, progress)
 
+    monkeypatch.setattr(engine, "time", clock)
     monkeypatch.setattr(Single, "set_epoch", set_epoch)
     monkeypatch.setattr(Single, "train_epoch", train_epoch)
     result = CliRunner().invoke(app, ["train", "trainer.epochs=40", "trainer.checkpoint_every=25", *QUIET,
@@ -226,7 +240,6 @@ def test_a_signal_after_a_slow_epoch_checkpoints_the_epoch_before_it(clean_env, 
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (checkpoint["epoch"], summary["epoch"]) == (13, 13), summary
-
 
 # --------------------------------------------------------------------------- broken run directories
 
