@@ -121,6 +121,7 @@ def main() -> None:
     extra = [f for f in NO_RECORD_FLAGS if f'"{f}"' in script_text and f not in args.args]
     command = shlex.join(["python", "scripts/bench_before_after.py", *sys.argv[1:]])
     work = Path(tempfile.mkdtemp(prefix="bench-before-after-"))
+    revisions = {side: revision(getattr(args, side)) for side in ("before", "after")}  # as they are measured
     load_start, started = os.getloadavg(), datetime.now(timezone.utc)
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for i in range(args.repeats):
@@ -135,8 +136,8 @@ def main() -> None:
     runs_each = f"{args.repeats} run{'s' if args.repeats > 1 else ''} each"
     print(f"## {args.script}: before vs after ({runs_each}, alternating)\n", flush=True)
     print(f"- command: `{command}`")
-    print(f"- before: {args.before} ({revision(args.before)})")
-    print(f"- after: {args.after} ({revision(args.after)})")
+    print(f"- before: {args.before} ({revisions['before']})")
+    print(f"- after: {args.after} ({revisions['after']})")
     print(f"- machine: {cpu_name()}, {os.cpu_count()} cores")
     print(f"- date (UTC): {started:%Y-%m-%d %H:%M} to {datetime.now(timezone.utc):%H:%M}")
     print("- load average (1, 5, 15 min): start {:.2f} {:.2f} {:.2f}, end {:.2f} {:.2f} {:.2f}".format(
