@@ -243,6 +243,47 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
     assert summary["reason"].startswith("SIGINT during epoch"), summary
 
 
+# The run's own code sends both signals: the first at epoch 60, the second the moment the first
+# one's answer is logged, the earliest a user can press Ctrl-C again.
+SIGINT_AS_THE_ANSWER_IS_LOGGED = """
+import os, signal, sys
+from dropstudy import engine
+from dropstudy.backends import Single
+from dropstudy.cli import main
+info, set_epoch = engine.log.info, Single.set_epoch
+
+def answered(message, *args, **kwargs):
+    info(message, *args, **kwargs)
+    if "again exits at once" in message:
+        os.kill(os.getpid(), signal.SIGINT)
+
+def interrupting(self, epoch):
+    if epoch == 60:
+        os.kill(os.getpid(), signal.SIGINT)
+    return set_epoch(self, epoch)
+
+engine.log.info, Single.set_epoch = answered, interrupting
+sys.argv[0] = "dropstudy"
+main()
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="engine: Engine.interrupted logs that a second signal exits at once "
+                   "before it marks its runs interrupted, and _exit_now records only runs so marked")
+def test_a_second_ctrl_c_as_soon_as_the_first_is_answered_leaves_summary_json_interrupted(clean_env, tmp_path):
+    """The slow test above failed once in four runs on a loaded machine: summary.json said running."""
+    import torch
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SIGINT_AS_THE_ANSWER_IS_LOGGED, "train", *LONG_RUN,
+                           "hydra.run.dir=run"], cwd=tmp_path, env=clean_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130 and "SIGINT again: exiting now" in proc.stderr, proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["status"] == "interrupted" and summary["epoch"] == checkpoint["epoch"] == 50, summary
+
+
 # --------------------------------------------------------------------------- 10: a batched sweep resumed
 
 
