@@ -8,6 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,134 @@ class CliResult:
     @property
     def output(self) -> str:
         return self.stdout + self.stderr
+
+
+# How long a test waits for something a child process will do (a line, a file, an exit) before it
+# fails: generous, since CI is a loaded 2-core machine and a wait ends as soon as its condition holds.
+WAIT_S = 120.0
+
+
+def wait_for(condition: Callable[[], object], what: str | Callable[[], str],
+             proc: subprocess.Popen | Child | None = None, timeout: float = WAIT_S) -> object:
+    """Poll `condition` until it returns something true, and return that. Fail naming `what` (or
+    what it returns then, to describe the state at the end) when `timeout` seconds pass first, or
+    when `proc` ends first (with its output)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = proc is not None and proc.poll() is not None
+        if found := condition():  # after the poll: a file written just before the exit still counts
+            return found
+        if ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    what = what() if callable(what) else what
+    if ended:
+        pytest.fail(f"the process ended ({proc.returncode}) before {what}:\n{output_of(proc)}")
+    pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}"
+                + (f"; its output so far:\n{proc.output()}" if isinstance(proc, Child) else ""))
+
+
+def output_of(proc: subprocess.Popen | Child) -> str:
+    """All that a process that has ended wrote to its piped stdout and stderr."""
+    if isinstance(proc, Child):
+        return proc.finish().output
+    out, err = proc.communicate()
+    return (out or "") + (err or "")
+
+
+class Child:
+    """`python -m dropstudy ARGS` started in the background, its stdout and stderr read line by
+    line as it writes them, so a test can wait for a line (an answer to a signal) and still have
+    the whole output once the process ends. Leaving a `with` block kills what is left of it (its
+    session, when it leads one): a hang must not outlive its test."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], **popen: object) -> None:
+        # Unbuffered, so a line on stdout can be read when it is printed, not only at exit.
+        self.proc = subprocess.Popen([sys.executable, "-m", "dropstudy", *args], cwd=cwd,
+                                     env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, **popen)
+        self.pid = self.proc.pid
+        self.leads_session = bool(popen.get("start_new_session"))
+        self._lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._closed = 0  # streams read to their end
+        self._arrived = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
+                         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, name: str, stream) -> None:
+        for line in stream:
+            with self._arrived:
+                self._lines[name].append(line)
+                self._arrived.notify_all()
+        with self._arrived:
+            self._closed += 1
+            self._arrived.notify_all()
+
+    def text(self, stream: str) -> str:
+        with self._arrived:
+            return "".join(self._lines[stream])
+
+    def output(self) -> str:
+        return self.text("stdout") + self.text("stderr")
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_for(self, condition: Callable[[], object], what: str, timeout: float = WAIT_S) -> object:
+        """`wait_for`, failing the test when this process ends before `condition` holds."""
+        return wait_for(condition, what, self, timeout)
+
+    def wait_for_line(self, text: str, stream: str = "stderr", timeout: float = WAIT_S) -> str:
+        """The first line on `stream` that holds `text`, as soon as it is written; the test fails when
+        the process closes its streams (ends) or `timeout` seconds pass without one."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while not (found := [line for line in self._lines[stream] if text in line]):
+                if self._closed == 2:
+                    pytest.fail(f"the process ended ({self.proc.wait()}) without writing {text!r} on {stream}:\n"
+                                + "".join(self._lines["stdout"] + self._lines["stderr"]))
+                if time.monotonic() > deadline:
+                    pytest.fail(f"gave up after {timeout:.0f} s waiting for {text!r} on {stream}; so far:\n"
+                                + "".join(self._lines["stdout"] + self._lines["stderr"]))
+                self._arrived.wait(timeout=1)
+        return found[0]
+
+    def finish(self, timeout: float = WAIT_S) -> CliResult:
+        """Its exit code and whole output, once it ends; the test fails after `timeout` seconds."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the process was still running after {timeout:.0f} s:\n{self.output()}")
+        for reader in self._readers:
+            reader.join(timeout=timeout)
+        return CliResult(self.proc.returncode, self.text("stdout"), self.text("stderr"))
+
+    def kill(self) -> None:
+        """SIGKILL to the process, or to what is left of its session when it leads one."""
+        try:
+            if self.leads_session:
+                os.killpg(self.pid, signal.SIGKILL)
+            elif self.proc.poll() is None:
+                self.proc.kill()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
 
 
 @pytest.fixture

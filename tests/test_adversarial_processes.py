@@ -16,11 +16,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_REGRESSION
+from conftest import QUICK_REGRESSION, Child, wait_for
 
 EXIT_IO_ERROR = 74
 LONG_RUN = ["trainer.epochs=100000", "trainer.eval_every=1000", "trainer.log_every=1000",
@@ -29,18 +28,6 @@ LONG_RUN = ["trainer.epochs=100000", "trainer.eval_every=1000", "trainer.log_eve
 
 def dropstudy_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dropstudy", *args]
-
-
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
-    """Poll `condition` until it holds; fail (with the process's output) when the process ends first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the process ended ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def session_processes(sid: int) -> list[str]:
@@ -59,24 +46,13 @@ def session_processes(sid: int) -> list[str]:
 
 
 def assert_no_process_left(sid: int) -> None:
-    """Nothing of the session is left once the CLI has exited (given a moment to go)."""
-    deadline = time.monotonic() + 60
-    while session_processes(sid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert session_processes(sid) == [], "processes left behind"
+    """Nothing of the session is left once the CLI has exited (each given time to go)."""
+    wait_for(lambda: not session_processes(sid), lambda: f"these processes to end: {session_processes(sid)}")
 
 
-def start_session(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(dropstudy_cmd(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """The test's own session, killed whatever happened (a hang must not outlive the test)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def start_session(args: list[str], cwd: Path, env: dict[str, str]) -> Child:
+    """The CLI as the leader of its own session, which leaving a `with` block kills."""
+    return Child(args, cwd, env, start_new_session=True)
 
 
 def statuses(sweep_dir: Path) -> list[str]:
@@ -90,15 +66,12 @@ def statuses(sweep_dir: Path) -> list[str]:
 def test_a_sweep_on_a_process_launcher_exits_and_leaves_no_process(clean_env, tmp_path, launcher):
     """loky's executor thread ends only in an exit handler: exiting must not wait for it first."""
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    proc = start_session(["sweep", "model.dropout=0,0.5", "trainer.epochs=3", "tracker.mode=disabled",
-                          f"hydra/launcher={launcher}", *extra, "hydra.sweep.dir=sw"], tmp_path, clean_env)
-    try:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out + err
+    with start_session(["sweep", "model.dropout=0,0.5", "trainer.epochs=3", "tracker.mode=disabled",
+                        f"hydra/launcher={launcher}", *extra, "hydra.sweep.dir=sw"], tmp_path, clean_env) as proc:
+        result = proc.finish(timeout=300)
+        assert result.code == 0, result.output
         assert statuses(tmp_path / "sw") == ["finished", "finished"]
         assert_no_process_left(proc.pid)
-    finally:
-        kill_session(proc)
 
 
 @pytest.mark.slow
@@ -109,25 +82,22 @@ def test_a_signal_to_a_joblib_sweep_stops_its_workers_with_checkpoints(clean_env
     queued jobs do not start, and no worker or resource tracker is left. After `kill PID` the
     workers trained on, orphaned."""
     sweep = tmp_path / "sw"
-    proc = start_session(["sweep", "model.dropout=0,0.5", "seed=0,1", *LONG_RUN, "hydra/launcher=joblib",
-                          "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sw"], tmp_path, clean_env)
-    try:
-        wait_for(lambda: all((sweep / str(i) / "checkpoints" / "last.pt").is_file() for i in (0, 1)),
-                 "both workers' first checkpoint", proc)
+    with start_session(["sweep", "model.dropout=0,0.5", "seed=0,1", *LONG_RUN, "hydra/launcher=joblib",
+                        "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sw"], tmp_path, clean_env) as proc:
+        proc.wait_for(lambda: all((sweep / str(i) / "checkpoints" / "last.pt").is_file() for i in (0, 1)),
+                      "both workers' first checkpoint", timeout=300)
         if to_group:
             os.killpg(proc.pid, signal.SIGINT)
         else:
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == (130 if to_group else 143), out + err
-        assert statuses(sweep) == ["interrupted"] * 4, out + err
+        result = proc.finish(timeout=300)
+        assert result.code == (130 if to_group else 143), result.output
+        assert statuses(sweep) == ["interrupted"] * 4, result.output
         for i in (2, 3):  # queued behind the interrupted ones: never started, and resume starts them
             summary = json.loads((sweep / str(i) / "summary.json").read_text())
             assert summary["epoch"] == 0 and "before this job started" in summary["reason"]
-        assert "Traceback" not in err, err
+        assert "Traceback" not in result.stderr, result.stderr
         assert_no_process_left(proc.pid)
-    finally:
-        kill_session(proc)
 
 
 # --------------------------------------------------------------------------- 8: nan and inf
@@ -257,25 +227,60 @@ def test_a_second_ctrl_c_exits_at_once_with_summary_json_saying_interrupted(clea
     """The second signal's immediate exit left summary.json saying running (the run was resumable)."""
     import torch
 
-    run, err_path = tmp_path / "run", tmp_path / "stderr.txt"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(dropstudy_cmd("train", *LONG_RUN, "hydra.run.dir=run"), cwd=tmp_path, env=clean_env,
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)
-        try:
-            wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), "the first checkpoint", proc)
-            proc.send_signal(signal.SIGINT)
-            wait_for(lambda: "SIGINT again exits at once" in err_path.read_text(), "the first SIGINT's answer", proc)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    output = err_path.read_text()
-    assert proc.returncode == 130, output
+    run = tmp_path / "run"
+    with Child(["train", *LONG_RUN, "hydra.run.dir=run"], tmp_path, clean_env) as proc:
+        proc.wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), "the first checkpoint", timeout=300)
+        proc.send_signal(signal.SIGINT)
+        proc.wait_for_line("SIGINT again exits at once")
+        proc.send_signal(signal.SIGINT)
+        result = proc.finish()
+    output = result.output
+    assert result.code == 130, output
     summary = json.loads((run / "summary.json").read_text())
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert summary["status"] == "interrupted" and summary["epoch"] == checkpoint["epoch"], (summary, output)
     assert summary["reason"].startswith("SIGINT during epoch"), summary
+
+
+# The run's own code sends both signals: the first at epoch 60, the second the moment the first
+# one's answer is logged, the earliest a user can press Ctrl-C again.
+SIGINT_AS_THE_ANSWER_IS_LOGGED = """
+import os, signal, sys
+from dropstudy.engine import loop as engine
+from dropstudy.engine.backend import Backend as Single
+from dropstudy.cli import main
+info, set_epoch = engine.log.info, Single.set_epoch
+
+def answered(message, *args, **kwargs):
+    info(message, *args, **kwargs)
+    if "again exits at once" in message:
+        os.kill(os.getpid(), signal.SIGINT)
+
+def interrupting(self, epoch):
+    if epoch == 60:
+        os.kill(os.getpid(), signal.SIGINT)
+    return set_epoch(self, epoch)
+
+engine.log.info, Single.set_epoch = answered, interrupting
+sys.argv[0] = "dropstudy"
+main()
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="engine: Engine.interrupted logs that a second signal exits at once "
+                   "before it marks its runs interrupted, and _exit_now records only runs so marked")
+def test_a_second_ctrl_c_as_soon_as_the_first_is_answered_leaves_summary_json_interrupted(clean_env, tmp_path):
+    """The slow test above failed once in four runs on a loaded machine: summary.json said running."""
+    import torch
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SIGINT_AS_THE_ANSWER_IS_LOGGED, "train", *LONG_RUN,
+                           "hydra.run.dir=run"], cwd=tmp_path, env=clean_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130 and "SIGINT again: exiting now" in proc.stderr, proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert summary["status"] == "interrupted" and summary["epoch"] == checkpoint["epoch"] == 50, summary
 
 
 # --------------------------------------------------------------------------- 10: a batched sweep resumed

@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_REGRESSION, clean_environment
+from conftest import QUICK_REGRESSION, clean_environment, wait_for
 
 EXIT_IO_ERROR = 74
 # A regression MLP checkpoint (weights + SGD momentum) is ~670 KB; config, summary, provenance,
@@ -90,14 +89,14 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc = subprocess.Popen(dropstudy_cmd("train", *LONG_RUN, "hydra.run.dir=run"), cwd=tmp, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
+
+    def checkpointed() -> bool:
+        if (run / "summary.json").is_file():
+            seen.append(json.loads((run / "summary.json").read_text())["status"])
+        return (run / "checkpoints" / "last.pt").is_file()
+
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "summary.json").is_file():
-                seen.append(json.loads((run / "summary.json").read_text())["status"])
-            if (run / "checkpoints" / "last.pt").is_file():
-                break
-            time.sleep(0.2)
+        wait_for(checkpointed, "the first checkpoint", proc, timeout=240)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -20,6 +20,7 @@ from conftest import (
     assert_provenance_matches_checkout,
     read_figure,
     read_jsonl,
+    wait_for,
 )
 from wandb_offline import load_run
 
@@ -151,9 +152,7 @@ def test_ctrl_c_checkpoints_and_says_interrupted(clean_env, tmp_path):
         cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and metrics.stat().st_size > 2000):
-        time.sleep(0.2)
+    wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 2000, f"2000 bytes of rows in {metrics}", proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout + stderr

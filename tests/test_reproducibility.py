@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,12 @@ import torch
 from conftest import (
     PACKAGE_ROOT,
     QUICK_REGRESSION,
+    Child,
     assert_provenance_matches_checkout,
     git_checkout_state,
     read_jsonl,
     run_once,
+    wait_for,
 )
 
 from dropstudy.config.compose import compose, conf_dir
@@ -119,14 +120,10 @@ def start(clean_env, cwd: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_rows(run: Path, rows: int, proc: subprocess.Popen | Child) -> None:
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{metrics} did not reach {rows} rows")
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= rows, f"{rows} rows in {metrics}",
+             proc)
 
 
 @pytest.mark.parametrize(
@@ -163,14 +160,16 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(dropstudy, clean_env, t
 def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, clean_env, tmp_path):
     every = 25  # trainer.checkpoint_every
     args = ["trainer.eval_every=1000", f"trainer.checkpoint_every={every}", "trainer.log_every=1", *QUIET]
-    proc = start(clean_env, tmp_path, "train", "trainer.epochs=100000", *args, "hydra.run.dir=run")
-    wait_for_rows(tmp_path / "run", 3 * every, proc)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    rows_at_second_signal = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT, stdout + stderr
+    with Child(["train", "trainer.epochs=100000", *args, "hydra.run.dir=run"], tmp_path, clean_env) as proc:
+        wait_for_rows(tmp_path / "run", 3 * every, proc)
+        proc.send_signal(signal.SIGINT)
+        # The second one once the first is answered: the run is then in its clean-up, not training.
+        proc.wait_for_line("SIGINT again exits at once")
+        proc.send_signal(signal.SIGINT)
+        rows_at_second_signal = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+        result = proc.finish()
+    stdout, stderr = result.stdout, result.stderr
+    assert result.code == 128 + signal.SIGINT, stdout + stderr
     # The second Ctrl-C ended the process itself, from the interrupt's clean-up (figures, summary),
     # without going back to training.
     assert "SIGINT again: exiting now" in stderr, stderr
@@ -195,6 +194,60 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, cl
     for name, weights in checkpoint["model"].items():
         assert torch.equal(weights, reference["model"][name]), name
 
+
+@pytest.mark.xfail(strict=True, reason="engine: an epoch that defers signals marks no boundary, so the next, "
+                   "undeferred epoch's interrupt checkpoints an older one")
+def test_a_signal_after_a_slow_epoch_checkpoints_the_epoch_before_it(clean_env, tmp_path, monkeypatch,
+                                                                      own_signal_handlers):
+    """A loaded machine can make one of the regression's sub-millisecond epochs slower than
+    DEFER_SIGNALS_BELOW_S; the next epoch then takes a signal at once, mid-epoch, and must
+    checkpoint the epoch before it. It checkpointed the last boundary an earlier slow epoch had
+    marked (a CI run of the double Ctrl-C test: checkpoint 65, rows to 75). The engine reads a
+    clock of the test's own, so which epochs are slow does not depend on the machine."""
+    import os
+    import time
+
+    from typer.testing import CliRunner
+
+    from dropstudy.cli import app
+    from dropstudy.engine import loop as engine
+    from dropstudy.engine.backend import Backend as Single
+
+    class Clock:
+        """The engine's `time`: each reading a microsecond after the last, a second more across a slow epoch."""
+
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1e-6
+            return self.now
+
+        def __getattr__(self, name: str):
+            return getattr(time, name)
+
+    clock, current = Clock(), {}
+    real_set_epoch, real_train_epoch = Single.set_epoch, Single.train_epoch
+
+    def set_epoch(self, epoch):
+        current["epoch"] = epoch
+        if epoch == 14:  # the epoch after the second slow one, which defers nothing
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_set_epoch(self, epoch)
+
+    def train_epoch(self, progress):
+        if current["epoch"] in (5, 13):
+            clock.now += 1.0
+        return real_train_epoch(self, progress)
+
+    monkeypatch.setattr(engine, "time", clock)
+    monkeypatch.setattr(Single, "set_epoch", set_epoch)
+    monkeypatch.setattr(Single, "train_epoch", train_epoch)
+    result = CliRunner().invoke(app, ["train", "trainer.epochs=40", "trainer.checkpoint_every=25", *QUIET,
+                                      "hydra.run.dir=run"], prog_name="dropstudy")
+    assert result.exit_code == 143, result.output
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (checkpoint["epoch"], summary["epoch"]) == (13, 13), summary
 
 # --------------------------------------------------------------------------- broken run directories
 

@@ -8,11 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import clean_environment, read_jsonl
+from conftest import Child, clean_environment, read_jsonl
 from typer.testing import CliRunner
 
 from dropstudy.cli import app
@@ -23,19 +22,16 @@ LONG = ["trainer.epochs=2000", "trainer.eval_every=100", "trainer.log_every=10",
 GRID = ["model.dropout=0,0.5", "seed=0,1", *LONG, "tracker.mode=disabled"]
 
 
-def stop_once_it_logs(proc: subprocess.Popen, metrics: Path, timeout: float = 300) -> str:
-    """Ctrl-C as soon as `metrics` has a row; the process's output."""
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.stat().st_size):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    return out + err
+def stop_once_it_logs(proc: Child, metrics: Path) -> str:
+    """Ctrl-C as soon as `metrics` has a row; the process's output once it has ended."""
+    with proc:
+        proc.wait_for(lambda: metrics.is_file() and metrics.stat().st_size, f"a row in {metrics}", timeout=300)
+        proc.send_signal(signal.SIGINT)
+        return proc.finish(timeout=300).output
 
 
-def start(cwd: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dropstudy", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(cwd: Path, env: dict[str, str], *args: str) -> Child:
+    return Child(list(args), cwd, env)
 
 
 def results(run: Path) -> dict:

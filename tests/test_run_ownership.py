@@ -13,12 +13,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from glob import glob
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_REGRESSION, SWEEP_GRID, clean_environment, read_jsonl
+from conftest import QUICK_REGRESSION, SWEEP_GRID, Child, clean_environment, read_jsonl
 from typer.testing import CliRunner
 
 from dropstudy.cli import app
@@ -125,16 +124,10 @@ def test_sweep_into_a_sweep_dir_is_refused_and_changes_nothing(regression_sweep,
 def test_of_two_writers_of_one_dir_one_exits_2_naming_the_other(clean_env, tmp_path):
     run = tmp_path / "two writers" / "x"
     args = ["train", "trainer.epochs=1000000", "trainer.eval_every=100", *QUIET, f"hydra.run.dir={run}"]
-    first = subprocess.Popen([sys.executable, "-m", "dropstudy", *args], cwd=tmp_path, env=clean_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with Child(args, tmp_path, clean_env) as first:
         lock = run / ".lock"
-        deadline = time.time() + 120
-        while first.poll() is None and time.time() < deadline:  # until the first holds the directory
-            if lock.is_file() and f'"pid": {first.pid},' in lock.read_text():
-                break
-            time.sleep(0.05)
-        assert first.poll() is None, first.communicate()
+        first.wait_for(lambda: lock.is_file() and f'"pid": {first.pid},' in lock.read_text(),
+                       "the first writer to hold the directory")
 
         second = cli(tmp_path, clean_env, *args)
         assert second.returncode == 2, second.stdout + second.stderr
@@ -143,12 +136,11 @@ def test_of_two_writers_of_one_dir_one_exits_2_naming_the_other(clean_env, tmp_p
         resumed = invoke("resume", str(run))  # resume takes the same lock
         assert resumed.exit_code == 2 and f"is being written by pid {first.pid} (" in one_line(resumed.output)
 
-        while first.poll() is None and not (run / "metrics.jsonl").is_file():
-            time.sleep(0.05)
-    finally:
+        first.wait_for(lambda: (run / "metrics.jsonl").is_file(), "the first writer's first metrics row")
         first.send_signal(signal.SIGINT)
-        stdout, stderr = first.communicate(timeout=120)
-    assert first.returncode == 130, stdout + stderr
+        result = first.finish()
+    stdout, stderr = result.stdout, result.stderr
+    assert result.code == 130, stdout + stderr
     epochs = [row["epoch"] for row in read_jsonl(run / "metrics.jsonl") if "train/loss" in row]
     assert epochs and epochs == sorted(set(epochs)), "one run's rows: strictly increasing epochs"
     assert not (run / ".lock").exists(), "the lock file goes with its holder"

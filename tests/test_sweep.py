@@ -9,12 +9,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SWEEP_GRID, read_figure, read_jsonl
+from conftest import SWEEP_GRID, Child, read_figure, read_jsonl
 from typer.testing import CliRunner
 from wandb_offline import load_run
 
@@ -186,18 +185,14 @@ def test_process_launchers_run_the_same_sweep(dropstudy, tmp_path, launcher):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_with_a_table_and_exit_130(clean_env, tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dropstudy", "sweep", "model.dropout=0,0.5", "trainer.epochs=100000",
-         "tracker.mode=disabled", "sweep.vectorize=false", "hydra.sweep.dir=sw"],
-        cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
     metrics = tmp_path / "sw" / "0" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.stat().st_size > 0) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out + err
+    with Child(["sweep", "model.dropout=0,0.5", "trainer.epochs=100000", "tracker.mode=disabled",
+                "sweep.vectorize=false", "hydra.sweep.dir=sw"], tmp_path, clean_env) as proc:
+        proc.wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, "job 0's first metrics row")
+        proc.send_signal(signal.SIGINT)
+        result = proc.finish()
+    out, err = result.stdout, result.stderr
+    assert result.code == 130, out + err
     table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert table["interrupted"] and [j["status"] for j in table["jobs"]] == ["interrupted", "not run"]
     assert "interrupted" in out and "not run" in out
@@ -339,7 +334,7 @@ def test_planned_jobs_equal_what_composing_each_from_scratch_gives(clean_env, tm
     point again; the jobs must be exactly those Hydra's own per-job composition gives."""
     from omegaconf import OmegaConf
 
-    from dropstudy import sweep
+    from dropstudy.sweeps import plan as sweep
 
     args = [*grid, f"hydra.sweep.dir={tmp_path / 'sw'}"]
     calls = {"n": 0}
