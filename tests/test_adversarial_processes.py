@@ -267,8 +267,6 @@ main()
 """
 
 
-@pytest.mark.xfail(strict=True, reason="engine: Engine.interrupted logs that a second signal exits at once "
-                   "before it marks its runs interrupted, and _exit_now records only runs so marked")
 def test_a_second_ctrl_c_as_soon_as_the_first_is_answered_leaves_summary_json_interrupted(clean_env, tmp_path):
     """The slow test above failed once in four runs on a loaded machine: summary.json said running."""
     import torch

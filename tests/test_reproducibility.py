@@ -195,8 +195,6 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(dropstudy, cl
         assert torch.equal(weights, reference["model"][name]), name
 
 
-@pytest.mark.xfail(strict=True, reason="engine: an epoch that defers signals marks no boundary, so the next, "
-                   "undeferred epoch's interrupt checkpoints an older one")
 def test_a_signal_after_a_slow_epoch_checkpoints_the_epoch_before_it(clean_env, tmp_path, monkeypatch,
                                                                       own_signal_handlers):
     """A loaded machine can make one of the regression's sub-millisecond epochs slower than

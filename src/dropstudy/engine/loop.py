@@ -206,7 +206,12 @@ class Engine:
         self.current_epoch = epoch
         # Short epochs (the full-batch regression's are well under a millisecond) hold a signal
         # until their end instead of copying the state at every boundary in case one lands.
-        self.gate.defer = self._last_epoch_s < DEFER_SIGNALS_BELOW_S
+        defer = self._last_epoch_s < DEFER_SIGNALS_BELOW_S
+        if self.gate.defer and not defer:
+            # The epochs that deferred marked no boundary: the one before this epoch is marked now,
+            # so that a signal raised at once during it checkpoints that epoch, not an older one.
+            self._mark_boundary(epoch - 1)
+        self.gate.defer = defer
         rates = backend.set_epoch(epoch)  # the p this epoch trains with
         start = time.perf_counter()
         train = backend.train_epoch(progress)
@@ -278,13 +283,11 @@ class Engine:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         # A second Ctrl-C from here on exits at once; last.pt is only ever replaced by a rename,
         # so it stays the last complete checkpoint whatever happens.
-        signal.signal(signal.SIGINT, self._exit_now)
-        signal.signal(signal.SIGTERM, self._exit_now)
-        name = signal.Signals(signum).name
-        log.info(f"{name}: writing the last checkpoint; {name} again exits at once (the run stays resumable)")
-        for i, run in enumerate(self.runs):
-            if not run.active:
-                continue
+        # Every interrupted member is marked before the second signal can come, so that one that
+        # comes at once still finds each of them to record as interrupted (_exit_now).
+        interrupted = [i for i, run in enumerate(self.runs) if run.active]
+        for i in interrupted:
+            run = self.runs[i]
             outcome = run.outcome
             outcome.status, outcome.exit_code = "interrupted", 128 + int(signum)
             outcome.epoch = self.boundary_epoch  # what the checkpoint holds
@@ -292,6 +295,11 @@ class Engine:
             during = max(self.current_epoch, outcome.epoch)
             outcome.reason = f"{signal.Signals(signum).name} during epoch {during} of {self.epochs}"
             run.active = False
+        signal.signal(signal.SIGINT, self._exit_now)
+        signal.signal(signal.SIGTERM, self._exit_now)
+        name = signal.Signals(signum).name
+        log.info(f"{name}: writing the last checkpoint; {name} again exits at once (the run stays resumable)")
+        for i in interrupted:
             self.checkpoint(i)
 
     def _exit_now(self, signum: int, frame: Any) -> None:

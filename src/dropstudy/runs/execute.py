@@ -26,20 +26,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dropstudy.report import plots
-from dropstudy.engine.backend import Backend
 from dropstudy.data.datasets import Dataset, load_dataset
-from dropstudy.model.dropout import DropoutSchedule, arm_label, describe_sites
+from dropstudy.engine.backend import Backend
 from dropstudy.engine.loop import Engine, MemberRun
-from dropstudy.store.failures import describe
-from dropstudy.model.networks import build_model
-from dropstudy.store.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
-from dropstudy.engine.runtime import FastPaths, describe_device, set_up_process, usable_cpus
-from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker, resolve_mode
-from dropstudy.tracking.tracker import NullTracker
-from dropstudy.store.text import flatten
 from dropstudy.engine.outcome import NonFiniteLoss, Outcome, conclude
-from dropstudy.model.uncertainty import calibration, mc_forward, predictions, predictive_entropy
+from dropstudy.engine.runtime import FastPaths, describe_device, set_up_process, usable_cpus
+from dropstudy.model.dropout import DropoutSchedule, arm_label, describe_sites
+from dropstudy.model.networks import build_model
+from dropstudy.report import plots
+from dropstudy.report.curves import calibration_values, regression_fit_curve, split_points
+from dropstudy.store.failures import describe
+from dropstudy.store.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
+from dropstudy.store.text import flatten
+from dropstudy.tracking.tracker import NullTracker
+from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker, resolve_mode
 
 log = logging.getLogger("dropstudy")
 

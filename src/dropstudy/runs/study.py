@@ -14,18 +14,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dropstudy.report import plots
 from dropstudy.data.datasets import Dataset, load_dataset
-from dropstudy.model.dropout import arm_label
-from dropstudy.runs.execute import RunResult, train_run
-from dropstudy.report.curves import split_points
-from dropstudy.store.failures import describe
-from dropstudy.report.html import write_study_page
-from dropstudy.store.rundir import RunDir, write_json_atomic
 from dropstudy.engine.runtime import seed_everything
-from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker
+from dropstudy.model.dropout import arm_label
+from dropstudy.report import plots
+from dropstudy.report.curves import split_points
+from dropstudy.report.html import write_study_page
+from dropstudy.runs.execute import RunResult, train_run
+from dropstudy.store.failures import describe
+from dropstudy.store.rundir import RunDir, read_status, write_json_atomic
 from dropstudy.store.text import flatten
-from dropstudy.store.rundir import read_status
+from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker
 
 log = logging.getLogger("dropstudy")
 

@@ -30,13 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dropstudy.config.compose import conf_dir
 from dropstudy.engine.batching import why_not
-from dropstudy.runs.execute import Batch, Member, train_members
-from dropstudy.store.rundir import RunDir, claim_run_dir
-
 from dropstudy.engine.runtime import Interrupted
-from dropstudy.runs.execute import train_run
+from dropstudy.runs.execute import Batch, Member, train_members, train_run
 from dropstudy.runs.resume import plan_step, run_step
-from dropstudy.store.rundir import read_status, write_json_atomic
+from dropstudy.store.rundir import RunDir, claim_run_dir, read_status, write_json_atomic
 from dropstudy.sweeps.plan import JobOutcome, SweepPlan
 from dropstudy.sweeps.search import TrialFailed, best_trial, objective_value, trial_jobs
 from dropstudy.sweeps.slurm import (

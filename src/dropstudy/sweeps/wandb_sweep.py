@@ -8,7 +8,6 @@ from typing import Any
 
 from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import explain_composition_error
-
 from dropstudy.config.hydra_internals import is_hydra_override
 
 log = logging.getLogger("dropstudy")
