@@ -165,7 +165,7 @@ def test_a_diverging_member_stops_and_the_others_train_on(tmp_path, clean_env, m
     def load_dataset(cfg, device, log, shared=None):
         data = real_load_dataset(cfg, device, log, shared)
         if cfg.seed == 1:
-            data.train.targets *= 1e20
+            data.train.base_targets *= 1e20
         return data
 
     real_load_dataset = execute.load_dataset
@@ -249,8 +249,8 @@ def test_a_cifar10_seed_grid_shares_one_copy_of_the_images_and_each_member_equal
     assert cfgs[0].data.seed != cfgs[1].data.seed
     datas = load_member_data([Member(cfg, tmp_path / f"m{i}", []) for i, cfg in enumerate(cfgs)], torch.device("cpu"))
     assert datas[0] is not datas[1]
-    assert datas[0].train.inputs is datas[1].train.inputs, "one copy of the training images"
-    assert datas[0].test.inputs is datas[1].test.inputs
+    assert datas[0].train.base_inputs is datas[1].train.base_inputs, "one copy of the training images"
+    assert datas[0].test.base_inputs is datas[1].test.base_inputs
     assert not torch.equal(datas[0].train.index, datas[1].train.index), "each member's own rows"
     assert datas[0].fingerprint() != datas[1].fingerprint()
 

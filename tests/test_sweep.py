@@ -250,6 +250,7 @@ def fake_batches(monkeypatch, reason):
     """Stand-ins for the batching rule and the orchestrator, recording calls: how the sweep hands a
     grid over, apart from what the batched training does (test_execute.py covers that)."""
     from dropstudy.store.rundir import RunDir
+    from dropstudy.sweeps import plan
     from dropstudy.sweeps import run as sweep
 
     calls = []
@@ -261,7 +262,7 @@ def fake_batches(monkeypatch, reason):
         return []
 
     monkeypatch.setattr(sweep, "train_members", train_members)
-    monkeypatch.setattr(sweep, "why_not", lambda cfgs: reason)
+    monkeypatch.setattr(plan, "why_not", lambda cfgs: reason)
     return calls
 
 

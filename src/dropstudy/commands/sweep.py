@@ -92,14 +92,7 @@ def sweep(
 
         dropstudy sweep hydra/sweeper=optuna 'model.dropout=interval(0,0.8)' hydra.sweeper.n_trials=20
     """
-    from dropstudy.sweeps.run import (
-        SweepJob,
-        batch_reason,
-        collect_outcomes,
-        launch_multirun,
-        train_batches,
-        write_sweep_json,
-    )
+    from dropstudy.sweeps.plan import batch_reason
     from dropstudy.sweeps.search import plan_sweep
 
     overrides = list(overrides or [])
@@ -130,6 +123,9 @@ def sweep(
         for job in plan.jobs:
             typer.echo(f"  {job.label}" if plan.search else f"  #{job.num} {job.label} -> {job.run_dir}")
         raise typer.Exit()
+
+    # Only now torch and the rest of training: a bad grid point or a dry run never loads them.
+    from dropstudy.sweeps.run import SweepJob, collect_outcomes, launch_multirun, train_batches, write_sweep_json
 
     with claimed(plan.sweep_dir, ELSEWHERE_SWEEP):
         stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",

@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dropstudy.model.dropout import make_dropout
-from dropstudy.report.plots import FIGURE_DPI, plt, save_figure
-
 if TYPE_CHECKING:  # each demo imports these itself, so that `dropstudy demo --list` and a bad name need neither
     import matplotlib.pyplot as plt
     import torch
@@ -33,11 +30,13 @@ class DemoResult:
 
 def _figure(**kwargs: Any) -> tuple[plt.Figure, Any]:
     """A demo's figure and axes, laid out as the package's other figures are (no label cut)."""
+    from dropstudy.report.plots import FIGURE_DPI, plt
 
     return plt.subplots(layout="constrained", dpi=FIGURE_DPI, **kwargs)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    from dropstudy.report.plots import plt, save_figure
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -61,6 +60,7 @@ def scaling(out: Path, seed: int) -> DemoResult:
     import torch
     from torch import nn
 
+    from dropstudy.model.dropout import make_dropout
 
     n, p, draws = 10_000, 0.5, 1_000
     keep = 1.0 - p
@@ -130,6 +130,7 @@ def masks(out: Path, seed: int) -> DemoResult:
     empirical drop rate against p over many steps."""
     import torch
 
+    from dropstudy.model.dropout import make_dropout
 
     units, shown, steps = 12, 8, 10_000
     rates = (0.1, 0.2, 0.5, 0.8)
@@ -196,6 +197,7 @@ def equivalence(out: Path, seed: int) -> DemoResult:
     import torch
     from torch import nn
 
+    from dropstudy.model.dropout import make_dropout
 
     d, p, draws = 50, 0.5, 20_000
     keep = 1.0 - p

@@ -8,16 +8,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dropstudy.config.checks import ConfigError, validate
 from dropstudy.config.compose import explain_composition_error, hydra_value
-
-if TYPE_CHECKING:
-    from dropstudy.sweeps.search import SearchSpec
 from dropstudy.config.hydra_internals import apply_overrides, hydra_instance, is_hydra_override, split_sweep_arguments
+from dropstudy.engine.batching import why_not
 from dropstudy.store.rundir import RunDirClaimError, refuse_used
 
 log = logging.getLogger("dropstudy")
@@ -37,6 +35,17 @@ LAUNCHERS = ("basic", *LAUNCHER_PLUGINS)
 
 # hydra/sweeper=NAME -> its plugin module; `basic` (Hydra's grid) is the default.
 SWEEPER_PLUGINS = {"optuna": "hydra_plugins.hydra_optuna_sweeper"}
+
+
+@dataclass
+class SearchSpec:
+    """What an Optuna search (sweeps.search) searches, and for what."""
+
+    sweeper: str
+    objective: str  # sweep.objective, e.g. val/loss
+    direction: str  # minimize | maximize, from the objective's name
+    n_trials: int
+    space: dict[str, str]  # key -> the search override's value as given, e.g. interval(0,0.8)
 
 
 @dataclass
@@ -264,3 +273,15 @@ def key_metric(final: dict[str, Any]) -> tuple[str, Any]:
         if key in final:
             return key, final[key]
     return "val/loss", None
+
+
+def batch_reason(plan: SweepPlan) -> str | None:
+    """None when this plan's jobs train as batches of members in this process (the one backend),
+    else why not."""
+    if not plan.jobs[0].cfg.sweep.vectorize:
+        return "sweep.vectorize=false"
+    if plan.search is not None:
+        return f"hydra/sweeper={plan.search.sweeper} picks each trial after the ones before"
+    if plan.launcher != "basic":
+        return f"hydra/launcher={plan.launcher} runs one job per member"
+    return why_not([job.cfg for job in plan.jobs])

@@ -29,7 +29,6 @@ from typing import Any, ClassVar, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from dropstudy.config.compose import conf_dir
-from dropstudy.engine.batching import why_not
 from dropstudy.engine.runtime import Interrupted
 from dropstudy.runs.execute import Batch, Member, train_members, train_run
 from dropstudy.runs.resume import plan_step, run_step
@@ -232,16 +231,6 @@ def signals_reach_workers() -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
-def batch_reason(plan: SweepPlan) -> str | None:
-    """None when this plan's jobs train as batches of members in this process (the one backend),
-    else why not."""
-    if not plan.jobs[0].cfg.sweep.vectorize:
-        return "sweep.vectorize=false"
-    if plan.search is not None:
-        return f"hydra/sweeper={plan.search.sweeper} picks each trial after the ones before"
-    if plan.launcher != "basic":
-        return f"hydra/launcher={plan.launcher} runs one job per member"
-    return why_not([job.cfg for job in plan.jobs])
 
 
 def train_batches(plan: SweepPlan) -> list[Any]:

@@ -10,7 +10,6 @@ dirs Hydra numbered (`trial_jobs`), ranked, with the best trial's parameters (`b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from dropstudy.config.compose import explain_composition_error
 from dropstudy.config.hydra_internals import hydra_instance, is_hydra_override
 from dropstudy.sweeps.plan import (
     JobOutcome,
+    SearchSpec,
     SweepPlan,
     check_launcher,
     check_sweeper,
@@ -28,15 +28,6 @@ from dropstudy.sweeps.plan import (
     plan_grid,
     sweep_dir_override,
 )
-
-
-@dataclass
-class SearchSpec:
-    sweeper: str
-    objective: str  # sweep.objective, e.g. val/loss
-    direction: str  # minimize | maximize, from the objective's name
-    n_trials: int
-    space: dict[str, str]  # key -> the search override's value as given, e.g. interval(0,0.8)
 
 
 def plan_sweep(overrides: list[str], new: bool = True) -> SweepPlan:
