@@ -36,8 +36,8 @@ def rerun(
 ) -> None:
     """Train again from a run's saved, resolved config into a new run directory, then compare
     every logged metric at every step with the original. Exit code 0 only when it reproduces.
-    A study or a sweep reruns every finished run, one after another (a batched sweep's chunks as
-    the ensembles they were), into a subdirectory of the same name, with one verdict per run and
+    A study or a sweep reruns every finished run, one after another (a batched sweep's batches as
+    the batches they were), into a subdirectory of the same name, with one verdict per run and
     one overall (rerun.json).
 
     Examples:
@@ -177,7 +177,7 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
             held.enter_context(claimed(new_dir / member.name, ELSEWHERE_OUT, new=False))
         setup_logging(new_dir / "rerun.log")
         typer.echo(f"rerun of {directory}: {len(todo)} run(s) in this process, each as it first ran "
-                   f"(alone, or with its batched chunk as one ensemble) -> {new_dir}")
+                   f"(alone, or with its batch as one batch) -> {new_dir}")
         if skipped:
             typer.echo(f"skipped, not finished in the original: {skipped}")
         done = handle_run_errors(lambda: rerun_members(directory, members, new_dir, overrides, rtol, atol,

@@ -30,7 +30,7 @@ from dropstudy.tracking.console import stderr
 
 def resume(
     directory: Path = typer.Argument(..., metavar="DIR", help="A run (one with checkpoints/last.pt), a study "
-                                     "(study.json) or a sweep (sweep.json) directory; a batched sweep continues as the ensembles it was.", show_default=False),
+                                     "(study.json) or a sweep (sweep.json) directory; a batched sweep continues as the batches it was.", show_default=False),
 ) -> None:
     """Continue what was interrupted, in the same directories and the same W&B runs; finished runs
     are kept. A run continues from its last checkpoint and ends with exactly the metrics of an
@@ -192,11 +192,11 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     from dropstudy.sweeps.batches import sweep_batches
 
     try:
-        chunks = sweep_batches(sweep_dir)
+        batches = sweep_batches(sweep_dir)
     except RunDirError as exc:
         raise fail(str(exc))
-    # The batched chunks first, then the jobs no chunk reached, below; `continued`: run dir -> epoch.
-    continued = resume_batched_chunks(sweep_dir) if chunks else {}
+    # The batches first, then the jobs no batch reached, below; `continued`: run dir -> epoch.
+    continued = resume_sweep_batches(sweep_dir) if batches else {}
 
     from dropstudy.runs.resume import ResumeError
     from dropstudy.sweeps.resume import plan_sweep_resume, resume_sweep
@@ -252,18 +252,18 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
 
 
-def resume_batched_chunks(sweep_dir: Path) -> dict[Path, int]:
+def resume_sweep_batches(sweep_dir: Path) -> dict[Path, int]:
     """The batched part of `dropstudy resume SWEEP_DIR`: batches of a sweep that were interrupted
     continue as the batches they were. Exits when they are interrupted again; returns the epoch
     each member continued from, by its resolved run dir."""
     from dropstudy.store.rundir import RunDirError, read_status
     from dropstudy.sweeps.batches import resume_sweep, sweep_batches
 
-    chunks = sweep_batches(sweep_dir)
-    if all(read_status(d)[0] in ("finished", "diverged") for chunk in chunks for d in chunk):
+    batches = sweep_batches(sweep_dir)
+    if all(read_status(d)[0] in ("finished", "diverged") for batch in batches for d in batch):
         return {}
-    check_runnable(load_saved_run(chunks[0][0])[0])
-    stderr.print(f"continuing {len(chunks)} batch(es) of {sweep_dir}", highlight=False)
+    check_runnable(load_saved_run(batches[0][0])[0])
+    stderr.print(f"continuing {len(batches)} batch(es) of {sweep_dir}", highlight=False)
     with claimed(sweep_dir, ELSEWHERE_SWEEP, new=False):
         resume_log = handle_run_errors(lambda: ResumeLog(sweep_dir))
         try:

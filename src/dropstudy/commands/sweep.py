@@ -72,7 +72,7 @@ def sweep(
     hydra.launcher.partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb, array_parallelism).
     The plugins: pip install 'dropstudy[cluster]'. With sweep.vectorize=true (the default) and the
     basic launcher, grid points that differ only in seed, data.seed or dropout settings train as
-    one ensemble (either experiment; chunks of sweep.max_members), else the table says why not.
+    one batch (either experiment; batches of at most sweep.max_members), else the table says why not.
     hydra/sweeper=optuna searches instead (interval(), choice()): each trial returns sweep.objective
     (default val/loss), the table ranks the trials and best.json holds the best parameters.
 

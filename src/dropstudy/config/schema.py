@@ -161,7 +161,7 @@ class TrainerConfig:
     # A NaN/inf loss: stop (status diverged), skip that step, or raise an error.
     on_nan: OnNan = OnNan.stop
     # Speed switches (runtime.FastPaths applies them). channels_last: NHWC memory format for conv
-    # nets (1.2x faster for the CIFAR-10 CNN on a 2-core x86 CPU, and what tensor cores want).
+    # nets (faster for the CIFAR-10 CNN on a CPU, BENCHMARKS.md, and what tensor cores want).
     channels_last: bool = True
     # bf16 autocast: auto = on for CUDA devices that support bf16, off elsewhere; bf16 forces it
     # (CPU too, slower there on most CPUs); off = float32 throughout.
@@ -204,14 +204,14 @@ class StudyConfig:
 @dataclass
 class SweepConfig:
     # `dropstudy sweep` trains a grid of regression members as one batched model in one
-    # process when the members allow it (dropstudy.vectorized); false = one job per member.
+    # process when the members allow it (engine/batching.py); false = one job per member.
     vectorize: bool = True
-    # The most members trained as one batched model; a larger grid trains in chunks of this many,
-    # one chunk after another. Memory grows linearly with it (see README, "Sweeps").
+    # The most members trained as one batch; a larger grid trains in batches of this many, one
+    # batch after another. Memory grows linearly with it (see README, "Sweeps").
     max_members: int = 16
-    # How the members of an ensemble (dropstudy.ensemble) run on one device: stacked (one vmap'd
-    # forward/backward for all), sequential (in turn, one process, one copy of the data) or auto
-    # (stacked on CUDA and for the MLP; sequential for the CNN on a CPU).
+    # How a batch's members (and a single run, a batch of one) run on one device: stacked (one
+    # forward/backward for all), sequential (in turn, each exactly its single run) or auto
+    # (stacked for the MLP, and for the CNN on CUDA with several members; else sequential).
     member_execution: MemberExecution = MemberExecution.auto
     # What an Optuna search (hydra/sweeper=optuna) optimises: a metric's best value over the
     # run's evaluations (its final value when none is kept), minimized for losses, MSE and ECE,

@@ -576,7 +576,7 @@ class _ImageSet:
     """The decoded images and labels once per batch of members: on the host (uint8, what splits
     are drawn from and fingerprinted) and on the device. On an accelerator the device copy is
     normalised once (float32: 4x the memory of uint8), which takes the normalisation out of every
-    step; a CPU run keeps uint8, since its RSS would grow by 550 MB to save 0.05 ms a step."""
+    step; a CPU run keeps uint8, since its memory would grow 4x to save little per step."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], source: str, device: torch.device):
         self.host, self.source = tensors, source

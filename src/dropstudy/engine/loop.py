@@ -10,7 +10,7 @@ row at the end. It knows nothing of W&B beyond the `Tracker` interface.
 
 At every epoch boundary it keeps an in-memory copy of every member's training state. A
 checkpoint always holds such a boundary state, never a half-done epoch, so a run (or a whole
-ensemble) resumed from it continues exactly as if it had not stopped.
+batch) resumed from it continues exactly as if it had not stopped.
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ def set_threads(requested: int | None) -> int:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 # Blocks up to this size come from the heap and stay there once freed: a CIFAR-10 training
-# step's activations (7.4 MB for the first conv block at batch 64) and an evaluation batch's
-# (118 MB at trainer.eval_batch_size=1000); the heap is not trimmed below its peak.
+# step's activations and an evaluation batch's, whatever trainer.eval_batch_size; the heap is not
+# trimmed below its peak.
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1
 
@@ -146,7 +146,7 @@ def retain_freed_memory() -> bool:
 
 
 def set_up_process(cfg: Any) -> torch.device:
-    """The process-wide settings a run asks for, for the single path and a vectorized sweep
+    """The process-wide settings a run asks for, for a single run and a batched sweep
     alike: its device, torch's CPU threads (trainer.threads), deterministic algorithms, and
     freed memory kept for reuse (`retain_freed_memory`)."""
     retain_freed_memory()

@@ -20,12 +20,13 @@ architecture has a dropout site, and everything else (logging the sites, schedul
 dropout) finds them by that type.
 
 Every kind is implemented once, in `apply_dropout`, which takes p as a Python float (torch's
-own kernels where they exist, what a single run uses) or as a tensor. The tensor form is what
-ensembles train with: a site's `drop_rate` passes its `rate` buffer, which
-`torch.func.stack_module_state` stacks into one p per member of ensemble.py's `Ensemble`, so under
-`vmap(..., randomness="different")` every member draws its own mask with its own p (a site uses
-it only when `rate_from_buffer` is set; `rate` is not saved in checkpoints); the hand-batched
-regression ensemble (vectorized.py) passes its [M, 1, 1] rates and its own generator.
+own kernels where they exist, what a sequential member uses) or as a tensor. The tensor form is
+what stacked members train with: a site's `drop_rate` passes its `rate` buffer, which
+`torch.func.stack_module_state` stacks into one p per member of the backend
+(engine/backend.py), so under `vmap(..., randomness="different")` every member draws its own mask
+with its own p (a site uses it only when `rate_from_buffer` is set; `rate` is not saved in
+checkpoints); the backend's hand-written MLP forward draws each member's noise from the member's
+own stream and applies it with `apply_noise`.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ class SiteDropout(nn.Module):
     """One dropout site. `base_p` is the configured rate; `p` is the rate in force now, which a
     schedule changes every epoch. `where` says where the site sits, for logs. Its mask (or noise)
     is drawn by `apply_dropout`, with p as a float (`drop`) or as the `rate` tensor (`drop_rate`,
-    what an ensemble's stacked members use)."""
+    what stacked members use)."""
 
     kind = "?"
 
     def __init__(self, p: float, where: str):
         super().__init__()
-        # p as a tensor, kept equal to `p` (its setter fills it): the per-member p of an ensemble.
+        # p as a tensor, kept equal to `p` (its setter fills it): the per-member p of stacked members.
         # Not persistent, so a model's state_dict (and every checkpoint) is what it was without it.
         self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
         self.base_p = float(p)
@@ -121,7 +122,7 @@ def apply_dropout(
     kind: str, x: torch.Tensor, p: float | torch.Tensor, training: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """x with dropout of `kind` at rate p: the one implementation of every kind, for a single
-    site (p a float) and for stacked ensemble members (p a tensor broadcastable over x, e.g.
+    site (p a float) and for stacked members (p a tensor broadcastable over x, e.g.
     [M, 1, 1] for activations [M, N, H]: each member its own p).
 
     A float p draws exactly as the matching torch modules do (F.dropout, F.dropout2d), so a

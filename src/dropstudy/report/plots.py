@@ -42,7 +42,7 @@ COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:b
 class Drawer:
     """Runs this module's figure functions inline (workers <= 1) or on worker processes.
 
-    A vectorized sweep's members each draw their own figures, about half a second apiece on one
+    A batched sweep's members each draw their own figures, about half a second apiece on one
     core; with workers they draw side by side, one per CPU, while the caller goes on. Workers are
     spawned (not forked: the caller holds torch and W&B threads), import only matplotlib, and
     ignore Ctrl-C, which the caller handles."""

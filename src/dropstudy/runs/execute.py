@@ -194,7 +194,7 @@ def conclude_run(
 ) -> None:
     """After training: the figures (also to W&B), summary.json and the W&B summary, for a trained
     `model` and how its training ended. `figures` are those `draw_run_figures` started (a
-    vectorized sweep starts every member's before concluding any); None draws them here."""
+    batch starts every member's before concluding any); None draws them here."""
     result.outcome, result.status = outcome, outcome.status
     clock = time.perf_counter()
     pending, calibration_errors = figures or draw_run_figures(cfg, rd, model, data, outcome, result)

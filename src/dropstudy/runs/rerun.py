@@ -89,7 +89,7 @@ class DirectoryRerun:
 
 
 def _batch_of(member: Member) -> tuple | None:
-    """The batched chunk the original trained in (its number and members), from its provenance;
+    """The batch the original trained in (its number and members), from its provenance;
     None when it trained on its own."""
 
     vec = batch_record(RunDir(member.original).read_provenance()) if (member.original / "provenance.json").is_file() else None
@@ -105,7 +105,7 @@ def rerun_members(
     """Train every finished member again into `new_dir/<its name>`, compare each with its
     original, and keep `new_dir/rerun.json` up to date after each (so a crash still leaves the
     verdicts so far). A member that trained alone trains alone again, exactly as `dropstudy
-    rerun RUN_DIR` trains one run; the members of a batched sweep chunk train together again as
+    rerun RUN_DIR` trains one run; the members of a batched sweep train together again as
     one batch. Stops after an interruption."""
 
     out = DirectoryRerun(original, new_dir, skipped=[m for m in members if m.cfg is None])

@@ -21,7 +21,7 @@ log = logging.getLogger("dropstudy")
 @dataclass
 class SweepResume:
     plan: SweepPlan
-    mode: str  # how the sweep first ran: basic, joblib, ..., vectorized
+    mode: str  # how the sweep first ran: basic, joblib, ..., batched (vectorized before)
     record: dict[str, Any]
     steps: list[Step]
     interrupted: bool = False

@@ -195,7 +195,7 @@ class WandbTracker:
             id=resume_id,
             resume="allow" if resume_id else None,
             # Runs of a study are trained one after another in one process, each finishing the
-            # one before; the members of a vectorized sweep are alive together (shared_process).
+            # one before; the members of a batched sweep are alive together (shared_process).
             reinit="create_new" if shared_process else "finish_previous",
             # init_timeout bounds the wait for the server; offline, wandb's own default stays.
             settings=wandb.Settings(silent=True, console="off",
