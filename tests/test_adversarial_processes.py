@@ -2,7 +2,7 @@
 running dropstudy (a signal, a second signal, a full disk, a read-only HOME, a launcher's worker
 processes, a value such as nan), and what must hold afterwards: the process exits, leaves no
 process of its own behind, and every record (summary.json, study.json, sweep.json) says what
-happened. Its sibling tests/test_adversarial_records.py holds the cases about what the records
+happened. Its sibling tests/store/test_adversarial_records.py holds the cases about what the records
 and reports say of runs read back later; new cases of either kind go beside these.
 
 Tests that signal a process wait for a condition (a checkpoint on disk, a line on stderr)

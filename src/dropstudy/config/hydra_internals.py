@@ -2,7 +2,7 @@
 for (1.3.x). `dropstudy sweep` plans a multirun exactly as Hydra's basic sweeper and launchers
 will run it, before launching anything; Hydra has no public API for that, so these few calls
 reach into `hydra._internal`. A Hydra upgrade that moves them fails here, loudly, with the
-version named (and tests/test_engine.py fails on it), instead of somewhere in a sweep.
+version named (and tests/engine/test_loop.py fails on it), instead of somewhere in a sweep.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def retain_freed_memory() -> bool:
     """Keep the memory training frees for the next step instead of handing it back to the
     kernel. With glibc's defaults every CPU training step of the CNN maps its large temporaries
     afresh and unmaps them when freed: about 5,000 page faults a step at batch 64 in fp32, a
-    third of the step's time spent in the kernel (tests/test_step_cost.py counts them). Raising
+    third of the step's time spent in the kernel (tests/engine/test_step_cost.py counts them). Raising
     the mmap and trim thresholds makes freed blocks reusable, with the same peak memory.
     Linux with glibc only; a no-op elsewhere, or where the environment sets malloc's tunables."""
     if any(name in os.environ for name in MALLOC_ENV):

@@ -39,7 +39,7 @@ def make_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
 def fused_adam(device: torch.device) -> bool | None:
     """Whether Adam runs as one fused kernel over all parameters on `device`: on CUDA and on a CPU,
     where its step is faster than the per-parameter loop for the CNN (BENCHMARKS.md; it is within
-    float rounding of it, tests/test_performance.py); None (torch's default) elsewhere."""
+    float rounding of it, tests/engine/test_performance.py); None (torch's default) elsewhere."""
     return True if device.type in ("cuda", "cpu") else None
 
 

@@ -97,7 +97,7 @@ def test_a_rerun_uses_the_model_of_the_run_it_reproduces(dropstudy, tmp_path: Pa
 
 @pytest.mark.slow  # a run long enough to interrupt, then its resume
 def test_a_resume_uses_the_model_its_interrupted_run_logged(clean_env, tmp_path: Path, dropstudy):
-    from test_resume_levels import LONG, start, stop_once_it_logs
+    from test_resume import LONG, start, stop_once_it_logs
 
     run = tmp_path / "run"
     said = stop_once_it_logs(start(tmp_path, clean_env, "train", *LONG, "hydra.run.dir=run"), run / "metrics.jsonl")
