@@ -124,7 +124,7 @@ class Backend:
         # The last evaluation's MC-dropout predictions per split and member (the test set's feed
         # the calibration figure).
         self.mc_predictions: dict[str, list[Predictions]] = {}
-        # `hand_mlp=False` only for scripts/bench_ensemble.py, which measures this choice.
+        # `hand_mlp=False` only for scripts/bench_backend.py, which measures this choice.
         self.hand_mlp = hand_mlp and self.execution == "stacked" and cfg.model.name == "mlp"
         # Stacked weights the hand-written MLP keeps as [M, in, out] (see `own_layout`).
         self.transposed: set[str] = set()

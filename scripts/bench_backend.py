@@ -10,9 +10,9 @@ Only the epoch is timed (model building and the data excluded); the table gives 
 in turn, `--repeats` times, interleaved so that a change in machine load hits them alike; the
 median is reported, with the load average seen.
 
-    python scripts/bench_ensemble.py                        # 8 members, 200 steps of 64, CPU
-    python scripts/bench_ensemble.py --device cuda --members 16
-    python scripts/bench_ensemble.py --model mlp --steps 100  # the MLP (regression data, full batch)
+    python scripts/bench_backend.py                        # 8 members, 200 steps of 64, CPU
+    python scripts/bench_backend.py --device cuda --members 16
+    python scripts/bench_backend.py --model mlp --steps 100  # the MLP (regression data, full batch)
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ def member_configs(args: argparse.Namespace) -> list:
             for i in range(args.members)]
 
 
-def timed(ensembles: list[Backend], epochs: int) -> tuple[float, float]:
-    """Wall and process CPU seconds for `epochs` training epochs of every ensemble, one after
+def timed(backends: list[Backend], epochs: int) -> tuple[float, float]:
+    """Wall and process CPU seconds for `epochs` training epochs of every backend, one after
     another (CPU seconds count this process's threads alone: less sensitive to other load)."""
-    device = ensembles[0].device
+    device = backends[0].device
     cpu = time.process_time()
     start = time.perf_counter()
-    for ens in ensembles:
+    for ens in backends:
         for epoch in range(1, epochs + 1):
             ens.set_epoch(epoch)
             ens.train_epoch(NoProgress())
