@@ -47,7 +47,7 @@ from dropstudy.data.datasets import Dataset, batches
 from dropstudy.engine.batching import member_execution, why_not
 from dropstudy.engine.runtime import FastPaths, seed_everything
 from dropstudy.engine.steps import apply_max_norm, clone_tensors, evaluate, loss_function, make_optimizer
-from dropstudy.model.dropout import DropoutSchedule, apply_dropout, apply_noise, noise_is_normal, sites
+from dropstudy.model.dropout import DropoutSchedule, noise_is_normal, noise_multiplier, sites
 from dropstudy.model.networks import build_model, weight_layers, weight_norms
 from dropstudy.model.uncertainty import Predictions, mc_metrics, predictions
 from dropstudy.store.rundir import RunDirError
@@ -105,6 +105,8 @@ class Backend:
         self.max_norm = cfg.optim.max_norm
         self.mc_samples = int(cfg.eval.mc_samples)
         self.shared_data = all(d is datas[0] for d in datas)
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # the full batch, stacked (_full_batch)
+        self._eval_cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Every member as its single run builds it; its random stream starts where that run's does.
         self.models: list[nn.Module] = []
         self.streams: list[dict[str, Any]] = []
@@ -137,8 +139,18 @@ class Backend:
                 self.params = {name: (p.transpose(1, 2).contiguous().detach().requires_grad_() if name in self.transposed
                                       else p) for name, p in self.params.items()}
                 self.masks = [mask_generator(stream, device) for stream in self.streams]
-                self.site_kinds = [site.kind for _, site in self.sites[0]]
+                names = list(self.params)
+                self.layers = [(names[k], names[k + 1]) for k in range(0, len(names), 2)]
+                kinds = {site.kind for _, site in self.sites[0]}  # one kind at every site of an MLP
+                self.site_kind = kinds.pop() if kinds else None
                 self.input_site = any(name.endswith("drop_in") for name, _ in self.sites[0])
+                # The units of every site side by side: one draw of masks and one multiplier a step.
+                widths = ([self.params[names[0]].shape[1]] if self.input_site else []) + [
+                    self.params[w].shape[2] for w, _ in self.layers[:-1]] if self.site_kind else []
+                self.site_widths = torch.tensor(widths, dtype=torch.long)
+                self.site_units = sum(widths)
+                bounds = [0, *torch.cumsum(self.site_widths, 0).tolist()]
+                self.site_slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
             else:
                 self.template = copy.deepcopy(self.models[0]).to("meta")
                 for _, site in sites(self.template):
@@ -169,11 +181,11 @@ class Backend:
         return rates
 
     def _stacked_rates(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Every member's p at every site as the stacked forward takes it: [M, sites] for the
-        hand-written MLP, the sites' `rate` buffers stacked for vmap."""
+        """Every member's p as the stacked forward takes it: per unit of every site side by side,
+        [M, 1, units], for the hand-written MLP; the sites' `rate` buffers stacked for vmap."""
         if self.hand_mlp:
-            return torch.tensor([[site.p for _, site in named] for named in self.sites],
-                                device=self.device).reshape(self.members, -1)
+            per_site = torch.tensor([[site.p for _, site in named] for named in self.sites]).reshape(self.members, -1)
+            return per_site.repeat_interleave(self.site_widths, dim=1).unsqueeze(1).to(self.device)
         self.buffers = {name: torch.stack([m.get_buffer(name) for m in self.models]) for name in self.buffers}
         return self.buffers
 
@@ -185,11 +197,25 @@ class Backend:
         loss_sum = torch.zeros(m, device=device)
         correct = torch.zeros(m, dtype=torch.long, device=device)
         counted, skipped = [0] * m, [0] * m
+        if self.execution == "stacked" and self._full_batch():
+            # One step an epoch: each member's loss is its epoch's, read in one host copy.
+            if self._fixed is None:
+                self._fixed = self._stacked_batch(next(iter(zip(*self.loaders))))
+            losses, outs = self._stacked_step(*self._fixed)
+            progress.advance(1)
+            return self._epoch_metrics(losses.detach(), None if not self.classification else
+                                       torch.count_nonzero(outs.argmax(-1) == self._fixed[1], dim=-1), self._fixed[1].shape[1])
         if self.execution == "stacked":
             # Every member steps on a batch of the same size (and none skips: member_execution).
             examples = 0
             for member_batches in zip(*self.loaders):
-                examples += self._stacked_step(member_batches, loss_sum, correct)
+                xs, ys = self._stacked_batch(member_batches)
+                losses, outs = self._stacked_step(xs, ys)
+                with torch.no_grad():
+                    loss_sum.add_(losses.detach(), alpha=ys.shape[1])
+                    if self.classification:
+                        correct.add_(torch.count_nonzero(outs.argmax(-1) == ys, dim=-1))
+                examples += ys.shape[1]
                 progress.advance(1)
             counted = [examples] * m
         else:
@@ -217,10 +243,26 @@ class Backend:
             out.append(metrics)
         return out
 
-    def _stacked_step(self, member_batches, loss_sum, correct) -> int:
-        """One step of every member at once; returns the examples each member trained on."""
-        xs = self.datas[0].prepare(torch.stack([xb for xb, _ in member_batches]))
-        ys = torch.stack([yb for _, yb in member_batches])
+    def _full_batch(self) -> bool:
+        """Whether every step is the whole training split, unshuffled and unaugmented: the same
+        tensors every epoch, stacked once (`_fixed`)."""
+        bs = self.trainer_cfg.batch_size
+        return (bs is None or bs >= len(self.datas[0].train)) and not self.datas[0].augment
+
+    def _stacked_batch(self, member_batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's batch stacked: inputs [M, B, ...] as the model takes them, targets [M, B, ...]."""
+        return (self.datas[0].prepare(torch.stack([xb for xb, _ in member_batches])),
+                torch.stack([yb for _, yb in member_batches]))
+
+    def _epoch_metrics(self, losses: torch.Tensor, correct: torch.Tensor | None, n: int) -> list[dict[str, float]]:
+        """Per member train/loss (and train/acc) of a one-step epoch, in one host copy."""
+        values = (losses if correct is None else torch.stack([losses, correct.to(losses.dtype) / n])).tolist()
+        if correct is None:
+            return [{"train/loss": v} for v in values]
+        return [{"train/loss": loss, "train/acc": acc} for loss, acc in zip(*values)]
+
+    def _stacked_step(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of every member at once; each member's mean loss [M] and the outputs."""
         with self.fast.autocast():
             outs = self._forward(xs, training=True)
             losses = self._member_losses(outs, ys, mean=True)
@@ -229,11 +271,7 @@ class Backend:
         self.optimizer.step()
         if self.max_norm is not None:
             self._stacked_max_norm()
-        with torch.no_grad():
-            loss_sum.add_(losses.detach(), alpha=ys.shape[1])
-            if self.classification:
-                correct.add_(torch.count_nonzero(outs.argmax(-1) == ys, dim=-1))
-        return ys.shape[1]
+        return losses, outs
 
     def _member_losses(self, outs: torch.Tensor, ys: torch.Tensor, mean: bool) -> torch.Tensor:
         """[M] per-member losses of stacked outputs: the mean (or the sum over examples, with the
@@ -241,9 +279,10 @@ class Backend:
         m, n = ys.shape[0], ys.shape[1]
         if self.classification:
             per = F.cross_entropy(outs.reshape(m * n, -1).float(), ys.reshape(-1), reduction="none").view(m, n).sum(1)
-        else:
-            per = ((outs.float() - ys) ** 2).sum(dim=(1, 2)) / outs.shape[2]
-        return per / n if mean else per
+            return per / n if mean else per
+        if mean:
+            return ((outs.float() - ys) ** 2).mean(dim=(1, 2))
+        return ((outs.float() - ys) ** 2).sum(dim=(1, 2)) / outs.shape[2]
 
     def _forward(self, xs: torch.Tensor, training: bool) -> torch.Tensor:
         """Every member's output for its inputs xs[i] ([M, N, ...] -> [M, N, out])."""
@@ -262,39 +301,35 @@ class Backend:
     def _mlp_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """models.MLP for every member at once: x [M, N, in] through `baddbmm` with the weights
         stored [M, in, out], so that `x @ W` needs no transpose and the weight gradient comes out
-        in the stored layout; each dropout site with the member's p and the member's own masks."""
-        names = list(self.params)
-        layers = [(self.params[names[k]], self.params[names[k + 1]]) for k in range(0, len(names), 2)]
-        rates, kinds = self._rates, self.site_kinds
-        noise = self._mlp_noise(x.shape[1], [x.shape[2]] * self.input_site + [w.shape[2] for w, _ in layers[:-1]],
-                                x.dtype) if training and kinds else None
-        site = 0
+        in the stored layout; each dropout site with the member's p and the member's own masks,
+        applied as one multiplier for all sites (dropout.noise_multiplier)."""
+        params, kind = self.params, self.site_kind
+        if kind is None:
+            multiplier = None
+        elif training:
+            multiplier = noise_multiplier(kind, self._mlp_noise(x.shape[1], x.dtype), self._rates)
+        else:  # evaluation: vanilla scales by the keep probability, the others pass x as it is
+            multiplier = 1.0 - self._rates if kind == "vanilla" else None
+        sites = iter(self.site_slices)
 
         def drop(h: torch.Tensor) -> torch.Tensor:
-            nonlocal site
-            if not kinds:
-                return h
-            p = rates[:, site].view(-1, 1, 1)
-            out = apply_noise(kinds[site], h, p, noise[site]) if noise is not None else apply_dropout(kinds[site], h, p, False)
-            site += 1
-            return out
+            return h if multiplier is None else h * multiplier[..., next(sites)]
 
         if self.input_site:
             x = drop(x)
-        for weight, bias in layers[:-1]:
-            x = drop(torch.relu(torch.baddbmm(bias.unsqueeze(1), x, weight)))
-        weight, bias = layers[-1]
-        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+        for weight, bias in self.layers[:-1]:
+            x = drop(torch.relu(torch.baddbmm(params[bias].unsqueeze(1), x, params[weight])))
+        weight, bias = self.layers[-1]
+        return torch.baddbmm(params[bias].unsqueeze(1), x, params[weight])
 
-    def _mlp_noise(self, n: int, widths: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
-        """This step's masks (uniform draws; normal ones for gaussian) of every site: one draw
-        per member from its own generator, [M, n, width] per site."""
-        total = n * sum(widths)
-        noise = torch.empty((self.members, total), device=self.device, dtype=dtype)
-        draw = torch.randn if noise_is_normal(self.site_kinds[0]) else torch.rand
+    def _mlp_noise(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """This step's noise for every unit of every site (uniform; normal for gaussian), [M, n,
+        units]: one draw per member from its own generator."""
+        noise = torch.empty((self.members, n, self.site_units), device=self.device, dtype=dtype)
+        draw = torch.randn if noise_is_normal(self.site_kind) else torch.rand
         for i, generator in enumerate(self.masks):
-            draw(total, generator=generator, out=noise[i])
-        return [part.view(self.members, n, width) for part, width in zip(noise.split([n * w for w in widths], 1), widths)]
+            draw(noise.shape[1:], generator=generator, out=noise[i])
+        return noise
 
     @torch.no_grad()
     def _stacked_max_norm(self) -> None:
@@ -344,13 +379,8 @@ class Backend:
         else:
             loss_sum = torch.zeros(m, device=self.device)
             correct = torch.zeros(m, device=self.device)
-            prepare = self.datas[0].prepare
             with self.fast.autocast(reuse_casts=True):  # each weight cast once per evaluation
-                for member_batches in zip(*(batches(part, bs) for part in (parts[:1] if self.shared_data else parts))):
-                    xs = torch.stack([prepare(xb) for xb, _ in member_batches])
-                    ys = torch.stack([yb for _, yb in member_batches])
-                    if self.shared_data:  # one copy of the inputs, seen by every member
-                        xs, ys = xs.expand(m, *xs.shape[1:]), ys.expand(m, *ys.shape[1:])
+                for xs, ys in self._eval_batches(split, parts, bs):
                     outs = self._forward(xs, training=False).float()
                     loss_sum += self._member_losses(outs, ys, mean=False)
                     if self.classification:
@@ -371,6 +401,22 @@ class Backend:
                 self.mc_predictions[split].append(pred)
                 results[i].update({f"{split}_mc/{k}": v for k, v in mc_metrics(pred, self.task).items()})
         return results
+
+    def _eval_batches(self, split: str, parts: list[Any], bs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The members' batches of `split` stacked, [M, B, ...]: one copy of the inputs seen by
+        every member when they share the data. The MLP's (small) are stacked once and kept."""
+        if split in self._eval_cache:
+            return self._eval_cache[split]
+        prepare, m, out = self.datas[0].prepare, self.members, []
+        for member_batches in zip(*(batches(part, bs) for part in (parts[:1] if self.shared_data else parts))):
+            xs = torch.stack([prepare(xb) for xb, _ in member_batches])
+            ys = torch.stack([yb for _, yb in member_batches])
+            if self.shared_data:
+                xs, ys = xs.expand(m, *xs.shape[1:]), ys.expand(m, *ys.shape[1:])
+            out.append((xs, ys))
+        if self.hand_mlp:
+            self._eval_cache[split] = out
+        return out
 
     @torch.no_grad()
     def weight_norms(self) -> list[dict[str, float]]:

@@ -181,6 +181,15 @@ def apply_noise(kind: str, x: torch.Tensor, p: torch.Tensor, noise: torch.Tensor
     return x * keep if kind == "vanilla" else x * keep / (1.0 - p)
 
 
+def noise_multiplier(kind: str, noise: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """What `apply_noise` multiplies x by, for many sites at once (p broadcast per unit): a
+    stacked step computes it once for all its sites, then multiplies each site's slice."""
+    if kind == "gaussian":
+        return 1.0 + torch.sqrt(p / (1.0 - p)) * noise
+    keep = noise >= p
+    return keep.to(noise.dtype) if kind == "vanilla" else keep * (1.0 / (1.0 - p))
+
+
 FORMULATIONS: dict[str, type[SiteDropout]] = {
     "inverted": InvertedDropout,
     "vanilla": VanillaDropout,
