@@ -125,7 +125,14 @@ def sweep(
         raise typer.Exit()
 
     # Only now torch and the rest of training: a bad grid point or a dry run never loads them.
-    from dropstudy.sweeps.run import SweepJob, collect_outcomes, launch_multirun, train_batches, write_sweep_json
+    from dropstudy.sweeps.run import (
+        SweepJob,
+        collect_outcomes,
+        launch_multirun,
+        mark_unstarted,
+        train_batches,
+        write_sweep_json,
+    )
 
     with claimed(plan.sweep_dir, ELSEWHERE_SWEEP):
         stderr.print(f"sweep: {len(plan.jobs)} jobs ({mode}) -> {plan.sweep_dir}  W&B group {plan.group}",
@@ -150,6 +157,7 @@ def sweep(
                 launch_multirun(plan, SweepJob(plan.group, plan.search and plan.search.objective))
         except KeyboardInterrupt as exc:
             interrupted, exit_interrupted = True, getattr(exc, "exit_code", EXIT_INTERRUPTED)
+            mark_unstarted(plan, exit_interrupted - 128)
 
         outcomes = collect_outcomes(plan)
         print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)

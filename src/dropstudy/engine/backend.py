@@ -107,6 +107,7 @@ class Backend:
         self.shared_data = all(d is datas[0] for d in datas)
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # the full batch, stacked (_full_batch)
         self._eval_cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._constant_rates: list[dict[str, float]] | None = None  # set_epoch's, when no schedule changes p
         # Every member as its single run builds it; its random stream starts where that run's does.
         self.models: list[nn.Module] = []
         self.streams: list[dict[str, Any]] = []
@@ -175,7 +176,11 @@ class Backend:
 
     # -- schedule ---------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> list[dict[str, float]]:
+        if self._constant_rates is not None:
+            return self._constant_rates
         rates = [schedule.apply_to(named, epoch) for schedule, named in zip(self.schedules, self.sites)]
+        if all(s.kind == "constant" for s in self.schedules):  # set once, then the same every epoch
+            self._constant_rates = rates
         if self.execution == "stacked" and any(s.kind != "constant" for s in self.schedules):
             self._rates = self._stacked_rates()
         return rates
@@ -326,9 +331,9 @@ class Backend:
         """This step's noise for every unit of every site (uniform; normal for gaussian), [M, n,
         units]: one draw per member from its own generator."""
         noise = torch.empty((self.members, n, self.site_units), device=self.device, dtype=dtype)
-        draw = torch.randn if noise_is_normal(self.site_kind) else torch.rand
-        for i, generator in enumerate(self.masks):
-            draw(noise.shape[1:], generator=generator, out=noise[i])
+        normal = noise_is_normal(self.site_kind)
+        for i, generator in enumerate(self.masks):  # in place: a draw into its slice, nothing allocated
+            noise[i].normal_(generator=generator) if normal else noise[i].uniform_(generator=generator)
         return noise
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from dropstudy.config.compose import conf_dir
 from dropstudy.engine.runtime import Interrupted
 from dropstudy.runs.execute import Batch, Member, train_members, train_run
 from dropstudy.runs.resume import plan_step, run_step
+from dropstudy.store.failures import describe
 from dropstudy.store.rundir import RunDir, claim_run_dir, read_status, write_json_atomic
 from dropstudy.sweeps.plan import JobOutcome, SweepPlan
 from dropstudy.sweeps.search import TrialFailed, best_trial, objective_value, trial_jobs
@@ -183,6 +184,23 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
 
 # Launchers whose jobs run in worker processes of this one (SLURM's run on their nodes).
 WORKER_LAUNCHERS = ("joblib", "submitit_local")
+
+
+def mark_unstarted(plan: SweepPlan, signum: int) -> None:
+    """After an interrupted multirun, every job that never started says so in its summary.json:
+    a worker that was stopped starts none of the jobs queued behind it, and the launcher may drop
+    the queue before any worker reaches it (joblib aborts on the first interrupted job), so the
+    sweep process records them itself; `dropstudy resume` starts them."""
+    if plan.launcher not in ("basic", *WORKER_LAUNCHERS):
+        return  # a cluster's queue outlives this process: its jobs still start and write their own
+    name = signal.Signals(signum).name if signum in signal.valid_signals() else "interrupted"
+    for job in plan.jobs:
+        if not (job.run_dir / "summary.json").is_file():
+            try:
+                RunDir(job.run_dir).write_summary({"status": "interrupted", "epoch": 0,
+                                                   "reason": f"{name}: the sweep stopped before this job started"})
+            except OSError as exc:  # the disk that stopped the sweep may refuse this too
+                log.warning(f"{job.run_dir}: not marked interrupted: {describe(exc)}")
 
 
 class StopRequest:
