@@ -301,6 +301,10 @@ class Engine:
         log.info(f"{name}: writing the last checkpoint; {name} again exits at once (the run stays resumable)")
         for i in interrupted:
             self.checkpoint(i)
+            # Said at once, not only when the run concludes (figures take seconds): a launcher that
+            # ends this process meanwhile (joblib aborting on another job's interrupt) leaves no
+            # `running` behind.
+            self._say_interrupted(i, self.runs[i].outcome.reason)
 
     def _exit_now(self, signum: int, frame: Any) -> None:
         """The second signal: exit at once, but not before each interrupted member's summary.json,
@@ -309,16 +313,21 @@ class Engine:
         name = signal.Signals(signum).name
         os.write(2, f"\n{name} again: exiting now\n".encode())
         for i, run in enumerate(self.runs):
-            if run.outcome.status != "interrupted":
-                continue
-            try:
-                summary = run.rd.read_summary()
-                if summary.get("status") == "running":
-                    run.rd.write_summary({**summary, "status": "interrupted", "epoch": self.checkpointed.get(i, 0),
-                                          "reason": f"{run.outcome.reason}; {name} again: exited at once"})
-            except (OSError, ValueError):
-                pass  # nothing more can be recorded; the checkpoint is still whole
+            if run.outcome.status == "interrupted":
+                self._say_interrupted(i, f"{run.outcome.reason}; {name} again: exited at once")
         os._exit(128 + signum)
+
+    def _say_interrupted(self, i: int, reason: str | None) -> None:
+        """Member i's summary.json, if it still says running, says interrupted and from which epoch
+        its checkpoint continues (a small write; the conclusion rewrites it whole)."""
+        run = self.runs[i]
+        try:
+            summary = run.rd.read_summary()
+            if summary.get("status") == "running":
+                run.rd.write_summary({**summary, "status": "interrupted", "epoch": self.checkpointed.get(i, 0),
+                                      "reason": reason})
+        except (OSError, ValueError):
+            pass  # nothing more can be recorded; the checkpoint is still whole
 
     def test(self) -> None:
         """The final row of every member that finished: the test split, in evaluation mode."""
