@@ -191,8 +191,10 @@ def mark_unstarted(plan: SweepPlan, signum: int) -> None:
     a worker that was stopped starts none of the jobs queued behind it, and the launcher may drop
     the queue before any worker reaches it (joblib aborts on the first interrupted job), so the
     sweep process records them itself; `dropstudy resume` starts them."""
-    if plan.launcher not in ("basic", *WORKER_LAUNCHERS):
-        return  # a cluster's queue outlives this process: its jobs still start and write their own
+    if plan.launcher not in WORKER_LAUNCHERS:
+        # basic: an unstarted job is `not run`, as the table says; a cluster's queue outlives this
+        # process, and its jobs still start and write their own.
+        return
     name = signal.Signals(signum).name if signum in signal.valid_signals() else "interrupted"
     for job in plan.jobs:
         if not (job.run_dir / "summary.json").is_file():
