@@ -19,10 +19,11 @@ Two ways to execute the members (`sweep.member_execution`):
     stacked     every parameter stacked [M, ...] and one optimizer over the stacked tensors (SGD
                 and Adam update every element on their own, so that is M optimizers); one forward
                 and backward for all members. The MLP's forward is written out with batched
-                matmuls over weights stored [M, in, out] (the fastest form for its tiny layers,
-                BENCHMARKS.md), each member's masks drawn from its own stream as a generator; any
-                other model runs `vmap` over `functional_call`, whose masks come from the process's
-                global generator, one stream shared by the members (`shared_state`).
+                matmuls over weights stored [M, in, out], so that each member's masks can come
+                from its own stream (a generator per member; vmap cannot draw from several) at
+                about vmap's speed (BENCHMARKS.md); any other model runs `vmap` over
+                `functional_call`, whose masks come from the process's global generator, one
+                stream shared by the members (`shared_state`).
 
 `auto` picks stacked for the MLP, and for the CNN on CUDA with several members; sequential for the
 CNN on a CPU, where vmap's grouped convolutions are slower than the members in turn."""
