@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from dropstudy.config.checks import ConfigError
-from dropstudy.config.compose import compose, conf_dir, hydra_value
+from dropstudy.config.compose import compose, conf_dir, hydra_command_line, hydra_value
 from dropstudy.data.files import DataError, check_cifar10_available
 from dropstudy.store.failures import EXIT_IO_ERROR, describe, os_error_in
 from dropstudy.store.text import shell_command
@@ -160,19 +159,10 @@ def run_hydra_task(command: str, overrides: list[str], run_dir: Path,
         except BaseException as exc:  # re-raised below, outside Hydra's own error reporting
             outcome["error"] = exc
 
-    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [saved_argv[0], *overrides, f"hydra.job.name={command}", f"hydra.run.dir={hydra_value(str(run_dir))}"]
-    # Hydra prints its own failures (writing .hydra/ into a read-only run dir) as a traceback and
-    # exits 1; with HYDRA_FULL_ERROR it raises them, so they are reported like any other.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
+    # Hydra's own failures (writing .hydra/ into a read-only run dir) are raised, and reported
+    # like any other.
+    with hydra_command_line([*overrides, f"hydra.job.name={command}", f"hydra.run.dir={hydra_value(str(run_dir))}"]):
         hydra_task()
-    finally:
-        sys.argv = saved_argv
-        if saved_full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -119,3 +123,22 @@ def hydra_value(text: str) -> str:
     escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
     escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
     return f"'{escaped}'"
+
+
+@contextmanager
+def hydra_command_line(argv: list[str], raise_errors: bool = True) -> Iterator[None]:
+    """sys.argv as a `@hydra.main` app reads it, and with `raise_errors` HYDRA_FULL_ERROR=1, so
+    that Hydra raises its own failures instead of printing a traceback and exiting 1; both are
+    restored afterwards."""
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [saved_argv[0], *argv]
+    if raise_errors:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from dropstudy.config.compose import conf_dir
+from dropstudy.config.compose import conf_dir, hydra_command_line
 from dropstudy.engine.runtime import Interrupted
 from dropstudy.runs.execute import Batch, Member, train_members, train_run
 from dropstudy.runs.resume import plan_step, run_step
@@ -70,9 +70,7 @@ class SweepJob:
         return value
 
     def train(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-
         if SweepJob.stopped_by is not None:
-
             # A worker process that was interrupted starts none of the jobs queued behind; each
             # says so (Hydra made its directory already), and `dropstudy resume` starts it.
             name = signal.Signals(SweepJob.stopped_by).name
@@ -96,9 +94,7 @@ class SweepJob:
         finally:
             self._release_wandb()
         if result.status == "interrupted":
-
             if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-
                 hand_back_to_slurm(result.exit_code - 128)
             # Ctrl-C/SIGTERM: the run stopped cleanly; stop launching the remaining jobs too,
             # and let the sweep exit with the signal's code.
@@ -141,11 +137,15 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
         hc = HydraConfig.get()
         return job(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
 
-    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [saved_argv[0], "--multirun", *plan.argv]
-    if plan.launcher in SLURM_LAUNCHERS or plan.search is not None:
-        # Raised rather than printed by Hydra (and exit 1): a job's failure is the table's to report.
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+    # Raised rather than printed by Hydra (and exit 1) on SLURM and in a search: a job's failure
+    # is the table's to report.
+    with hydra_command_line(["--multirun", *plan.argv],
+                            raise_errors=plan.launcher in SLURM_LAUNCHERS or plan.search is not None):
+        run_multirun(plan, sweep_job)
+
+
+def run_multirun(plan: SweepPlan, sweep_job: Any) -> None:
+    """The multirun itself, its workers reached by signals, and what each launcher's end means."""
     worker_launcher = plan.launcher in WORKER_LAUNCHERS
     try:
         with signals_reach_workers() if worker_launcher else nullcontext() as stop:
@@ -155,7 +155,6 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
                 if stop and stop.signum is not None:
                     # The workers checkpointed and stopped (or died before training began);
                     # either way the sweep was interrupted, and says so with the signal's code.
-
                     raise Interrupted(stop.signum)
     except Exception as exc:
         if plan.search is not None and plan.launcher not in SLURM_LAUNCHERS:
@@ -174,12 +173,6 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
         if plan.launcher in SLURM_LAUNCHERS:
             # A job's result comes a moment before SLURM records it COMPLETED; the table shows the latter.
             wait_for_slurm_jobs(plan.sweep_dir, timeout_s=60)
-    finally:
-        sys.argv = saved_argv
-        if saved_full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
 
 
 # Launchers whose jobs run in worker processes of this one (SLURM's run on their nodes).
