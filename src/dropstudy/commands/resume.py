@@ -71,7 +71,6 @@ class ResumeLog:
         setup_logging(self.path)
 
     def take_back(self) -> None:
-
         root = logging.getLogger()
         for handler in list(root.handlers):
             if isinstance(handler, logging.FileHandler):  # removed too: a closed one reopens to log

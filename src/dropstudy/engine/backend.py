@@ -137,7 +137,7 @@ class Backend:
             # them, and they hold each member's float p for the schedule.
             self.params, self.buffers = stack_module_state(self.models)
             if self.hand_mlp:
-                self.transposed = {name for name in self.weight_names}
+                self.transposed = set(self.weight_names)
                 self.params = {name: (p.transpose(1, 2).contiguous().detach().requires_grad_() if name in self.transposed
                                       else p) for name, p in self.params.items()}
                 self.masks = [mask_generator(stream, device) for stream in self.streams]

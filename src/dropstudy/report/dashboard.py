@@ -177,7 +177,6 @@ def report_spec(directory: Path, runs: list[Any], group: str | None) -> dict[str
 
 
 def write_spec(directory: Path, spec: dict[str, Any]) -> Path:
-
     path = Path(directory) / VIEW_FILE
     write_json_atomic(path, spec)
     return path

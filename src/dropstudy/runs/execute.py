@@ -32,7 +32,6 @@ from dropstudy.engine.loop import Engine, MemberRun
 from dropstudy.engine.outcome import NonFiniteLoss, Outcome, conclude
 from dropstudy.engine.runtime import FastPaths, describe_device, set_up_process, usable_cpus
 from dropstudy.model.dropout import DropoutSchedule, arm_label, describe_sites
-from dropstudy.model.networks import build_model
 from dropstudy.report import plots
 from dropstudy.report.curves import calibration_values, regression_fit_curve, split_points
 from dropstudy.store.failures import describe
@@ -427,7 +426,7 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
             log.info(f"{name} dropout sites ({schedule.describe()}): "
                      + (", ".join(rec.dropout_sites) or f"none (model.dropout_kind={cfg.model.dropout_kind})"))
         if state is not None:
-            check_fits(rd.checkpoint_path, state, build_model(cfg.model) if not single else model)
+            check_fits(rd.checkpoint_path, state, model)  # stacked: the member's module, its shapes
         provenance = member_provenance(rec, data, device, backend, batch, i, members, resume)
         previous_wandb = (rec.previous or {}).get("wandb", {}) if resume else {}
         rec.group = batch.group or previous_wandb.get("group") or cfg.tracker.group

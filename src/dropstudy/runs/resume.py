@@ -226,7 +226,6 @@ def arm_record(label: str, run_dir: Path, data: Any) -> ArmRecord:
 
 
 def fit_from_checkpoint(run: RunDir, label: str, data: Any):
-
     cfg = run.read_config()
     model = build_model(cfg.model)
     model.load_state_dict(run.read_checkpoint()["model"])
