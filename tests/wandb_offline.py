@@ -32,6 +32,7 @@ How the records encode a run (wandb 0.31, what `load_run` relies on):
 
 from __future__ import annotations
 
+import sys
 import json
 import struct
 import zlib
@@ -307,6 +308,11 @@ def load_run(path_or_run_dir: str | Path) -> OfflineRun:
     Accepts a `run-*.wandb` file, an `offline-run-*` directory holding one, or a run directory
     (`<run_dir>/wandb/offline-run-*/run-*.wandb`, see `find_run_file`).
     """
+    # A run finished in this process may still have its file's last block in W&B's service;
+    # shutting the service down writes it out, as the end of a `dropstudy` process does (the
+    # next run starts a new service).
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
     target = Path(path_or_run_dir)
     if target.is_dir():
         direct = sorted(target.glob("run-*.wandb"))  # an offline-run-* directory itself

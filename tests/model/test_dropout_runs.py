@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import wandb
 from conftest import read_figure, read_jsonl, reliability
 from test_reproducibility import results, start, wait_for_rows
 from typer.testing import CliRunner
@@ -39,14 +38,6 @@ def dropstudy(*args: str):
 
 def run_files(run: Path) -> tuple[dict, list[dict]]:
     return json.loads((run / "summary.json").read_text()), read_jsonl(run / "metrics.jsonl")
-
-
-def wandb_record(run: Path):
-    """The run's offline W&B file, read back. In this process W&B's service may still hold the
-    file's last block after `finish`; shutting the service down writes it out (a new run starts
-    a new service), as the end of a `dropstudy` process does."""
-    wandb.teardown()
-    return load_run(run)
 
 
 # --------------------------------------------------------------------------- training runs
@@ -103,7 +94,7 @@ def test_schedule_max_norm_and_mc_dropout_in_a_tracked_run(clean_env, tmp_path):
     assert len(weights) == 4 and all((w.norm(dim=1) <= 1.0 + 1e-6).all() for w in weights), "max-norm after the last step"
     read_figure(run / "plots" / "regression_fit.png")
 
-    wb = wandb_record(run)
+    wb = load_run(run)
     assert {"val_mc/loss", "test_mc/loss", "dropout/p/net.drop1", "weights/l2/net.fc1"} <= wb.history_keys()
     assert wb.scalars("dropout/p/net.drop1")[:2] == [0.0, pytest.approx(0.05)]
     assert wb.config["model.dropout_sites"] == summary["dropout_sites"]
@@ -144,7 +135,7 @@ def test_cnn_spatial_dropout_and_calibration(clean_env, tmp_path, drawn_figures)
     (deterministic,) = [line for label, line in diagram.items() if label.startswith("deterministic: ECE")]
     assert deterministic == (pytest.approx([c for c, _ in points], abs=1e-6), pytest.approx([a for _, a in points]))
     read_figure(run / "plots" / "calibration.png", min_width=800)
-    assert {"plots/calibration", "plots/learning_curves"} <= wandb_record(run).images()
+    assert {"plots/calibration", "plots/learning_curves"} <= load_run(run).images()
 
 
 @pytest.mark.slow
