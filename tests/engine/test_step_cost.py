@@ -1,5 +1,5 @@
 """What one training step costs in operators, and that every saving leaves the results as they
-were: deterministic mode without filling uninitialised memory, splits normalised once, bf16
+were: deterministic mode without filling uninitialised memory, images normalised once, bf16
 casts reused across an evaluation, the progress bar moved in strides."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dropstudy.config.compose import compose
+from dropstudy.data import datasets
 from dropstudy.data.datasets import load_dataset
 from dropstudy.engine.backend import Backend
 from dropstudy.engine.runtime import FastPaths, set_up_process
@@ -123,22 +124,20 @@ def test_a_run_does_not_fill_uninitialised_memory(restore_torch_settings):
     assert torch.utils.deterministic.fill_uninitialized_memory is False
 
 
-def test_splits_normalised_once_train_exactly_as_batches_normalised_each_step(restore_torch_settings):
-    """What an accelerator runs (data.normalised_once), here on the CPU: the same bits as the
-    uint8 splits normalised batch by batch, augmentation (padded with black) included."""
+def test_images_normalised_once_train_exactly_as_batches_normalised_each_step(restore_torch_settings,
+                                                                             monkeypatch):
+    """What an accelerator runs (the images normalised once when loaded), here on the CPU: the same
+    bits as uint8 images normalised batch by batch, augmentation (padded with black) included."""
     overrides = [*CNN_EPOCHS, "data.augment=true"]
     per_batch, per_batch_weights = trained(overrides, fill=False)
     kept = {}
-
-    def normalise_once(data):
-        kept["before"] = data
-        kept["after"] = data.normalised_once()
-        return kept["after"]
-
-    once, once_weights = trained(overrides, fill=False, data_hook=normalise_once)
-    before, after = kept["before"], kept["after"]
+    before = load_dataset(compose(overrides).data, torch.device("cpu"), lambda line: None)
+    monkeypatch.setattr(datasets, "normalises_once", lambda device: True)
+    once, once_weights = trained(overrides, fill=False, data_hook=lambda data: kept.setdefault("after", data))
+    after = kept["after"]
     assert before.train.inputs.dtype == torch.uint8 and after.train.inputs.dtype == torch.float32
     assert torch.equal(after.val.inputs, before.prepare(before.val.inputs))
+    assert torch.equal(after.prepare(after.val.inputs), after.val.inputs), "nothing normalised twice"
     assert after.fingerprint() == before.fingerprint(), "provenance names the data, not how it is held"
     assert once == per_batch
     assert all(torch.equal(once_weights[k], per_batch_weights[k]) for k in per_batch_weights)
@@ -181,6 +180,7 @@ import json, resource, sys
 import torch
 from dropstudy.engine.backend import Backend
 from dropstudy.config.compose import compose
+from dropstudy.data import datasets
 from dropstudy.data.datasets import load_dataset
 from dropstudy.model.networks import build_model
 from dropstudy.engine.runtime import FastPaths, retain_freed_memory, seed_everything, set_up_process

@@ -6,7 +6,7 @@ per split and cached next to the data, so later runs load it in about a second. 
 then live on the training device; `TrainBatches` shuffles with `randperm` on that device and
 indexes batches out of them (optionally cropped and flipped there, `augment_images`): no
 DataLoader, no per-image transform and no host-to-device copy in the loop. On an accelerator the
-splits are normalised once when loaded (`Dataset.normalised_once`); on a CPU each batch is.
+images are normalised once when loaded (`normalises_once`); on a CPU each batch is.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ class Dataset:
             self.train_eval = self.train
 
     def fingerprint(self) -> str:
-        """sha256 of every tensor the run trains and evaluates on, as loaded (before
-        `normalised_once`): the data actually used, whatever the device keeps. `train_eval` is
+        """sha256 of every tensor the run trains and evaluates on, as loaded (before any
+        normalisation the device copy has had): the data actually used, whatever the device keeps. `train_eval` is
         drawn from `train` and data.seed alone, so the training split stands for it."""
         if self.sha256 is not None:
             return self.sha256
@@ -122,26 +122,6 @@ class Dataset:
 
     def describe(self) -> str:
         return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
-
-    def normalised_once(self) -> "Dataset":
-        """The same data with every split's inputs already what the model takes (`prepare` applied
-        once, here, instead of to every batch), so a training step spends no operators on it. The
-        values are bit-identical to preparing each batch; float32 takes 4x the memory of uint8."""
-        sha256 = self.fingerprint()
-        blank = self.prepare(torch.zeros((1, self.train.base_inputs.shape[1], 1, 1), dtype=self.train.base_inputs.dtype,
-                                         device=self.train.device)).view(-1)
-        # Splits that are rows of one shared set stay so: that set is prepared once, for all of them.
-        prepared: dict[int, torch.Tensor] = {}
-
-        def normalised(split: Split) -> Split:
-            if id(split.base_inputs) not in prepared:
-                prepared[id(split.base_inputs)] = self.prepare(split.base_inputs)
-            return Split(prepared[id(split.base_inputs)], split.base_targets, index=split.index)
-
-        splits = [normalised(s) for s in (self.train, self.val, self.test)]
-        train_eval = splits[0] if self.train_eval is self.train else normalised(self.train_eval)
-        return Dataset(self.task, *splits, source=self.source, synthetic=self.synthetic, classes=self.classes,
-                       augment=self.augment, blank=blank, sha256=sha256, train_eval=train_eval)
 
     def train_batches(self, batch_size: int | None, seed: int) -> "TrainBatches":
         """The training split's shuffled batches for a run seeded with `seed` (augmented with
@@ -561,7 +541,7 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
         train = rows("train", train_idx, host)
         return Dataset("classification", train, rows("train", val_idx, host), rows("test", host=host), source=images.source,
                        synthetic=bool(cfg.synthetic), classes=CIFAR10_CLASSES,
-                       prepare=_normalizer(device) if host or device.type == "cpu" else (lambda x: x),
+                       prepare=_normalizer(device) if host or not normalises_once(device) else (lambda x: x),
                        augment=bool(cfg.get("augment", False)), blank=None if host else images.blank,
                        train_eval=train if eval_rows is train_idx else rows("train", eval_rows, host))
 
@@ -572,17 +552,23 @@ def load_cifar10(cfg: DictConfig, device: torch.device, log: Callable[[str], Non
     return data
 
 
+def normalises_once(device: torch.device) -> bool:
+    """Whether the device copy of the images is normalised once, when loaded: on an accelerator,
+    which takes the normalisation out of every step (float32: 4x the memory of uint8). A CPU run
+    keeps uint8 and normalises each batch, since its memory would grow 4x to save little per
+    step. Either way a run trains on the same bits."""
+    return device.type != "cpu"
+
+
 class _ImageSet:
     """The decoded images and labels once per batch of members: on the host (uint8, what splits
-    are drawn from and fingerprinted) and on the device. On an accelerator the device copy is
-    normalised once (float32: 4x the memory of uint8), which takes the normalisation out of every
-    step; a CPU run keeps uint8, since its memory would grow 4x to save little per step."""
+    are drawn from and fingerprinted) and on the device, normalised there when `normalises_once`."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], source: str, device: torch.device):
         self.host, self.source = tensors, source
         self.device = {name: _to(t, device) for name, t in tensors.items()}
         self.blank = None
-        if device.type != "cpu":
+        if normalises_once(device):
             prepare = _normalizer(device)
             for name in ("train_images", "test_images"):
                 self.device[name] = prepare(self.device[name])

@@ -190,12 +190,14 @@ def conclude_run(
     extra_summary: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
     figures: tuple[dict[str, plots.Pending], dict[str, float]] | None = None,
+    figures_started: float | None = None,
 ) -> None:
     """After training: the figures (also to W&B), summary.json and the W&B summary, for a trained
-    `model` and how its training ended. `figures` are those `draw_run_figures` started (a
-    batch starts every member's before concluding any); None draws them here."""
+    `model` and how its training ended. `figures` are those `draw_run_figures` started at
+    `figures_started` (`time.perf_counter()`; a batch starts every member's before concluding
+    any); None draws them here."""
     result.outcome, result.status = outcome, outcome.status
-    clock = time.perf_counter()
+    clock = time.perf_counter() if figures_started is None else figures_started
     pending, calibration_errors = figures or draw_run_figures(cfg, rd, model, data, outcome, result)
     result.figures.update({name: future.result() for name, future in pending.items()})
     tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
@@ -461,6 +463,7 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
     concluding = [i for i, rec in enumerate(records) if rec.trained]
     # Every member's figures are started before any member concludes, so that they draw side by
     # side on worker processes (one per CPU) while this process logs and writes summaries.
+    figures_started = time.perf_counter()  # drawn inline for one member: the time is in starting them
     with plots.Drawer(figure_workers(len(concluding))) as drawer:
         started_figures = [draw_run_figures(records[i].member.cfg, records[i].rd, backend.member_model(i), datas[i],
                                             conclude(records[i].run.outcome), records[i].result, drawer)
@@ -472,7 +475,7 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
                          rec.run.tracker, rec.result, rec.dropout_sites, rec.group, rec.job_type,
                          duration_s=duration, extra_summary=member_extra,
                          timings=timings if single else dict(timings),  # a batch's own, shared
-                         figures=figures)
+                         figures=figures, figures_started=figures_started)
     if single:
         log.info(f"{name} time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     for rec in records:
