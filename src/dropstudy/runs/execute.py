@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from dropstudy.data.datasets import Dataset, load_dataset
 from dropstudy.engine.backend import Backend
 from dropstudy.engine.loop import Engine, MemberRun
-from dropstudy.engine.outcome import NonFiniteLoss, Outcome, conclude
+from dropstudy.engine.outcome import NonFiniteLoss, Outcome
 from dropstudy.engine.runtime import FastPaths, describe_device, set_up_process, usable_cpus
 from dropstudy.model.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.report import plots
@@ -154,13 +154,12 @@ def draw_run_figures(
     data: Dataset,
     outcome: Outcome,
     result: RunResult,
-    drawer: plots.Drawer | None = None,
+    drawer: plots.Drawer,
 ) -> tuple[dict[str, plots.Pending], dict[str, float]]:
-    """Start a run's figures on `drawer` (inline without one): learning curves, the regression
+    """Start a run's figures on `drawer`: learning curves, the regression
     fit (its curve is computed here, into result.fit), calibration with MC dropout. Returns the
     figures' futures (each resolves to its PNG) and the calibration errors for the summary."""
     title = f"{cfg.experiment}, {result.label}, seed {cfg.seed}" + (" (SYNTHETIC data)" if data.synthetic else "")
-    drawer = drawer or plots.Drawer()
     pending = {"learning_curves": drawer.submit(plots.learning_curves, outcome.rows,
                                                 rd.plot_path("learning_curves.png"), title)}
     if data.task == "regression":
@@ -178,7 +177,6 @@ def draw_run_figures(
 def conclude_run(
     cfg: DictConfig,
     rd: RunDir,
-    model: torch.nn.Module,
     data: Dataset,
     outcome: Outcome,
     tracker: Any,
@@ -187,22 +185,21 @@ def conclude_run(
     group: str | None,
     job_type: str,
     duration_s: float,
+    *,
+    timings: dict[str, float],
+    figures: tuple[dict[str, plots.Pending], dict[str, float]],
+    figures_started: float,
     extra_summary: dict[str, Any] | None = None,
-    timings: dict[str, float] | None = None,
-    figures: tuple[dict[str, plots.Pending], dict[str, float]] | None = None,
-    figures_started: float | None = None,
 ) -> None:
     """After training: the figures (also to W&B), summary.json and the W&B summary, for a trained
-    `model` and how its training ended. `figures` are those `draw_run_figures` started at
+    run and how its training ended. `figures` are those `draw_run_figures` started at
     `figures_started` (`time.perf_counter()`; a batch starts every member's before concluding
-    any); None draws them here."""
+    any)."""
     result.outcome, result.status = outcome, outcome.status
-    clock = time.perf_counter() if figures_started is None else figures_started
-    pending, calibration_errors = figures or draw_run_figures(cfg, rd, model, data, outcome, result)
+    pending, calibration_errors = figures
     result.figures.update({name: future.result() for name, future in pending.items()})
     tracker.log_images({f"plots/{k}": v for k, v in result.figures.items()}, outcome.epoch, len(outcome.rows))
-    if timings is not None:
-        timings["figures"] = time.perf_counter() - clock
+    timings["figures"] = time.perf_counter() - figures_started
     summary = {
         "status": outcome.status,
         "reason": outcome.reason,
@@ -219,11 +216,10 @@ def conclude_run(
         "final": outcome.final,
         "best": outcome.best,
         "duration_s": round(duration_s, 3),
-        **({} if timings is None else {
-            # Where the time went: data loading, model and tracker set-up, training epochs,
-            # evaluation, metric logging, checkpoints, the loop's bookkeeping, waiting for W&B's
-            # start, figures (W&B's finish comes after this).
-            "timings_s": {k: round(v, 3) for k, v in timings.items()}}),
+        # Where the time went: data loading, model and tracker set-up, training epochs,
+        # evaluation, metric logging, checkpoints, the loop's bookkeeping, waiting for W&B's
+        # start, figures (W&B's finish comes after this).
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "wandb": {"run_id": tracker.run_id, "group": group, "job_type": job_type,
                   "url": tracker.url, "sync": tracker.sync_command},
         **(extra_summary or {}),
@@ -232,14 +228,13 @@ def conclude_run(
         summary["fit"] = {"train_mse": result.fit.train_mse, "test_mse": result.fit.test_mse}
     if calibration_errors:
         summary["calibration"] = calibration_errors
-    if data.class_counts():  # regression data has no classes
-        summary["class_counts"] = data.class_counts()
+    class_counts = data.class_counts()
+    if class_counts:  # regression data has no classes
+        summary["class_counts"] = class_counts
     tracker.set_summary({"status": outcome.status, **{f"best/{k}": v for k, v in outcome.best.items()}})
     checkpoint_artifact(cfg, rd, outcome, tracker)
     rd.write_summary(summary)
     rd.update_provenance(ended=now_iso())
-
-
 
 
 # --------------------------------------------------------------------------- the orchestrator
@@ -453,7 +448,7 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
     timings["setup"] = time.perf_counter() - clock
 
     started = time.time()
-    engine.run()
+    outcomes = engine.run()  # each member's, concluded (final and best values)
     duration = time.time() - started
     timings.update(engine.timings)
     timings["wandb"] = max(getattr(rec.run.tracker, "waited_s", 0.0) for rec in records)
@@ -466,12 +461,12 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
     figures_started = time.perf_counter()  # drawn inline for one member: the time is in starting them
     with plots.Drawer(figure_workers(len(concluding))) as drawer:
         started_figures = [draw_run_figures(records[i].member.cfg, records[i].rd, backend.member_model(i), datas[i],
-                                            conclude(records[i].run.outcome), records[i].result, drawer)
+                                            outcomes[i], records[i].result, drawer)
                            for i in concluding]
         for i, figures in zip(concluding, started_figures):
             rec = records[i]
             member_extra = extra if single else {**extra, "batch": {"members": len(records), "index": i}}
-            conclude_run(rec.member.cfg, rec.rd, backend.member_model(i), datas[i], rec.run.outcome,
+            conclude_run(rec.member.cfg, rec.rd, datas[i], outcomes[i],
                          rec.run.tracker, rec.result, rec.dropout_sites, rec.group, rec.job_type,
                          duration_s=duration, extra_summary=member_extra,
                          timings=timings if single else dict(timings),  # a batch's own, shared
