@@ -359,6 +359,23 @@ def test_member_state_loads_into_the_single_model_and_resumes_exactly(model, mod
         assert all("masks" in s["rng"] for s in states), "the stacked MLP's mask generators are saved"
 
 
+@pytest.mark.parametrize("hand_mlp", [True, False], ids=["hand MLP", "vmap"])
+def test_mc_evaluation_leaves_the_stacked_members_training_as_it_was(hand_mlp):
+    """Evaluating with MC dropout between epochs draws from forks of the members' streams: the
+    training that follows is that of the same members without it (also vmap's shared stream)."""
+    train = []
+    for mc in (0, 4):
+        torch.manual_seed(0)
+        backend = make_backend(configs("mlp", extra=[f"eval.mc_samples={mc}"]), "stacked", hand_mlp=hand_mlp)
+        losses = []
+        for epoch in (1, 2, 3):
+            backend.set_epoch(epoch)
+            losses.append([row["train/loss"] for row in backend.train_epoch(NoProgress())])
+            assert ("val_mc/loss" in backend.evaluate("val")[0]) == bool(mc)
+        train.append(losses)
+    assert train[0] == train[1]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_histogram_tensors_carry_the_single_models_names(mode):
     cfgs = configs("mlp")

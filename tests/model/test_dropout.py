@@ -18,6 +18,7 @@ from torch import nn
 
 from dropstudy.config.compose import compose
 from dropstudy.config.schema import DropoutKind
+from dropstudy.data.datasets import Dataset, Split
 from dropstudy.engine.steps import apply_max_norm
 from dropstudy.model.dropout import (
     FORMULATIONS,
@@ -29,7 +30,14 @@ from dropstudy.model.dropout import (
     sites,
 )
 from dropstudy.model.networks import CNN, MLP, build_model, weight_layers, weight_norms
-from dropstudy.model.uncertainty import Predictions, calibration, mc_forward, mc_metrics, predictive_entropy
+from dropstudy.model.uncertainty import (
+    Predictions,
+    calibration,
+    mc_forward,
+    mc_metrics,
+    predictions,
+    predictive_entropy,
+)
 
 Z = 4.5
 N = 200_000  # units per statistical check
@@ -270,6 +278,20 @@ def test_mc_passes_leave_the_training_random_stream_alone():
     torch.manual_seed(0)
     assert (std > 0).any(), "the passes did draw masks"
     assert torch.equal(after, torch.get_rng_state())
+
+
+def test_mc_predictions_draw_new_masks_for_every_batch_of_a_split():
+    """Batches of one split continue one random stream: the same inputs in two batches get
+    different masks (not example j of every batch the same T masks)."""
+    model = MLP(1, [50], 1, [0.5])
+    split = Split(torch.ones(8, 1), torch.zeros(8, 1))
+    data = Dataset("regression", split, split, split, source="ones")
+    torch.manual_seed(0)
+    pred = predictions(model, data, split, batch_size=4, samples=3)
+    assert not torch.equal(pred.mean[:4], pred.mean[4:])
+    torch.manual_seed(0)
+    assert torch.equal(predictions(model, data, split, batch_size=4, samples=3).mean, pred.mean), "seeded"
+    assert torch.equal(predictions(model, data, split, batch_size=4).mean[:4], model.eval()(torch.ones(4, 1)))
 
 
 def test_mc_forward_without_stochastic_sites_is_the_deterministic_output():

@@ -400,12 +400,14 @@ class Backend:
                 results.append(metrics)
         if self.mc_samples and split in MC_SPLITS:
             self.mc_predictions[split] = []
+            training_stream = global_stream()  # stacked members' shared one lives there (vmap)
             for i in range(m):
                 # MC dropout on member i's own module, from its own stream, as its single run runs it.
                 lend_stream(self.streams[i])
                 pred = predictions(self._live_model(i), self.datas[i], parts[i], bs, self.mc_samples)
                 self.mc_predictions[split].append(pred)
                 results[i].update({f"{split}_mc/{k}": v for k, v in mc_metrics(pred, self.task).items()})
+            lend_stream(training_stream)
         return results
 
     def _eval_batches(self, split: str, parts: list[Any], bs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,6 +8,7 @@ turns the averaged predictions into the `val_mc/*` and `test_mc/*` metrics; `cal
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,30 +47,38 @@ def mc_forward(
     """Mean and standard deviation of `samples` passes over x with dropout on (masks drawn per
     example, or once per pass with `one_draw_per_batch`)."""
     with mc_dropout(model, one_draw_per_batch):
-        if not drops_anything(model):
-            # Every pass would be the same (no sites, or p=0 everywhere): one is enough.
-            out = _output(model(x), classification)
-            return out, torch.zeros_like(out)
-        passes = torch.stack([_output(model(x), classification) for _ in range(samples)])
+        return _passes(model, x, samples, classification)
+
+
+def _passes(model: nn.Module, x: torch.Tensor, samples: int, classification: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mc_forward`'s passes, inside `mc_dropout`."""
+    if not drops_anything(model):
+        # Every pass would be the same (no sites, or p=0 everywhere): one is enough.
+        out = _output(model(x), classification)
+        return out, torch.zeros_like(out)
+    passes = torch.stack([_output(model(x), classification) for _ in range(samples)])
     return passes.mean(0), passes.std(0)
 
 
 @torch.no_grad()
 def predictions(model: nn.Module, data: Dataset, split: Split, batch_size: int, samples: int = 0) -> Predictions:
     """The model's predictions for every example of `split`: one pass in evaluation mode
-    (samples=0), or the mean and spread of `samples` passes with dropout on."""
+    (samples=0), or the mean and spread of `samples` passes with dropout on. The batches draw
+    their masks one after another from one fork of the random stream (each batch its own masks)."""
     classification = data.task == "classification"
     was_training = model.training
     means, stds = [], []
-    for xb, _ in batches(split, batch_size):
-        x = data.prepare(xb)
-        if samples:
-            mean, std = mc_forward(model, x, samples, classification)
-            stds.append(std)
-        else:
+    with mc_dropout(model) if samples else nullcontext():
+        if not samples:
             model.eval()
-            mean = _output(model(x), classification)
-        means.append(mean)
+        for xb, _ in batches(split, batch_size):
+            x = data.prepare(xb)
+            if samples:
+                mean, std = _passes(model, x, samples, classification)
+                stds.append(std)
+            else:
+                mean = _output(model(x), classification)
+            means.append(mean)
     model.train(was_training)
     return Predictions(torch.cat(means), torch.cat(stds) if stds else None, split.targets, samples)
 
