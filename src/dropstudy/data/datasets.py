@@ -74,7 +74,8 @@ class Split:
         """Examples start..stop-1 in order: views without an index, a gather with one."""
         if self.index is None:
             return self.base_inputs[start:stop], self.base_targets[start:stop]
-        return self.take(torch.arange(start, min(stop, len(self)), device=self.index.device))
+        rows = self.index[start:stop]
+        return self.base_inputs[rows], self.base_targets[rows]
 
     def to(self, device: torch.device) -> "Split":
         index = None if self.index is None else self.index.to(device)
@@ -109,15 +110,16 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """sha256 of every tensor the run trains and evaluates on, as loaded (before any
-        normalisation the device copy has had): the data actually used, whatever the device keeps. `train_eval` is
-        drawn from `train` and data.seed alone, so the training split stands for it."""
+        normalisation the device copy has had): the data actually used, whatever the device
+        keeps. `train_eval` is drawn from `train` and data.seed alone, so the training split
+        stands for it."""
         if self.sha256 is not None:
             return self.sha256
         digest = hashlib.sha256()
         for split in (self.train, self.val, self.test):
             for tensor in split.slice(0, len(split)):
                 digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(tensor.detach().cpu().contiguous().numpy())  # its buffer, not a copy
         return digest.hexdigest()
 
     def describe(self) -> str:

@@ -182,7 +182,7 @@ class Backend:
         rates = [schedule.apply_to(named, epoch) for schedule, named in zip(self.schedules, self.sites)]
         if all(s.kind == "constant" for s in self.schedules):  # set once, then the same every epoch
             self._constant_rates = rates
-        if self.execution == "stacked" and any(s.kind != "constant" for s in self.schedules):
+        elif self.execution == "stacked":
             self._rates = self._stacked_rates()
         return rates
 
@@ -305,7 +305,7 @@ class Backend:
             self.template.train()
 
     def _mlp_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """models.MLP for every member at once: x [M, N, in] through `baddbmm` with the weights
+        """networks.MLP for every member at once: x [M, N, in] through `baddbmm` with the weights
         stored [M, in, out], so that `x @ W` needs no transpose and the weight gradient comes out
         in the stored layout; each dropout site with the member's p and the member's own masks,
         applied as one multiplier for all sites (dropout.noise_multiplier)."""
@@ -339,7 +339,7 @@ class Backend:
 
     @torch.no_grad()
     def _stacked_max_norm(self) -> None:
-        """train.apply_max_norm on every member: each unit's incoming weights (a row, or a filter,
+        """steps.apply_max_norm on every member: each unit's incoming weights (a row, or a filter,
         of the single model's weight; a column of a weight stored [M, in, out]) scaled back onto
         the ball of radius max_norm, with the factor torch.renorm uses."""
         for name in self.weight_names:

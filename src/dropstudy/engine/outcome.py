@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from dropstudy.model.uncertainty import Predictions
 
-log = logging.getLogger("dropstudy")
 
 
 @dataclass

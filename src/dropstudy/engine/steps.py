@@ -1,25 +1,19 @@
-"""The pieces of training every backend shares: the loss, the optimizer, the max-norm
-constraint, evaluation of one model over a split, the generators a run draws from, which epochs
-get a metrics row, and how a run ended (`Outcome`, `conclude`). The loop itself is engine.py's."""
+"""The pieces of training the backend shares between its executions: the loss, the optimizer,
+the max-norm constraint, and evaluation of one model over a split. The loop itself is loop.py's."""
 
 from __future__ import annotations
 
-import logging
-import random
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropstudy.data.datasets import Dataset, Split, TrainBatches, batches
+from dropstudy.data.datasets import Dataset, Split, batches
 from dropstudy.engine.runtime import FastPaths
 from dropstudy.model.networks import weight_layers
-
-log = logging.getLogger("dropstudy")
 
 
 def loss_function(task: str) -> Callable[..., torch.Tensor]:
@@ -61,8 +55,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_fn = loss_function(data.task)
-    loss_sum = torch.zeros((), device=split.targets.device)
-    correct = torch.zeros((), device=split.targets.device)
+    loss_sum = torch.zeros((), device=split.device)
+    correct = torch.zeros((), device=split.device)
     with nullcontext() if fast is None else fast.autocast(reuse_casts=True):
         for xb, yb in batches(split, batch_size):
             if fast is None:
@@ -73,30 +67,8 @@ def evaluate(
             if data.task == "classification":
                 correct += (out.argmax(1) == yb).sum()
     model.train(was_training)
-    metrics = {"loss": (loss_sum / len(split)).item()}
-    if data.task == "classification":
-        metrics["acc"] = (correct / len(split)).item()
-    return metrics
-
-
-def rng_states(loader: TrainBatches) -> dict[str, Any]:
-    """Every generator a run draws from: restoring them all makes a resumed run exact."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        **loader.state(),  # "shuffle" (and "augment"): the batch order and crops
-    }
-
-
-def restore_rng_states(states: dict[str, Any], loader: TrainBatches) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    loader.load_state(states)
+    loss, acc = (torch.stack([loss_sum, correct]) / len(split)).tolist()
+    return {"loss": loss, "acc": acc} if data.task == "classification" else {"loss": loss}
 
 
 def clone_tensors(tree: Any) -> Any:

@@ -26,7 +26,7 @@ what stacked members train with: a site's `drop_rate` passes its `rate` buffer, 
 (engine/backend.py), so under `vmap(..., randomness="different")` every member draws its own mask
 with its own p (a site uses it only when `rate_from_buffer` is set; `rate` is not saved in
 checkpoints); the backend's hand-written MLP forward draws each member's noise from the member's
-own stream and applies it with `apply_noise`.
+own stream and applies it with `noise_multiplier`.
 """
 
 from __future__ import annotations
@@ -118,16 +118,14 @@ class SpatialDropout(SiteDropout):
     kind = "spatial"
 
 
-def apply_dropout(
-    kind: str, x: torch.Tensor, p: float | torch.Tensor, training: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def apply_dropout(kind: str, x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor:
     """x with dropout of `kind` at rate p: the one implementation of every kind, for a single
     site (p a float) and for stacked members (p a tensor broadcastable over x, e.g.
     [M, 1, 1] for activations [M, N, H]: each member its own p).
 
     A float p draws exactly as the matching torch modules do (F.dropout, F.dropout2d), so a
-    single run's masks stay those of nn.Dropout. A tensor p draws uniforms from `generator`
-    (the global one when None) and keeps a unit where u >= p, with probability 1-p, as torch's
+    single run's masks stay those of nn.Dropout. A tensor p draws uniforms from the global
+    generator and keeps a unit where u >= p, with probability 1-p, as torch's
     Bernoulli(1-p) mask does: every member, example and unit draws on its own. The tensor form
     never branches on p's value (vmap cannot), and p=0 keeps every unit with a scale of exactly 1."""
     if kind == "none":
@@ -155,14 +153,9 @@ def apply_dropout(
         return x * (1.0 + math.sqrt(p / (1.0 - p)) * torch.randn_like(x))
     # spatial: one draw per (member, sample, channel) of maps [..., C, H, W].
     like = x[..., :1, :1] if kind == "spatial" else x
-    # Without a generator the draws are `*_like` ones from the global generator, which vmap
-    # (randomness="different") batches: one independent draw per member there too.
-    draw = torch.randn_like if kind == "gaussian" else torch.rand_like
-    if generator is None:
-        noise = draw(like)
-    else:
-        noise = (torch.randn if kind == "gaussian" else torch.rand)(like.shape, generator=generator, device=x.device,
-                                                                      dtype=x.dtype)
+    # `*_like` draws from the global generator, which vmap (randomness="different") batches:
+    # one independent draw per member there too.
+    noise = (torch.randn_like if kind == "gaussian" else torch.rand_like)(like)
     return apply_noise(kind, x, p, noise)
 
 

@@ -145,4 +145,6 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
 def weight_norms(model: nn.Module) -> dict[str, float]:
     """The L2 (Frobenius) norm of each layer's weights, as metrics `weights/l2/<layer>`: dropout's
     shrinking effect on the weights, layer by layer. Biases are not included."""
-    return {f"weights/l2/{name}": layer.weight.norm().item() for name, layer in weight_layers(model)}
+    layers = weight_layers(model)
+    norms = torch.stack([layer.weight.norm() for _, layer in layers]).tolist()  # one host sync
+    return {f"weights/l2/{name}": norm for (name, _), norm in zip(layers, norms)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from dropstudy.store.rundir import RunDir, write_json_atomic
 from dropstudy.store.text import flatten, shell_command
 from dropstudy.tracking.tracker import first_line
 
-log = logging.getLogger("dropstudy")
 
 VIEW_FILE = "wandb_view.json"
 REPORT_CSV = Path("report") / "report.csv"

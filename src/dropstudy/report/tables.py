@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -33,7 +32,6 @@ from dropstudy.report.stats import PAIRED, WELCH, Comparison, Stat, describe, ho
 from dropstudy.store.rundir import STATUSES, RunDir, RunDirError
 from dropstudy.store.text import flatten
 
-log = logging.getLogger("dropstudy")
 
 # Final metrics of the table, in row order; a metric appears when some run has it. train/* is the
 # training-mode running value (dropout on), train_eval/* the training data in eval mode, and

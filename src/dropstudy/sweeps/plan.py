@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from dropstudy.config.hydra_internals import apply_overrides, hydra_instance, is
 from dropstudy.engine.batching import why_not
 from dropstudy.store.rundir import RunDirClaimError, refuse_used
 
-log = logging.getLogger("dropstudy")
 
 
 # hydra/launcher=NAME -> the plugin module it needs (`slurm` is conf/hydra/launcher/slurm.yaml).

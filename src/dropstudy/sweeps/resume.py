@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from dropstudy.runs.study import json_or_empty
 from dropstudy.sweeps.plan import SweepPlan, sweep_dir_override
 from dropstudy.sweeps.search import plan_sweep
 
-log = logging.getLogger("dropstudy")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,6 @@ from dropstudy.config.checks import ConfigError
 from dropstudy.config.compose import explain_composition_error
 from dropstudy.config.hydra_internals import is_hydra_override
 
-log = logging.getLogger("dropstudy")
 
 
 WANDB_METHODS = ("grid", "random", "bayes")

@@ -3,7 +3,6 @@ flattening configs into W&B's dotted keys."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -12,7 +11,6 @@ if TYPE_CHECKING:  # torch is imported where a tensor is used: config checks and
     from torch import Tensor
 
 
-log = logging.getLogger("dropstudy")
 
 
 class Tracker(Protocol):
