@@ -32,9 +32,9 @@ How the records encode a run (wandb 0.31, what `load_run` relies on):
 
 from __future__ import annotations
 
-import sys
 import json
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path

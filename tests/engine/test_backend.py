@@ -136,6 +136,24 @@ def test_stacked_and_sequential_execution_agree_for_a_p0_member(batch_rows, mode
     assert batch_rows(model, "stacked")[0][0]["train/loss"] != stacked[0]["train/loss"]
 
 
+@pytest.mark.parametrize("kind", ["vanilla", "inverted", "gaussian"])
+def test_the_stacked_mlp_evaluates_each_member_as_its_own_module(kind):
+    """The hand-written stacked forward against each member's plain module in evaluation mode:
+    every site its own p (the input site too), vanilla's scaling by 1-p. A train-against-batch
+    comparison cannot see a mistake here, since `train` of the MLP runs this same forward."""
+    extra = [f"model.dropout_kind={kind}", "model.hidden=[32,32]"]
+    members = [["seed=0", "model.dropout=[0.5,0.1]", "model.input_dropout=0.2"],
+               ["seed=1", "model.dropout=[0.2,0.4]", "model.input_dropout=0.3"]]
+    backend = make_backend(configs("mlp", members, extra), "stacked")
+    assert backend.hand_mlp
+    backend.set_epoch(1)
+    x = torch.linspace(-1, 1, 7).unsqueeze(1)
+    with torch.no_grad():
+        stacked = backend._forward(x.expand(2, -1, -1), training=False)
+        for i in range(2):
+            assert torch.allclose(stacked[i], backend.member_model(i).eval()(x), rtol=1e-5, atol=1e-6), (kind, i)
+
+
 @pytest.mark.parametrize("optim", ["optim.momentum=0.9", "optim=adam"])
 def test_a_stacked_mlp_member_draws_the_masks_of_its_own_single_run(optim):
     """Per-member random streams: member i of a stacked batch (input dropout, dropout, a warmup,
@@ -275,9 +293,14 @@ def test_mc_dropout_evaluation_of_a_cifar10_member_scores_its_own_rows(mode):
     assert backend.datas[0].val.index is not None
     val = backend.evaluate("val")
     for i, metrics in enumerate(val):
-        assert math.isfinite(metrics["val_mc/loss"]) and 0 <= metrics["val_mc/acc"] <= 1, (i, metrics)
+        split = backend.datas[i].val
+        assert not torch.equal(split.targets, split.base_targets[:16]), "the case bites: rows, not the first 16"
         pred = backend.mc_predictions["val"][i]
-        assert len(pred.targets) == len(pred.mean) == len(backend.datas[i].val) == 16
+        assert len(pred.targets) == len(pred.mean) == len(split) == 16
+        assert torch.equal(pred.targets, split.targets)
+        accuracy = (pred.mean.argmax(1) == split.targets).float().mean().item()
+        assert metrics["val_mc/acc"] == pytest.approx(accuracy), (i, metrics)
+        assert math.isfinite(metrics["val_mc/loss"]), (i, metrics)
 
 
 # --------------------------------------------------------------------------- members' state
@@ -391,8 +414,8 @@ def test_histogram_tensors_carry_the_single_models_names(mode):
         assert torch.equal(tensors[f"parameters/{name}"].flatten().sort().values, state[name].flatten().sort().values)
         assert tensors[f"gradients/{name}"].numel() == state[name].numel(), name
     assert tensors["gradients/net.fc1.weight"].abs().sum() > 0
-    assert not torch.equal(tensors["parameters/net.fc1.weight"],
-                           backend.histogram_tensors(0)["parameters/net.fc1.weight"])
+    for kind in ("parameters", "gradients"):  # member 1's own, not member 0's
+        assert not torch.equal(tensors[f"{kind}/net.fc1.weight"], backend.histogram_tensors(0)[f"{kind}/net.fc1.weight"])
 
 
 # --------------------------------------------------------------------------- a member that goes wrong

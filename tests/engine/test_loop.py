@@ -1,6 +1,6 @@
-"""The one run engine: a batched sweep interrupted and resumed as the ensemble it was (exactly,
+"""The one run engine: a batched sweep interrupted and resumed as the batch it was (exactly,
 on CPU), the dropout kinds implemented once (single sites and stacked members draw through
-dropout.apply_dropout), chunks of sweep.max_members, typed choice keys, and the Hydra
+dropout.apply_dropout), batches of sweep.max_members, typed choice keys, and the Hydra
 internals behind one version check."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def results(run: Path) -> list[dict]:
 # --------------------------------------------------------------------------- interrupt and resume
 
 
-def test_a_sigtermed_batched_sweep_resumes_as_an_ensemble_and_equals_one_never_stopped(
+def test_a_sigtermed_batched_sweep_resumes_as_one_batch_and_equals_one_never_stopped(
         clean_env, tmp_path, monkeypatch, own_signal_handlers):
     """SIGTERM arrives during epoch 27 (sent to this process from inside the loop, so the epoch
     is the same on any machine); the epochs are short, so the signal is held to the end of epoch
@@ -108,21 +108,23 @@ def test_sigterm_to_a_real_batched_sweep_process_exits_143_with_every_members_ch
         run = tmp_path / "my sweep" / str(num)
         assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
         epochs.add(torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"])
-    assert len(epochs) == 1 and epochs.pop() >= 50, "one epoch boundary for the whole ensemble"
+    assert len(epochs) == 1 and epochs.pop() >= 50, "one epoch boundary for the whole batch"
     member = dropstudy("resume", "my sweep/2")
     assert member.code == 2 and "resume the sweep" in member.output, member.output
 
 
-def test_a_grid_larger_than_max_members_trains_in_chunks(clean_env, tmp_path):
-    """Three members with sweep.max_members=2: chunk 0 holds jobs 0 and 1, chunk 1 job 2. A
-    dropout-0 member computes the same in either chunk (up to float rounding of the batch)."""
+def test_a_grid_larger_than_max_members_trains_in_batches(clean_env, tmp_path):
+    """Three members with sweep.max_members=2: batch 0 holds jobs 0 and 1, batch 1 job 2. A
+    dropout-0 member computes the same in either batch (up to float rounding of the batch)."""
     grid = ["model.dropout=0", "seed=0,1,2", "trainer.epochs=20", "trainer.eval_every=10", "tracker.mode=disabled"]
     assert invoke("sweep", *grid, "sweep.max_members=2", "hydra.sweep.dir=a").exit_code == 0
     assert invoke("sweep", *grid, "hydra.sweep.dir=b").exit_code == 0
-    chunks = [json.loads((tmp_path / "a" / str(n) / "provenance.json").read_text())["batch"] for n in range(3)]
-    assert [(c["number"], c["members"], c["index"]) for c in chunks] == [(0, 2, 0), (0, 2, 1), (1, 1, 0)]
+    batches = [json.loads((tmp_path / "a" / str(n) / "provenance.json").read_text())["batch"] for n in range(3)]
+    assert [(b["number"], b["members"], b["index"]) for b in batches] == [(0, 2, 0), (0, 2, 1), (1, 1, 0)]
     for num in range(3):
-        for ours, theirs in zip(results(tmp_path / "a" / str(num)), results(tmp_path / "b" / str(num))):
+        a, b = results(tmp_path / "a" / str(num)), results(tmp_path / "b" / str(num))
+        assert [r["epoch"] for r in a] == [r["epoch"] for r in b] and a, num
+        for ours, theirs in zip(a, b):
             assert ours.keys() == theirs.keys()
             for key in ours:
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (num, key)
@@ -130,8 +132,8 @@ def test_a_grid_larger_than_max_members_trains_in_chunks(clean_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cnn_ensemble_member_with_dropout_0_equals_dropstudy_train(clean_env, tmp_path):
-    """A CIFAR-10 sweep trains as one ensemble (ensemble.Ensemble, driven by the engine); its
+def test_a_cnn_batch_member_with_dropout_0_equals_dropstudy_train(clean_env, tmp_path):
+    """A CIFAR-10 sweep trains as one batch (engine/backend.Backend, driven by the loop); its
     dropout-0 member logs what `dropstudy train` logs for the same config: every metric at every
     step, to 1e-5 relative (synthetic data, 128 images, 2 epochs)."""
     quick = ["experiment=cifar10", "data.synthetic=true", "data.subset=128", "data.val_size=40", "trainer.epochs=2",

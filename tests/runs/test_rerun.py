@@ -1,5 +1,5 @@
 """`dropstudy rerun DIR` of a whole study or sweep: every finished member trained again into a
-subdirectory of the same name (a batched sweep's members as one ensemble again), one verdict
+subdirectory of the same name (a batched sweep's members as one batch again), one verdict
 per member and one overall, saved as rerun.json."""
 
 from __future__ import annotations
