@@ -122,7 +122,7 @@ def seconds_since_start() -> float:
 
 def time_line(result: Any) -> str:
     """Where a study's time went, in one line: everything before the study started (imports,
-    config, Hydra), its own account (runner.study_timings), and what none of those covers."""
+    config, Hydra), its own account (runs.study.study_timings), and what none of those covers."""
     total = seconds_since_start()
     parts = {"start-up": total - (time.perf_counter() - result.started), **result.timings}
     parts["other"] = total - sum(parts.values())

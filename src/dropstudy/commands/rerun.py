@@ -19,7 +19,6 @@ from dropstudy.commands.common import (
     overridden,
     print_run,
 )
-from dropstudy.commands.resume import read_status_of
 from dropstudy.config.schema import process_uid
 from dropstudy.tracking.console import stderr
 
@@ -145,11 +144,12 @@ def rerun_directory(directory: Path, runs: list[tuple[str, Path]], overrides: li
     from datetime import datetime
 
     from dropstudy.runs.rerun import Member, MemberRerun, rerun_members
+    from dropstudy.store.rundir import read_status
     from dropstudy.tracking.console import setup_logging
 
     members = []
     for name, original in runs:
-        status = read_status_of(original)
+        status = read_status(original)[0]
         if status != "finished":
             members.append(Member(name, original, status))
             continue

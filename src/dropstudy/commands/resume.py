@@ -143,7 +143,7 @@ def update_study_of_arm(result: Any) -> None:
 
 def resume_study_dir(study_dir: Path) -> None:
     from dropstudy.runs.resume import ResumeError, plan_study_resume, resume_study
-    from dropstudy.store.rundir import RunDirError
+    from dropstudy.store.rundir import RunDirError, read_status
 
     try:
         plan = plan_study_resume(study_dir)
@@ -171,23 +171,15 @@ def resume_study_dir(study_dir: Path) -> None:
         if step.result is not None:
             print_run(step.result, indent="  ")
         else:
-            typer.echo(f"  run dir: {step.run_dir}  [{read_status_of(step.run_dir)}]")
+            typer.echo(f"  run dir: {step.run_dir}  [{read_status(step.run_dir)[0]}]")
     for path in result.figures.values():
         typer.echo(f"comparison figure: {path}")
     typer.echo(f"study status: {result.status} (study.json rewritten)")
     raise typer.Exit(0 if result.status == "finished" else EXIT_INTERRUPTED if result.interrupted else 1)
 
 
-def read_status_of(run_dir: Path) -> str:
-    from dropstudy.store.rundir import read_status
-
-    return read_status(run_dir)[0]
-
-
 def resume_sweep_dir(sweep_dir: Path) -> None:
-    from datetime import datetime, timezone
-
-    from dropstudy.store.rundir import RunDirError
+    from dropstudy.store.rundir import RunDirError, now_iso
     from dropstudy.sweeps.batches import sweep_batches
 
     try:
@@ -195,7 +187,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     except RunDirError as exc:
         raise fail(str(exc))
     # The batches first, then the jobs no batch reached, below; `continued`: run dir -> epoch.
-    continued = resume_sweep_batches(sweep_dir) if batches else {}
+    continued = resume_sweep_batches(sweep_dir, batches) if batches else {}
 
     from dropstudy.runs.resume import ResumeError
     from dropstudy.sweeps.resume import plan_sweep_resume, resume_sweep
@@ -234,7 +226,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     outcomes = collect_outcomes(plan)
     print_sweep_table(f"sweep {plan.sweep_dir} (W&B group {plan.group})", outcomes)
     resumes = [*resumption.record.get("resumed", []),
-               {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               {"at": now_iso(),
                 "jobs": [job.num for job, s in zip(plan.jobs, resumption.steps) if s.action != "keep"],
                 "continued": [{"num": num, "from_epoch": epoch} for num, epoch in from_epoch.items()],
                 "interrupted": resumption.interrupted}]
@@ -251,22 +243,21 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
         raise fail(f"{len(bad)} of {len(outcomes)} sweep jobs did not finish: {names}", 1)
 
 
-def resume_sweep_batches(sweep_dir: Path) -> dict[Path, int]:
+def resume_sweep_batches(sweep_dir: Path, batches: list[list[Path]]) -> dict[Path, int]:
     """The batched part of `dropstudy resume SWEEP_DIR`: batches of a sweep that were interrupted
     continue as the batches they were. Exits when they are interrupted again; returns the epoch
     each member continued from, by its resolved run dir."""
-    from dropstudy.store.rundir import RunDirError, read_status
-    from dropstudy.sweeps.batches import resume_sweep, sweep_batches
+    from dropstudy.store.rundir import ENDED, RunDirError, read_status
+    from dropstudy.sweeps.batches import resume_sweep
 
-    batches = sweep_batches(sweep_dir)
-    if all(read_status(d)[0] in ("finished", "diverged") for batch in batches for d in batch):
+    if all(read_status(d)[0] in ENDED for batch in batches for d in batch):
         return {}
     check_runnable(load_saved_run(batches[0][0])[0])
     stderr.print(f"continuing {len(batches)} batch(es) of {sweep_dir}", highlight=False)
     with claimed(sweep_dir, ELSEWHERE_SWEEP, new=False):
         resume_log = handle_run_errors(lambda: ResumeLog(sweep_dir))
         try:
-            results = handle_run_errors(lambda: resume_sweep(sweep_dir))
+            results = handle_run_errors(lambda: resume_sweep(batches))
         except RunDirError as exc:
             resume_log.take_back()
             raise fail(str(exc))

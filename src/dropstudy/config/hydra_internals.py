@@ -27,7 +27,7 @@ def check_version(version: str = hydra.__version__) -> None:
     if not version.startswith(SUPPORTED):
         raise UnsupportedHydra(
             f"hydra-core {version} is installed, but dropstudy's sweep planning uses Hydra internals written "
-            f"for hydra-core {SUPPORTED}x (src/dropstudy/hydra_internals.py); install hydra-core>=1.3.2,<1.4."
+            f"for hydra-core {SUPPORTED}x (src/dropstudy/config/hydra_internals.py); install hydra-core>=1.3.2,<1.4."
         )
 
 

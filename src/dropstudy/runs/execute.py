@@ -35,7 +35,15 @@ from dropstudy.model.dropout import DropoutSchedule, arm_label, describe_sites
 from dropstudy.report import plots
 from dropstudy.report.curves import calibration_values, regression_fit_curve, split_points
 from dropstudy.store.failures import describe
-from dropstudy.store.rundir import RunDir, RunDirError, check_fits, collect_provenance, now_iso, write_json_atomic
+from dropstudy.store.rundir import (
+    ENDED,
+    RunDir,
+    RunDirError,
+    check_fits,
+    collect_provenance,
+    now_iso,
+    write_json_atomic,
+)
 from dropstudy.store.text import flatten
 from dropstudy.tracking.tracker import NullTracker
 from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker, resolve_mode
@@ -328,7 +336,7 @@ def preflight(members: list[Member], resume: bool) -> list[MemberRecord]:
             continue
         rd.read_metrics()  # a damaged record refuses the resume before any record changes
         rd.read_provenance()
-        set_aside = len(members) > 1 and (previous or {}).get("status") in ("diverged", "finished")
+        set_aside = len(members) > 1 and (previous or {}).get("status") in ENDED
         state = None if set_aside else rd.read_checkpoint(member.cfg)
         records.append(MemberRecord(member, rd, label, state, previous, trained=not set_aside))
     live = [rec.state for rec in records if rec.state is not None]
@@ -476,7 +484,7 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
     for rec in records:
         if not rec.trained:  # set aside before this resume: its summary stands
             rec.result.outcome = rec.run.outcome
-            rec.result.status = (read_summary_or_none(rec.rd) or {}).get("status", "failed")
+            rec.result.status = rec.rd.read_status()[0]
     return [rec.result for rec in records]
 
 

@@ -35,7 +35,7 @@ class MemberRerun:
     comparison: Comparison
     environment: list[str]
     likely_cause: str | None
-    result: Any = None  # runner.RunResult
+    result: Any = None  # execute.RunResult
 
 
 @dataclass
@@ -92,10 +92,10 @@ def _batch_of(member: Member) -> tuple | None:
     """The batch the original trained in (its number and members), from its provenance;
     None when it trained on its own."""
 
-    vec = batch_record(RunDir(member.original).read_provenance()) if (member.original / "provenance.json").is_file() else None
-    if not isinstance(vec, dict) or "run_dirs" not in vec:
+    batch = batch_record(RunDir.existing(member.original).read_provenance())
+    if batch is None or "run_dirs" not in batch:
         return None
-    return vec.get("number", vec.get("chunk", 0)), tuple(vec["run_dirs"])
+    return batch["number"], tuple(batch["run_dirs"])
 
 
 def rerun_members(

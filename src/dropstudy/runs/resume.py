@@ -2,11 +2,11 @@
 
 Each run of the directory is taken as its files say it stands: a finished (or diverged) run is
 kept untouched; an interrupted or failed one that has `checkpoints/last.pt` continues from it
-(the single-run resume, `runner.train_run(..., resume=True)`); one that never started, or
+(the single-run resume, `execute.train_run(..., resume=True)`); one that never started, or
 stopped before its first checkpoint, is trained from the start with its saved or planned
 config. Everything is checked first (`plan_study_resume`, `plan_sweep_resume`), so a refused
 resume changes nothing; the runs are then trained one after another in this process. A study
-ends by redrawing its comparison and rewriting study.json (`runner.conclude_study`), a sweep
+ends by redrawing its comparison and rewriting study.json (`study.conclude_study`), a sweep
 by rewriting its table (sweep.json); `update_study` does the former after one arm was resumed
 by hand."""
 
@@ -27,13 +27,9 @@ from dropstudy.model.networks import build_model
 from dropstudy.report.curves import regression_fit_curve
 from dropstudy.runs.execute import RunResult, train_run
 from dropstudy.runs.study import ArmRecord, conclude_study, json_or_empty, study_arms, study_group
-from dropstudy.store.rundir import RunDir, RunDirError, computation_differences, read_status
+from dropstudy.store.rundir import ENDED, RunDir, RunDirError, computation_differences, read_status
 
 log = logging.getLogger("dropstudy")
-
-
-# Statuses resume leaves as they are: training the same config again ends the same way.
-KEPT = ("finished", "diverged")
 
 
 class ResumeError(Exception):
@@ -82,7 +78,7 @@ def plan_step(name: str, run_dir: Path, planned: DictConfig, overrides: list[str
     its own config. With check_drift (a sweep, whose plan is composed again from the config
     files), a saved config must still compute what the plan does."""
     status, _ = read_status(run_dir)
-    if status in KEPT:
+    if status in ENDED:
         return Step(name, run_dir, status, "keep", planned, overrides)
     cfg = planned
     if RunDir.existing(run_dir).has_config():
@@ -197,7 +193,7 @@ def update_study(study_dir: Path, arm: RunResult) -> tuple[dict[str, Path], str]
 
 
 def conclude_from_disk(study_dir: Path, cfg: DictConfig, group: str, steps: list[Step]) -> tuple[dict[str, Path], str]:
-    """runner.conclude_study over every arm as its run dir now stands (an arm trained in this
+    """study.conclude_study over every arm as its run dir now stands (an arm trained in this
     process brings its own record)."""
 
     data = None

@@ -22,7 +22,7 @@ from dropstudy.report.curves import split_points
 from dropstudy.report.html import write_study_page
 from dropstudy.runs.execute import RunResult, train_run
 from dropstudy.store.failures import describe
-from dropstudy.store.rundir import RunDir, read_status, write_json_atomic
+from dropstudy.store.rundir import ENDED, RunDir, read_status, write_json_atomic
 from dropstudy.store.text import flatten
 from dropstudy.tracking.wandb_run import BackgroundTracker, make_tracker
 
@@ -102,7 +102,7 @@ def study_status(statuses: list[str]) -> str:
         return "finished"
     if any(s in ("interrupted", "not run", "running") for s in statuses):
         return "interrupted"
-    return "diverged" if all(s in ("finished", "diverged") for s in statuses) else "failed"
+    return "diverged" if all(s in ENDED for s in statuses) else "failed"
 
 
 def run_study(cfg: DictConfig, study_dir: Path, overrides: list[str]) -> StudyResult:

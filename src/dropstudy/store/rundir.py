@@ -51,6 +51,9 @@ if TYPE_CHECKING:  # torch is imported where a tensor is read or written: claimi
     import torch
 
 STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
+# The statuses a run ends with for good: training the same config again ends the same way, so
+# resume leaves such runs (and batch members) as they are.
+ENDED = ("finished", "diverged")
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "config")
 # Keys that say where or how a run is watched, not what is computed: they may differ between
 # a checkpoint and the run that resumes it.
@@ -66,9 +69,7 @@ def _json_default(value: Any) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
+    return str(value)  # a Path, an Enum member, ...
 
 
 def _clean(value: Any) -> Any:
@@ -637,5 +638,9 @@ def claim_run_dir(path: str | Path, *, new: bool = True, elsewhere: str = "pick 
 
 
 def batch_record(provenance: dict[str, Any]) -> dict[str, Any] | None:
-    """A member's `batch` provenance block (`vectorized` in run directories of earlier versions)."""
-    return provenance.get("batch") or provenance.get("vectorized")
+    """A member's `batch` provenance block, with its batch `number` (earlier versions wrote the
+    block as `vectorized`, the number as `chunk`)."""
+    batch = provenance.get("batch") or provenance.get("vectorized")
+    if not isinstance(batch, dict):
+        return None
+    return {**batch, "number": batch.get("number", batch.get("chunk", 0))}

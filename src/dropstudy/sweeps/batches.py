@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dropstudy.runs.execute import Batch, Member, RunResult, train_members
-from dropstudy.store.rundir import RunDir, batch_record
+from dropstudy.store.rundir import ENDED, RunDir, batch_record
 
 
 def sweep_batches(sweep_dir: Path) -> list[list[Path]]:
@@ -15,9 +15,9 @@ def sweep_batches(sweep_dir: Path) -> list[list[Path]]:
     (from each member's provenance.json); [] when it holds no batched members."""
     found: dict[int, list[Path]] = {}
     for provenance in sorted(sweep_dir.glob("*/provenance.json")):
-        batch = batch_record(RunDir(provenance.parent).read_provenance())
+        batch = batch_record(RunDir.existing(provenance.parent).read_provenance())
         if batch and "run_dirs" in batch:
-            found.setdefault(batch.get("number", batch.get("chunk", 0)), [sweep_dir / d for d in batch["run_dirs"]])
+            found.setdefault(batch["number"], [sweep_dir / d for d in batch["run_dirs"]])
     return [found[n] for n in sorted(found)]
 
 
@@ -40,18 +40,17 @@ def resume_batch(run_dirs: list[Path]) -> list[RunResult]:
     for run_dir in run_dirs:
         run = RunDir.existing(run_dir)
         members.append(Member(run.read_config(), run_dir, run.read_overrides()))
-    provenance = batch_record(RunDir(run_dirs[0]).read_provenance()) or {}
-    number = provenance.get("number", provenance.get("chunk", 0))
+    provenance = batch_record(RunDir.existing(run_dirs[0]).read_provenance()) or {"number": 0}
     return train_members(members, Batch(group=provenance.get("group"), extra_tags=("sweep",),
-                                        sweep=(number, run_dirs[0].parent)), resume=True)
+                                        sweep=(provenance["number"], run_dirs[0].parent)), resume=True)
 
 
-def resume_sweep(sweep_dir: Path) -> list[RunResult]:
-    """`dropstudy resume SWEEP_DIR` of a batched sweep: every batch with a member that has not
-    finished continues as the batch it was; a batch that finished is left alone."""
+def resume_sweep(batches: list[list[Path]]) -> list[RunResult]:
+    """`dropstudy resume SWEEP_DIR` of a batched sweep (its `sweep_batches`): every batch with a
+    member that has not finished continues as the batch it was; a batch that ended is left alone."""
     results: list[RunResult] = []
-    for run_dirs in sweep_batches(sweep_dir):
-        if all(RunDir.existing(d).read_status()[0] in ("finished", "diverged") for d in run_dirs):
+    for run_dirs in batches:
+        if all(RunDir.existing(d).read_status()[0] in ENDED for d in run_dirs):
             continue
         batch_results = resume_batch(run_dirs)
         results.extend(batch_results)

@@ -6,12 +6,12 @@ all before anything is launched; bad input anywhere in the grid is a `ConfigErro
 `launch_multirun` then hands the same overrides to a `@hydra.main` task with `--multirun`, so
 the launcher (basic, joblib, submitit) owns the jobs. `SweepJob` is what each job runs, in
 whatever process the launcher picks: one `train_run`, its own W&B run in the sweep's group,
-and a small picklable record back (in an Optuna search, `dropstudy.search`, the objective);
-started again in a run dir it wrote before (SLURM requeued it, `dropstudy.slurm`), it
+and a small picklable record back (in an Optuna search, `sweeps.search`, the objective);
+started again in a run dir it wrote before (SLURM requeued it, `sweeps.slurm`), it
 continues that run from its checkpoint. The table is built from each job's summary.json, the
 source of truth whichever process wrote it.
 
-With `sweep.vectorize` on, a grid whose members can train together (`backend.why_not`) is
+With `sweep.vectorize` on, a grid whose members can train together (`engine.batching.why_not`) is
 trained in this process instead, into the same run directories, in batches of at most
 `sweep.max_members` members (`train_batches`)."""
 
@@ -330,7 +330,7 @@ def write_sweep_json(plan: SweepPlan, outcomes: list[JobOutcome], interrupted: b
                     if plan.search is not None else {})}
                 for o in outcomes
             ],
-            **({"search": {**asdict(plan.search), "best": best_trial(plan, outcomes)}} if plan.search else {}),
+            **({"search": {**asdict(plan.search), "best": best}} if plan.search else {}),
             **(extra or {}),
         },
     )

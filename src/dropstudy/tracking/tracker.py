@@ -1,5 +1,4 @@
-"""The tracker interface the training loop knows (`Tracker`), the one that does nothing, and
-flattening configs into W&B's dotted keys."""
+"""The tracker interface the training loop knows (`Tracker`), and the one that does nothing."""
 
 from __future__ import annotations
 
