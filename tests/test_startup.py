@@ -128,6 +128,34 @@ def test_wandb_warms_up_while_the_run_sets_up(clean_env, tmp_path, monkeypatch):
     assert load_run(tmp_path / "run").scalars("train/loss"), "the run still reached W&B"
 
 
+def test_a_run_trains_while_wandb_starts(clean_env, tmp_path, monkeypatch):
+    """Nothing in a run's set-up waits for W&B's start (its sync command is read at the end): the
+    tracker below comes up only once training has begun, and the run still reaches it."""
+    from typer.testing import CliRunner
+
+    from dropstudy.engine.loop import Engine
+    from dropstudy.runs import execute
+
+    training, seen = threading.Event(), []
+    real_make_tracker, real_run = execute.make_tracker, Engine.run
+
+    def make_tracker(*args, **kwargs):
+        seen.append(training.wait(timeout=20))
+        return real_make_tracker(*args, **kwargs)
+
+    def run(self):
+        training.set()
+        return real_run(self)
+
+    monkeypatch.setattr(execute, "make_tracker", make_tracker)
+    monkeypatch.setattr(Engine, "run", run)
+    result = CliRunner().invoke(app, ["train", *QUICK_REGRESSION, "tracker.mode=offline", "hydra.run.dir=run"],
+                                prog_name="dropstudy")
+    assert result.exit_code == 0, result.output
+    assert seen == [True], "the set-up waited for W&B's start"
+    assert load_run(tmp_path / "run").scalars("train/loss"), "the run still reached W&B"
+
+
 def test_calls_made_while_wandb_starts_reach_it_in_order_once_it_is_up():
     """Nothing waits for W&B's start but what needs the run itself, and nothing logged meanwhile
     is lost: rows, histograms (as they were when logged) and the summary arrive in order."""

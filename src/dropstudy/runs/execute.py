@@ -446,7 +446,7 @@ def _train(records: list[MemberRecord], batch: Batch, resume: bool) -> list[RunR
         rec.run = MemberRun(rd, tracker, OmegaConf.to_container(cfg, resolve=True), n_train=len(data.train),
                             lr=float(cfg.optim.lr))
         rec.result = RunResult(rd.path, rec.label, "failed", None, timings=timings if single else {},
-                               sync_command=tracker.sync_command, resumed_from=state["epoch"] if state else None)
+                               resumed_from=state["epoch"] if state else None)
     engine = Engine(backend, [rec.run for rec in records], cfg0.trainer, label=name.strip("[]"),
                     histograms=cfg0.tracker.watch, log_freq=cfg0.tracker.log_freq)
     if resume:
