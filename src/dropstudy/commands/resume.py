@@ -190,6 +190,7 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     continued = resume_sweep_batches(sweep_dir, batches) if batches else {}
 
     from dropstudy.runs.resume import ResumeError
+    from dropstudy.sweeps.plan import setting
     from dropstudy.sweeps.resume import plan_sweep_resume, resume_sweep
     from dropstudy.sweeps.run import collect_outcomes, write_sweep_json
 
@@ -213,8 +214,8 @@ def resume_sweep_dir(sweep_dir: Path) -> None:
     varying = set(plan.varying)
     for job in plan.jobs:
         if job.num in from_epoch:
-            setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
-            stderr.print(f"  member {job.num} ({setting}): interrupted, resumed after epoch {from_epoch[job.num]}",
+            stderr.print(f"  member {job.num} ({setting(job.overrides, varying)}): interrupted, "
+                         f"resumed after epoch {from_epoch[job.num]}",
                          highlight=False, soft_wrap=True)
     for step in todo:
         stderr.print(f"  {step.describe()}", highlight=False, soft_wrap=True)

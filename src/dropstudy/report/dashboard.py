@@ -46,7 +46,6 @@ def rate_colors(rates: list[Any]) -> dict[str, str]:
     the same arm in (plots.COLORS, taken in arm order)."""
     from matplotlib.colors import to_hex
 
-
     return {value_text(rate): to_hex(COLORS[i % len(COLORS)]) for i, rate in enumerate(rates)}
 
 

@@ -148,7 +148,6 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
     from the model its checkpoint holds."""
     import torch
 
-
     shared = set.intersection(*({str(r.seed) for r in row.runs} for row in table.rows))
     seed = min(shared, key=lambda s: (len(s), s)) if shared else None  # the smallest, numerically
     fits, data = [], None
@@ -170,12 +169,6 @@ def figure_regression_fit(table: ExperimentTable, out: Path) -> Path | None:
         return None
     return plots.regression_fit(split_points(data.train), split_points(data.test), fits,
                                 out / f"{table.experiment}_fit.png", f"{table.experiment}: fit", column=True)
-
-
-def make_report(root: Path, baseline: Sequence[str] = ()) -> Report:
-    """Find the runs under root, tabulate and compare them (against `baseline`, KEY=VALUE items;
-    none: the setting without dropout), and write the tables and figures to root/report/."""
-    return write_report(plan_report(root, baseline))
 
 
 def plan_report(root: Path, baseline: Sequence[str] = ()) -> Report:
@@ -228,7 +221,6 @@ def write_report(report: Report) -> Report:
 def log_to_wandb(report: Report, runs: list[Run]) -> None:
     """When the runs were tracked: one W&B run, job_type `report`, in the runs' group."""
     from omegaconf import OmegaConf
-
 
     tracked = [r for r in runs if (r.summary.get("wandb") or {}).get("run_id")
                and r.config.get("tracker.mode") != "disabled"]

@@ -81,6 +81,11 @@ class SweepPlan:
         return [k for k, values in keys.items() if len(values) > 1 or len(self.jobs) == 1]
 
 
+def setting(overrides: list[str], varying: set[str] | list[str]) -> str:
+    """A job's overrides of the `varying` keys: how the table and messages name the job."""
+    return " ".join(o for o in overrides if o.partition("=")[0] in varying)
+
+
 def hydra_choice(group: str, overrides: list[str]) -> str:
     """The option picked for Hydra's config group `group` (hydra/launcher, hydra/sweeper): the
     last override of it wins, as in Hydra; basic when none."""
@@ -129,7 +134,6 @@ def plan_grid(overrides: list[str], new: bool = True) -> SweepPlan:
     from hydra.errors import HydraException
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
-
 
     launcher = hydra_choice("hydra/launcher", overrides)
     check_launcher(launcher)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from dropstudy.config.checks import ConfigError
 from dropstudy.runs.resume import ResumeError, Step, plan_step, run_step, run_steps, saved_overrides
 from dropstudy.runs.study import json_or_empty
-from dropstudy.sweeps.plan import SweepPlan, sweep_dir_override
+from dropstudy.sweeps.plan import SweepPlan, setting, sweep_dir_override
 from dropstudy.sweeps.search import plan_sweep
 
 
@@ -63,8 +63,8 @@ def plan_sweep_resume(sweep_dir: Path) -> SweepResume:
     varying = set(plan.varying)
     steps = []
     for job in plan.jobs:
-        setting = " ".join(o for o in job.overrides if o.partition("=")[0] in varying)
-        name = f"member {job.num} ({setting})" if mode in ("batched", "vectorized") else f"#{job.num} ({setting})"
+        named = setting(job.overrides, varying)
+        name = f"member {job.num} ({named})" if mode in ("batched", "vectorized") else f"#{job.num} ({named})"
         if (job.run_dir / ".hydra" / "overrides.yaml").is_file() and saved_overrides(job.run_dir) != job.overrides:
             raise ResumeError(f"{job.run_dir / '.hydra' / 'overrides.yaml'}: not the overrides the sweep plans "
                               f"for job {job.num} ({job.label}), so the sweep cannot be resumed.")

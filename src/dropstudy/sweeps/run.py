@@ -34,7 +34,7 @@ from dropstudy.runs.execute import Batch, Member, train_members, train_run
 from dropstudy.runs.resume import plan_step, run_step
 from dropstudy.store.failures import describe
 from dropstudy.store.rundir import RunDir, claim_run_dir, read_status, write_json_atomic
-from dropstudy.sweeps.plan import JobOutcome, SweepPlan
+from dropstudy.sweeps.plan import JobOutcome, SweepPlan, setting
 from dropstudy.sweeps.search import TrialFailed, best_trial, objective_value, trial_jobs
 from dropstudy.sweeps.slurm import (
     SLURM_LAUNCHERS,
@@ -130,7 +130,6 @@ def launch_multirun(plan: SweepPlan, job: SweepJob) -> None:
     """Run the plan's jobs as a Hydra multirun on its launcher (the same task `train` runs)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
-
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def sweep_job(cfg: DictConfig) -> dict[str, Any]:
@@ -283,8 +282,7 @@ def collect_outcomes(plan: SweepPlan) -> list[JobOutcome]:
     outcomes = []
     for num, overrides, run_dir in jobs:
         status, summary = read_status(run_dir)
-        setting = " ".join(o for o in overrides if o.partition("=")[0] in varying)
-        outcome = JobOutcome(num, overrides, setting, status, run_dir, summary.get("reason"),
+        outcome = JobOutcome(num, overrides, setting(overrides, varying), status, run_dir, summary.get("reason"),
                              summary.get("final", {}), cluster.get(num))
         if outcome.slurm is not None:
             explain_slurm_failure(outcome)

@@ -51,7 +51,6 @@ def plan_search(overrides: list[str], sweeper: str, new: bool = True) -> SweepPl
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
-
     parser = OverridesParser.create()
     space: dict[str, str] = {}
     checks: list[str] = []
